@@ -1,0 +1,115 @@
+"""The key map: every Redis key genq uses is built here and nowhere else.
+
+All keys of one queue namespace share the hash tag ``{<queue>}``, so one queue
+lives in one Redis Cluster slot and every Lua script touches a single slot.
+``P`` below is ``genq:{<queue>}``.
+
+====================================  ======  ==========================================  ===========
+key                                   type    content                                     TTL
+====================================  ======  ==========================================  ===========
+P:global                              hash    seq (FIFO order), fence, queued (all models) none
+P:apikeys                             hash    sha256(API key) -> JSON {tenant, name, admin} none
+P:models                              hash    model -> JSON {max_model_len}               none
+P:workers                             hash    worker id -> JSON heartbeat record          pruned by age
+P:tenant:<t>                          hash    limits: rpm, rpm_burst, tpm, tpm_burst,     none
+                                              max_queued, weight, priorities
+P:ts:<t>                              hash    rate buckets (rq, rq_ts, tk, tk_ts), queued none
+P:tjobs:<t>                           zset    job id -> created ms (list own jobs)        pruned at admit
+P:idem:<t>:<key>                      string  job id for an idempotency key               result TTL
+P:job:<id>                            hash    the job record (see models.Job)             result TTL once terminal
+P:ev:<id>                             stream  job events (status, token, done...)         result TTL once terminal
+P:ch:<id>                             pubsub  live copy of each event of the job          -
+P:m:<model>:stats                     hash    d<p>/k<p> depth and queued tokens per       none
+                                              priority, drain window, served tokens
+P:m:<model>:queued                    zset    job -> priority*1e13 + created ms            none
+P:m:<model>:p<p>:tenants              zset    backlogged tenant -> virtual token counter  none
+P:m:<model>:p<p>:vtc                  hash    counters of idle tenants (reset when idle)  none
+P:m:<model>:p<p>:t:<t>                zset    tenant's queued jobs -> admission seq       none
+P:m:<model>:leases                    zset    running job -> lease expiry ms              none
+P:m:<model>:wake                      list    wake-up tokens for blocked claimers         trimmed
+P:m:<model>:ctl                       pubsub  cancel notices (job ids) for workers        -
+====================================  ======  ==========================================  ===========
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PRIORITIES = range(10)
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    queue: str
+
+    @property
+    def prefix(self) -> str:
+        return f"genq:{{{self.queue}}}"
+
+    # -- global -------------------------------------------------------
+    @property
+    def global_(self) -> str:
+        return f"{self.prefix}:global"
+
+    @property
+    def api_keys(self) -> str:
+        return f"{self.prefix}:apikeys"
+
+    @property
+    def models(self) -> str:
+        return f"{self.prefix}:models"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    # -- tenant -------------------------------------------------------
+    def tenant(self, tenant: str) -> str:
+        return f"{self.prefix}:tenant:{tenant}"
+
+    def tenant_state(self, tenant: str) -> str:
+        return f"{self.prefix}:ts:{tenant}"
+
+    def tenant_jobs(self, tenant: str) -> str:
+        return f"{self.prefix}:tjobs:{tenant}"
+
+    def idem(self, tenant: str, key: str | None) -> str:
+        return f"{self.prefix}:idem:{tenant}:{key or ''}"
+
+    # -- job ----------------------------------------------------------
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def events(self, job_id: str) -> str:
+        return f"{self.prefix}:ev:{job_id}"
+
+    def channel(self, job_id: str) -> str:
+        return f"{self.prefix}:ch:{job_id}"
+
+    # -- model queue --------------------------------------------------
+    def model_prefix(self, model: str) -> str:
+        return f"{self.prefix}:m:{model}"
+
+    def stats(self, model: str) -> str:
+        return f"{self.model_prefix(model)}:stats"
+
+    def queued(self, model: str) -> str:
+        return f"{self.model_prefix(model)}:queued"
+
+    def tenants(self, model: str, priority: int) -> str:
+        return f"{self.model_prefix(model)}:p{priority}:tenants"
+
+    def vtc(self, model: str, priority: int) -> str:
+        return f"{self.model_prefix(model)}:p{priority}:vtc"
+
+    def tenant_queue(self, model: str, priority: int, tenant: str) -> str:
+        return f"{self.model_prefix(model)}:p{priority}:t:{tenant}"
+
+    def leases(self, model: str) -> str:
+        return f"{self.model_prefix(model)}:leases"
+
+    def wake(self, model: str) -> str:
+        return f"{self.model_prefix(model)}:wake"
+
+    def control(self, model: str) -> str:
+        return f"{self.model_prefix(model)}:ctl"

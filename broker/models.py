@@ -1,0 +1,193 @@
+"""Job model, statuses and the records the broker hands out."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED})
+ACTIVE = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+
+IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+TENANT = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+MODEL = re.compile(r"^[A-Za-z0-9._/:\-]{1,128}$")
+
+
+def new_job_id() -> str:
+    """128 random bits, URL-safe."""
+    return "job_" + secrets.token_hex(16)
+
+
+class JobSpec(BaseModel):
+    """What a client asks for. Validated before anything touches Redis."""
+
+    tenant: str = Field(pattern=TENANT.pattern)
+    model: str = Field(pattern=MODEL.pattern)
+    kind: Literal["chat", "completion"] = "chat"
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    max_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: list[str] | None = None
+    ignore_eos: bool = False
+    priority: int = Field(5, ge=0, le=9)
+    # Counted by the caller (API: the model's tokenizer, or an upper-bound estimate).
+    prompt_tokens: int = Field(0, ge=0)
+    idempotency_key: str | None = None
+    deadline_ms: int | None = Field(None, ge=0)
+    metadata: dict[str, str] | None = None
+
+    @field_validator("idempotency_key")
+    @classmethod
+    def _idem(cls, v: str | None) -> str | None:
+        if v is not None and not IDEMPOTENCY_KEY.match(v):
+            raise ValueError("idempotency key must be 1-128 characters of [A-Za-z0-9._:-]")
+        return v
+
+    @model_validator(mode="after")
+    def _prompt_xor_messages(self) -> JobSpec:
+        if self.kind == "chat":
+            if not self.messages:
+                raise ValueError("a chat job needs non-empty messages")
+        elif self.prompt is None:
+            raise ValueError("a completion job needs a prompt")
+        return self
+
+    def request_json(self) -> str:
+        return json.dumps(
+            self.model_dump(
+                include={"kind", "prompt", "messages", "temperature", "top_p", "seed", "stop", "ignore_eos", "metadata"}
+            ),
+            separators=(",", ":"),
+        )
+
+
+class TenantLimits(BaseModel):
+    """Per-tenant limits; 0 means unlimited. Bursts default to the per-minute figure."""
+
+    rpm: int = Field(0, ge=0)
+    rpm_burst: int = Field(0, ge=0)
+    tpm: int = Field(0, ge=0)
+    tpm_burst: int = Field(0, ge=0)
+    max_queued: int = Field(0, ge=0)
+    weight: float = Field(1.0, gt=0)
+    priorities: list[int] = Field(default_factory=lambda: list(range(10)))
+
+
+def _int(v: str | bytes | None, default: int = 0) -> int:
+    return int(v) if v not in (None, b"", "") else default
+
+
+@dataclass(slots=True)
+class Job:
+    id: str
+    tenant: str
+    model: str
+    status: JobStatus
+    priority: int
+    attempts: int
+    max_attempts: int
+    request: dict[str, Any]
+    prompt_tokens: int
+    max_tokens: int
+    completion_tokens: int
+    output: str
+    output_token_ids: list[int]
+    created_ms: int
+    started_ms: int | None
+    first_token_ms: int | None
+    finished_ms: int | None
+    finish_reason: str | None
+    error: dict[str, str] | None
+    fence: int
+    worker: str | None
+    cancel_requested: bool
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> Job:
+        ids = h.get("output_ids") or ""
+        err = None
+        if h.get("error_code"):
+            err = {"code": h["error_code"], "message": h.get("error_message", "")}
+        opt = lambda k: _int(h.get(k)) or None  # noqa: E731
+        return cls(
+            id=h["id"],
+            tenant=h["tenant"],
+            model=h["model"],
+            status=JobStatus(h["status"]),
+            priority=_int(h.get("priority"), 5),
+            attempts=_int(h.get("attempts")),
+            max_attempts=_int(h.get("max_attempts"), 1),
+            request=json.loads(h.get("request") or "{}"),
+            prompt_tokens=_int(h.get("prompt_tokens")),
+            max_tokens=_int(h.get("max_tokens")),
+            completion_tokens=_int(h.get("completion_tokens")),
+            output=h.get("output", ""),
+            output_token_ids=[int(t) for t in ids.split(",") if t],
+            created_ms=_int(h.get("created_ms")),
+            started_ms=opt("started_ms"),
+            first_token_ms=opt("first_token_ms"),
+            finished_ms=opt("finished_ms"),
+            finish_reason=h.get("finish_reason") or None,
+            error=err,
+            fence=_int(h.get("fence")),
+            worker=h.get("worker") or None,
+            cancel_requested=h.get("cancel") == "1",
+        )
+
+
+@dataclass(slots=True)
+class Admission:
+    job_id: str
+    duplicate: bool
+    position: int
+    limits: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Lease:
+    """A claimed job as the worker sees it."""
+
+    job: Job
+    fence: int
+
+    @property
+    def id(self) -> str:
+        return self.job.id
+
+
+@dataclass(slots=True)
+class QueueStats:
+    model: str
+    depth: dict[int, int]
+    queued_tokens: dict[int, int]
+    running: int
+    oldest_wait_ms: int
+    drain_jobs_per_s: float
+    drain_tokens_per_s: float
+
+    @property
+    def total_depth(self) -> int:
+        return sum(self.depth.values())

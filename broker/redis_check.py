@@ -1,0 +1,37 @@
+"""Start-up check of the Redis server genq depends on for durability."""
+
+from __future__ import annotations
+
+import structlog
+from redis.asyncio import Redis
+
+from broker.errors import RedisMisconfigured
+from broker.settings import BrokerSettings
+
+log = structlog.get_logger(__name__)
+
+MIN_VERSION = (6, 2)
+
+
+async def check_redis(redis: Redis, settings: BrokerSettings) -> list[str]:
+    """Return the problems found; raise RedisMisconfigured for them in production.
+
+    Uses INFO only, which managed Redis services allow even where CONFIG is disabled.
+    """
+    info = await redis.info()
+    problems = []
+    version = tuple(int(x) for x in str(info.get("redis_version", "0.0")).split(".")[:2])
+    if version < MIN_VERSION:
+        problems.append(f"Redis {info.get('redis_version')} is too old: genq needs >= 6.2 (LMOVE, XAUTOCLAIM, GETDEL)")
+    if int(info.get("aof_enabled", 0)) != 1:
+        problems.append("Redis has `appendonly no`: acknowledged jobs are lost on a restart; set `appendonly yes`")
+    policy = info.get("maxmemory_policy", "noeviction")
+    if policy != "noeviction":
+        problems.append(
+            f"Redis has `maxmemory-policy {policy}`: it may evict queued jobs; set `maxmemory-policy noeviction`"
+        )
+    for p in problems:
+        log.warning("redis misconfigured", problem=p, env=settings.env)
+    if problems and settings.env == "production":
+        raise RedisMisconfigured("; ".join(problems))
+    return problems

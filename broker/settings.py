@@ -1,0 +1,43 @@
+"""Broker settings: one object per process, from ``GENQ_*`` environment variables."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+
+class BrokerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore")
+
+    env: Literal["development", "production"] = "development"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # One queue namespace = one Redis Cluster hash tag; every key of it lives in one slot.
+    queue: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    # Models accepted at admission even before a worker for them has registered.
+    models: list[str] = [DEFAULT_MODEL]
+
+    lease_ms: int = Field(10_000, ge=500)
+    reap_interval_ms: int = Field(1_000, ge=50)
+    max_attempts: int = Field(3, ge=1, le=100)
+    result_ttl_s: int = Field(24 * 3600, ge=1)
+    events_maxlen: int = Field(100_000, ge=100)
+
+    max_queued_global: int = Field(1_000_000, ge=1)
+    max_tokens_limit: int = Field(32_768, ge=1)
+    max_payload_bytes: int = Field(1_000_000, ge=1_000)
+
+    # Limits for tenants without a record of their own (0 = unlimited).
+    default_rpm: int = 0
+    default_rpm_burst: int = 0
+    default_tpm: int = 0
+    default_tpm_burst: int = 0
+    default_max_queued: int = 0
+    default_weight: float = 1.0
+
+    @property
+    def result_ttl_ms(self) -> int:
+        return self.result_ttl_s * 1000

@@ -1,0 +1,1 @@
+"""genq worker: pulls jobs from Redis and runs them on an engine."""
