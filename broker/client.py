@@ -77,8 +77,9 @@ class Broker:
         await self.close()
 
     # -- models, tenants, workers ---------------------------------------
-    async def register_model(self, model: str, max_model_len: int = 0) -> None:
-        await self.redis.hset(self.keys.models, model, json.dumps({"max_model_len": max_model_len}))
+    async def register_model(self, model: str, max_model_len: int = 0, **info: Any) -> None:
+        """Make a model admissible. ``info`` may carry e.g. ``tokenizer`` (a local folder)."""
+        await self.redis.hset(self.keys.models, model, json.dumps({"max_model_len": max_model_len, **info}))
 
     async def models(self) -> dict[str, dict]:
         raw = await self.redis.hgetall(self.keys.models)

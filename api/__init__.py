@@ -1,0 +1,1 @@
+"""genq API: FastAPI app (native jobs, SSE, OpenAI-compatible endpoints). Never imports vllm."""
