@@ -1,17 +1,93 @@
-"""``genq up``, ``genq status``, ``genq submit``. (Stubs until the worker and API land.)"""
+"""``genq up``, ``genq status`` and ``genq submit``: thin front ends, imports kept lazy."""
 
 from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
 
-def up_command() -> None:
-    raise typer.Exit("genq up: arrives with the worker and API")
+def up_command(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Where Redis keeps its AOF and the key file.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model path or id (default: the bundled SmolLM2-135M).")] = None,
+    engine: Annotated[str, typer.Option(help="vllm or simulated")] = "vllm",
+) -> None:
+    from broker.logs import configure_logging
+    from genq import up
+
+    configure_logging()
+    worker_args = ["--engine", engine] + (["--model", model] if model else [])
+    served = up.model_name(model) if engine == "vllm" else "simulated"
+    raise typer.Exit(up.run(host, port, data_dir or up.default_data_dir(), worker_args, served))
 
 
-def status_command() -> None:
-    raise typer.Exit("genq status: arrives with the worker")
+def status_command(model: Annotated[Optional[list[str]], typer.Option(help="Models to show")] = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from broker import Broker, BrokerSettings
+
+    async def show() -> None:
+        settings = BrokerSettings()
+        async with Broker.from_settings(settings) as broker:
+            workers = await broker.workers()
+            models = model or sorted(set((await broker.models()).keys()) | {w.get("model", "") for w in workers})
+            wt = Table("worker", "host", "model", "capacity", "running", "tokens/s", title="workers")
+            for w in workers:
+                wt.add_row(str(w.get("id")), str(w.get("host", "")), str(w.get("model", "")),
+                           str(w.get("capacity", "")), str(w.get("running", "")),
+                           f"{float(w.get('tokens_per_s', 0)):.1f}")  # fmt: skip
+            qt = Table("model", "queued", "queued tokens", "running", "oldest wait", "drain jobs/s", title="queues")
+            for m in filter(None, models):
+                s = await broker.queue_stats(m)
+                qt.add_row(m, str(s.total_depth), str(sum(s.queued_tokens.values())), str(s.running),
+                           f"{s.oldest_wait_ms / 1000:.1f} s", f"{s.drain_jobs_per_s:.1f}")  # fmt: skip
+            Console().print(wt, qt)
+
+    asyncio.run(show())
 
 
-def submit_command() -> None:
-    raise typer.Exit("genq submit: arrives with the API")
+def submit_command(
+    prompt: str,
+    model: Annotated[Optional[str], typer.Option()] = None,
+    url: Annotated[str, typer.Option(envvar="GENQ_URL")] = "http://127.0.0.1:8000",
+    key: Annotated[Optional[str], typer.Option(envvar="GENQ_API_KEY")] = None,
+    max_tokens: int = 256,
+    priority: int = 5,
+    temperature: float = 0.0,
+) -> None:
+    """Submit one chat job through the native API and stream its text as it arrives."""
+    import httpx
+
+    from broker.settings import DEFAULT_MODEL
+
+    if key is None:
+        key_file = Path(os.environ.get("GENQ_DATA_DIR", Path.home() / ".local/share/genq")) / "api_key"
+        key = key_file.read_text().strip() if key_file.exists() else ""
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"model": model or DEFAULT_MODEL, "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens, "priority": priority, "temperature": temperature}  # fmt: skip
+    with httpx.Client(base_url=url, headers=headers, timeout=None) as http:
+        r = http.post("/v1/jobs", json=body)
+        if r.status_code >= 400:
+            typer.echo(f"error {r.status_code}: {r.text}", err=True)
+            raise typer.Exit(1)
+        job = r.json()
+        typer.echo(f"job {job['id']} queued at position {job.get('queue_position')}", err=True)
+        with http.stream("GET", f"/v1/jobs/{job['id']}/events") as events:
+            etype = ""
+            for line in events.iter_lines():
+                if line.startswith("event:"):
+                    etype = line[6:].strip()
+                elif line.startswith("data:") and etype == "token":
+                    typer.echo(json.loads(line[5:])["text"], nl=False)
+                elif line.startswith("data:") and etype in ("done", "failed", "cancelled"):
+                    typer.echo("")
+                    typer.echo(f"[{etype}] {line[5:].strip()}", err=True)
+                    raise typer.Exit(0 if etype == "done" else 1)
