@@ -14,6 +14,7 @@ from worker.engine import (
     EngineDeadError,
     EngineSettings,
     GenRequest,
+    InvalidRequestError,
     PromptTooLongError,
     open_engine,
 )
@@ -170,13 +171,13 @@ async def test_abort_and_consumer_cancellation(engine: SimulatedEngine) -> None:
 
 
 async def test_errors(engine: SimulatedEngine) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidRequestError):
         await collect(engine, GenRequest("a", max_tokens=3))  # no prompt
     with pytest.raises(PromptTooLongError):
         await collect(engine, GenRequest("b", prompt="w " * 5000))
     gen = engine.generate(GenRequest("dup", prompt="x", max_tokens=10_000))
     await anext(gen)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidRequestError):
         await collect(engine, GenRequest("dup", prompt="x"))
     await gen.aclose()
 
@@ -215,7 +216,8 @@ async def test_step_latency_grows_with_batch_size() -> None:
             return (time.perf_counter() - t0) / (eng.steps - steps0)
 
         one, eight = await timed(1), await timed(8)
-        # expected 5 ms vs 33 ms per step; the slack absorbs a noisy machine
+        # expected 5 ms vs 33 ms per step: sleeps never end early, and load
+        # on a noisy machine delays both runs alike, so compare the difference
         assert one >= 0.004
         assert eight >= 0.030
-        assert eight > 3 * one
+        assert eight - one >= 0.020

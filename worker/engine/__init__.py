@@ -14,6 +14,7 @@ from worker.engine.base import (
     EngineSettings,
     EngineStats,
     GenRequest,
+    InvalidRequestError,
     PromptTooLongError,
 )
 
@@ -25,6 +26,7 @@ __all__ = [
     "EngineSettings",
     "EngineStats",
     "GenRequest",
+    "InvalidRequestError",
     "PromptTooLongError",
     "open_engine",
 ]

@@ -20,7 +20,9 @@ Stream contract for ``generate()``:
   is <= 0 the stream is a single empty Delta with ``finish_reason="length"``;
 - cancelling the consumer (``aclose()`` / task cancellation) aborts the
   request in the engine; ``CancelledError`` is re-raised;
-- raises :class:`EngineDeadError` once the engine has died.
+- raises :class:`EngineDeadError` once the engine has died, and
+  :class:`InvalidRequestError` (a ValueError; :class:`PromptTooLongError` is
+  one) for a request no retry can fix, before any Delta.
 """
 
 from __future__ import annotations
@@ -73,7 +75,11 @@ class EngineDeadError(EngineError):
     """The engine died; every current and future generate() fails with this."""
 
 
-class PromptTooLongError(EngineError, ValueError):
+class InvalidRequestError(EngineError, ValueError):
+    """The request itself is invalid (bad parameters); retrying cannot help."""
+
+
+class PromptTooLongError(InvalidRequestError):
     """The original prompt leaves no room for a completion in max_model_len."""
 
 
@@ -141,8 +147,8 @@ class EngineBase:
 
 
 def check_request(req: GenRequest) -> None:
-    """Reject requests no engine can serve; raises ValueError."""
+    """Reject requests no engine can serve."""
     if (req.prompt is None) == (req.messages is None):
-        raise ValueError("exactly one of prompt and messages must be set")
+        raise InvalidRequestError("exactly one of prompt and messages must be set")
     if req.max_tokens < 1:
-        raise ValueError("max_tokens must be >= 1")
+        raise InvalidRequestError("max_tokens must be >= 1")

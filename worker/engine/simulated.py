@@ -42,6 +42,7 @@ from worker.engine.base import (
     EngineSettings,
     EngineStats,
     GenRequest,
+    InvalidRequestError,
     PromptTooLongError,
     check_request,
 )
@@ -171,7 +172,7 @@ class SimulatedEngine(EngineBase):
             raise RuntimeError("engine not started")
         check_request(req)
         if req.request_id in self._running or req.request_id in self._waiting_ids:
-            raise ValueError(f"duplicate request_id {req.request_id!r}")
+            raise InvalidRequestError(f"duplicate request_id {req.request_id!r}")
         prompt_tokens = self.count_prompt_tokens(req.prompt, req.messages)
         if prompt_tokens >= self.max_model_len:
             raise PromptTooLongError(

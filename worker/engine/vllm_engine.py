@@ -1,0 +1,317 @@
+"""The vLLM engine: one in-process ``AsyncLLM`` (vllm.v1) behind genq's interface.
+
+What this module does on top of vLLM, and why:
+
+- Prompts are rendered here, not by vLLM: chat messages through the
+  tokenizer's chat template (``add_generation_prompt=True``), then token ids;
+  the request goes in as ``TokensPrompt(prompt_ids + resume_token_ids)``, so a
+  resumed request continues after the tokens an earlier attempt produced and
+  ``prompt_tokens`` (the original prompt only) is known without vLLM.
+  ``count_prompt_tokens`` uses the same rendering, so it matches exactly.
+- ``max_tokens`` counts resume tokens, and is clipped so prompt + completion
+  fit in ``max_model_len``; vLLM then ends the stream with ``"length"``.
+- Start-up (model conversion, weight load, engine-core process spawn) blocks
+  for tens of seconds, so it runs in a thread and the event loop stays free.
+  vLLM spawns its engine core: the entry script needs an
+  ``if __name__ == "__main__":`` guard.
+- ``stats()``: vLLM has no cheap public running/waiting counters, so a small
+  stat logger (vLLM's ``StatLoggerBase`` plug-in) keeps the scheduler stats
+  that arrive with every engine step.  They lag by up to one step and stay
+  frozen while idle, so they are capped by our own count of in-flight
+  ``generate()`` calls: running = min(scheduler running, in flight),
+  waiting = in flight - running (requests still being tokenized or in transit
+  count as waiting).  Before the first scheduler stats arrive, running is the
+  number of in-flight requests that produced a token, capped at capacity.
+- vLLM's ``EngineDeadError`` becomes genq's; its request-validation errors
+  become :class:`InvalidRequestError`; anything else from vLLM becomes
+  :class:`EngineError` (vLLM calls those recoverable).
+
+Environment set before vLLM is imported (only when this module is imported):
+``HF_HUB_OFFLINE=1`` (nothing is fetched at run time) and
+``VLLM_NO_USAGE_STATS=1``; both can be overridden from outside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+from vllm import AsyncEngineArgs, SamplingParams, TokensPrompt  # noqa: E402
+from vllm.exceptions import VLLMClientError  # noqa: E402
+from vllm.platforms import current_platform  # noqa: E402
+from vllm.sampling_params import RequestOutputKind  # noqa: E402
+from vllm.v1.engine.async_llm import AsyncLLM  # noqa: E402
+from vllm.v1.engine.exceptions import (  # noqa: E402
+    EngineDeadError as VllmEngineDeadError,
+)
+from vllm.v1.metrics.loggers import StatLoggerBase  # noqa: E402
+
+from worker.engine.base import (  # noqa: E402
+    Delta,
+    EngineBase,
+    EngineDeadError,
+    EngineError,
+    EngineSettings,
+    EngineStats,
+    GenRequest,
+    InvalidRequestError,
+    PromptTooLongError,
+    check_request,
+)
+from worker.model import DEFAULT_MODEL_NAME, prepare_default_model  # noqa: E402
+
+log = structlog.get_logger(__name__)
+
+CPU_GPU_MEMORY_UTILIZATION = 0.3  # share of host RAM for the KV cache (FACTS)
+GPU_MEMORY_UTILIZATION = 0.9
+
+
+@dataclass(slots=True)
+class _InFlight:
+    started: bool = False  # produced at least one output
+    abort_requested: bool = False
+
+
+class _SchedulerStatsTap(StatLoggerBase):
+    """Keeps the latest scheduler stats; vLLM calls it once per engine step."""
+
+    def __init__(self, sink: VllmEngine) -> None:
+        self._sink = sink
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):  # type: ignore[no-untyped-def]
+        if scheduler_stats is not None:
+            self._sink._sched = scheduler_stats
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+
+class VllmEngine(EngineBase):
+    """See the module docstring."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        self.on_cpu = current_platform.is_cpu()
+        self.model_name = settings.served_model_name or (
+            DEFAULT_MODEL_NAME if settings.model is None else settings.model
+        )
+        self.max_model_len = settings.max_model_len
+        self.capacity = settings.max_num_seqs
+        self._llm: AsyncLLM | None = None
+        self._tokenizer: Any = None
+        self._inflight: dict[str, _InFlight] = {}
+        self._sched: Any = None  # vllm SchedulerStats, set by _SchedulerStatsTap
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------
+    def engine_args(self, model_path: str) -> AsyncEngineArgs:
+        s = self.settings
+        dtype = s.dtype
+        if self.on_cpu and s.model is None and dtype == "auto":
+            dtype = "float32"  # bfloat16 gave fluent nonsense on CPU
+        gpu_mem = s.gpu_memory_utilization
+        if gpu_mem is None:
+            gpu_mem = CPU_GPU_MEMORY_UTILIZATION if self.on_cpu else GPU_MEMORY_UTILIZATION
+        eager = s.enforce_eager if s.enforce_eager is not None else self.on_cpu
+        return AsyncEngineArgs(
+            model=model_path,
+            served_model_name=self.model_name,
+            dtype=dtype,
+            max_model_len=s.max_model_len,
+            max_num_seqs=s.max_num_seqs,
+            max_num_batched_tokens=s.max_num_batched_tokens,
+            gpu_memory_utilization=gpu_mem,
+            tensor_parallel_size=s.tensor_parallel_size,
+            enforce_eager=eager,
+            scheduling_policy="priority",
+            disable_log_stats=True,  # our tap still enables scheduler stats
+            enable_log_requests=False,
+        )
+
+    async def start(self) -> None:
+        if self._llm is not None:
+            return
+        if self._closed:
+            raise EngineDeadError("engine closed")
+        started = time.monotonic()
+        if self.settings.model is None:
+            model_path = str(await asyncio.to_thread(prepare_default_model))
+        else:
+            model_path = self.settings.model
+        args = self.engine_args(model_path)
+        log.info(
+            "engine.starting",
+            kind="vllm",
+            model=model_path,
+            dtype=args.dtype,
+            enforce_eager=args.enforce_eager,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+        )
+        # Blocking for tens of seconds; AsyncLLM tolerates being built outside
+        # the loop and starts its background tasks lazily in this loop.
+        llm = await asyncio.to_thread(
+            AsyncLLM.from_engine_args,
+            args,
+            stat_loggers=[lambda _config, _idx: _SchedulerStatsTap(self)],
+        )
+        self._llm = llm
+        try:
+            # A first call from the loop starts vLLM's output task here, so an
+            # engine-core failure is noticed even before the first request.
+            await llm.get_supported_tasks()
+            self._tokenizer = llm.get_tokenizer()
+        except BaseException:
+            await self.close()
+            raise
+        log.info(
+            "engine.started",
+            kind="vllm",
+            model=self.model_name,
+            seconds=round(time.monotonic() - started, 1),
+        )
+
+    async def close(self) -> None:
+        self._closed = True
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            # Shutdown joins the engine-core process: keep it off the loop.
+            await asyncio.to_thread(llm.shutdown)
+            log.info("engine.closed", kind="vllm")
+
+    # -- prompts ---------------------------------------------------------
+    def _prompt_ids(self, prompt: str | None, messages: list[dict] | None) -> list[int]:
+        tok = self._tokenizer
+        if tok is None:
+            raise RuntimeError("engine not started")
+        if messages is not None:
+            text = tok.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+            # the template already wrote the special tokens
+            return list(tok.encode(text, add_special_tokens=False))
+        return list(tok.encode(prompt or ""))
+
+    def count_prompt_tokens(
+        self, prompt: str | None, messages: list[dict] | None
+    ) -> int:
+        return len(self._prompt_ids(prompt, messages))
+
+    # -- requests --------------------------------------------------------
+    def stats(self) -> EngineStats:
+        n = len(self._inflight)
+        sched = self._sched
+        if sched is not None:
+            running = min(sched.num_running_reqs, n)
+            kv = float(sched.kv_cache_usage)
+        else:
+            started = sum(1 for f in self._inflight.values() if f.started)
+            running = min(started, self.capacity)
+            kv = 0.0
+        return EngineStats(running=running, waiting=n - running, kv_cache_usage=kv)
+
+    async def abort(self, request_id: str) -> None:
+        flight = self._inflight.get(request_id)
+        if flight is not None:
+            flight.abort_requested = True
+        if self._llm is not None:
+            await self._llm.abort(request_id)
+
+    async def generate(self, req: GenRequest) -> AsyncIterator[Delta]:
+        llm = self._llm
+        if llm is None:
+            if self._closed:
+                raise EngineDeadError("engine closed")
+            raise RuntimeError("engine not started")
+        if llm.errored:
+            raise EngineDeadError(str(llm.dead_error))
+        check_request(req)
+        if req.request_id in self._inflight:
+            raise InvalidRequestError(f"duplicate request_id {req.request_id!r}")
+        prompt_ids = self._prompt_ids(req.prompt, req.messages)
+        n_prompt = len(prompt_ids)
+        if n_prompt >= self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt has {n_prompt} tokens, max_model_len is {self.max_model_len}"
+            )
+        all_ids = prompt_ids + list(req.resume_token_ids)
+        remaining = min(
+            req.max_tokens - len(req.resume_token_ids),
+            self.max_model_len - len(all_ids),
+        )
+        if remaining <= 0:
+            yield Delta("", [], n_prompt, "length")
+            return
+        try:
+            params = SamplingParams(
+                max_tokens=remaining,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                seed=req.seed,
+                stop=req.stop,
+                ignore_eos=req.ignore_eos,
+                output_kind=RequestOutputKind.DELTA,
+            )
+        except (VLLMClientError, ValueError) as exc:
+            raise InvalidRequestError(str(exc)) from exc
+        flight = self._inflight[req.request_id] = _InFlight()
+        finished = False
+        stream = llm.generate(
+            TokensPrompt(prompt_token_ids=all_ids),
+            params,
+            req.request_id,
+            priority=req.priority,
+        )
+        try:
+            async for out in stream:
+                flight.started = True
+                comp = out.outputs[0] if out.outputs else None
+                reason = None
+                if out.finished:
+                    finished = True
+                    reason = (comp.finish_reason if comp else None) or "abort"
+                elif flight.abort_requested:
+                    # abort() raced with the request being added: repeat it
+                    await llm.abort(req.request_id)
+                yield Delta(
+                    text=comp.text if comp else "",
+                    token_ids=list(comp.token_ids) if comp else [],
+                    prompt_tokens=n_prompt,
+                    finish_reason=reason,
+                )
+                if finished:
+                    return
+            # vLLM ended the stream without a finished output (should not
+            # happen); report it as an abort so the consumer never hangs
+            finished = True
+            yield Delta("", [], n_prompt, "abort")
+        except VllmEngineDeadError as exc:
+            raise EngineDeadError(str(exc)) from exc
+        except VLLMClientError as exc:
+            raise InvalidRequestError(str(exc)) from exc
+        except Exception as exc:
+            if llm.errored:
+                raise EngineDeadError(str(llm.dead_error)) from exc
+            if isinstance(exc, EngineError):
+                raise
+            raise EngineError(f"generate failed: {exc!r}") from exc
+        finally:
+            self._inflight.pop(req.request_id, None)
+            if not finished:
+                # consumer went away or an error: make sure vLLM forgets it
+                with contextlib.suppress(Exception):
+                    await stream.aclose()
+                if not llm.errored:
+                    with contextlib.suppress(Exception):
+                        await llm.abort(req.request_id)
