@@ -1,0 +1,105 @@
+"""Background duties of a worker toward the broker: lease renewal, cancel notices, reaping.
+
+- Renewal: every ``lease_ms / 3`` one ``renew`` call covers every held job.  A
+  job reported ``CANCEL_REQUESTED`` is aborted; one reported ``STALE_LEASE``
+  (reaped and handed to someone else) is dropped without another write.
+- Cancel notices: a subscription to the model's control channel turns a
+  client's cancel into ``engine.abort`` within milliseconds; renewal is the
+  safety net for a notice missed while the subscription was reconnecting.
+- Reaping: every worker requeues expired leases of its model every
+  ``reap_interval_ms``, so a dead worker's jobs come back while any worker lives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import structlog
+
+from broker.errors import Code
+from broker.events import ControlListener
+from worker.stream import RunState
+
+if TYPE_CHECKING:
+    from worker.loop import Worker
+
+log = structlog.get_logger(__name__)
+
+RECONNECT_S = 0.5  # pause before re-subscribing after the control connection broke
+
+
+class LeaseKeeper:
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.broker = worker.broker
+        self.renew_s = worker.broker.settings.lease_ms / 3000
+        self.reap_s = worker.broker.settings.reap_interval_ms / 1000
+        self.subscribed = asyncio.Event()  # the control channel is being listened to
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop = asyncio.Event()
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._renew_loop(), name="genq-worker-renew"),
+            asyncio.create_task(self._control_loop(), name="genq-worker-control"),
+            asyncio.create_task(self._reap_loop(), name="genq-worker-reap"),
+        ]
+
+    async def close(self) -> None:
+        self._stop.set()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _tick(self, seconds: float) -> bool:
+        """Wait one period; False once the keeper is stopping."""
+        try:
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+        except TimeoutError:
+            return True
+        return False
+
+    # -- renewal -------------------------------------------------------------
+    async def renew_once(self) -> None:
+        held = [r for r in self.worker.runs.values() if r.state in (RunState.RUNNING, RunState.FINISHING)]
+        if not held:
+            return
+        codes = await self.broker.renew(self.worker.model, [(r.job_id, r.lease.fence) for r in held])
+        for run in held:
+            code = codes.get(run.job_id)
+            if code is Code.STALE_LEASE and run.state is RunState.RUNNING:
+                await self.worker.drop(run, "renew: lease no longer held")
+            elif code is Code.CANCEL_REQUESTED:
+                await self.worker.cancel(run.job_id, via="renew")
+
+    async def _renew_loop(self) -> None:
+        while await self._tick(self.renew_s):
+            try:
+                await self.renew_once()
+            except Exception:  # noqa: BLE001 - Redis away: leases may lapse; jobs then retry elsewhere
+                log.exception("lease renewal failed")
+
+    # -- cancel notices --------------------------------------------------------
+    async def _control_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                async with ControlListener(self.broker.redis, self.broker.keys, self.worker.model) as notices:
+                    self.subscribed.set()
+                    # Notices sent while we were not subscribed are caught by the next renewal.
+                    async for job_id in notices:
+                        await self.worker.cancel(job_id, via="notice")
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - connection lost: subscribe again
+                self.subscribed.clear()
+                log.warning("control channel lost; re-subscribing", error=str(e))
+                await self._tick(RECONNECT_S)
+
+    # -- reaping ---------------------------------------------------------------
+    async def _reap_loop(self) -> None:
+        while await self._tick(self.reap_s):
+            try:
+                await self.broker.reap(self.worker.model)
+            except Exception:  # noqa: BLE001 - another worker will reap meanwhile
+                log.exception("reap failed")

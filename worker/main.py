@@ -1,0 +1,101 @@
+"""The worker process: settings, logging, broker, engine, signals, exit code.
+
+``python -m worker.main --engine simulated ...`` and ``genq worker ...`` take the
+same flags (see :mod:`worker.cli`).  SIGTERM or SIGINT stops claiming and drains
+for ``drain_grace_s``; a second signal hands the running jobs back at once.
+
+Exit codes: 0 drained and stopped; 1 the engine died (its jobs were handed
+back) or the worker crashed; 2 start-up failed (bad settings, Redis unreachable or misconfigured,
+engine would not load).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import structlog
+
+from broker.client import Broker
+from broker.errors import RedisMisconfigured
+from broker.logs import configure_logging
+from broker.redis_check import check_redis
+from broker.settings import BrokerSettings
+from worker.engine import open_engine
+from worker.loop import Worker
+from worker.settings import WorkerSettings
+
+log = structlog.get_logger(__name__)
+
+EXIT_CRASHED = 1
+EXIT_STARTUP = 2
+
+
+async def serve(settings: WorkerSettings, broker_settings: BrokerSettings) -> int:
+    """Open the broker and the engine, run one worker until a signal, close both."""
+    stop = asyncio.Event()
+    worker: Worker | None = None
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set() and worker is not None:
+            log.warning("second signal: handing running jobs back now", signal=sig.name)
+            worker.stop(force=True)
+        else:
+            log.info("signal: draining", signal=sig.name, grace_s=settings.drain_grace_s)
+            stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    broker = Broker.from_settings(broker_settings)
+    try:
+        try:
+            await check_redis(broker.redis, broker_settings)
+        except RedisMisconfigured as e:
+            log.error("worker.redis_misconfigured", error=str(e))
+            return EXIT_STARTUP
+        except Exception as e:  # noqa: BLE001 - connection refused, auth, DNS...
+            log.error("worker.redis_unreachable", url=broker_settings.redis_url, error=str(e))
+            return EXIT_STARTUP
+        engine_settings = settings.engine_settings()
+        log.info("worker.engine_opening", engine=engine_settings.kind, model=engine_settings.model)
+        try:
+            engine = await open_engine(engine_settings)
+        except Exception:  # noqa: BLE001 - say why in the log, exit with a clear code
+            log.exception("worker.engine_failed_to_start", engine=engine_settings.kind)
+            return EXIT_STARTUP
+        try:
+            worker = Worker(broker, engine, settings, stop)
+            return await worker.run()
+        except Exception:  # noqa: BLE001 - e.g. Redis gone at start-up; leases lapse and jobs retry elsewhere
+            log.exception("worker.crashed")
+            return EXIT_CRASHED
+        finally:
+            await engine.close()
+    finally:
+        await broker.close()
+
+
+def run(settings: WorkerSettings, broker_settings: BrokerSettings | None = None) -> int:
+    configure_logging(settings.json_logs, settings.log_level)
+    return asyncio.run(serve(settings, broker_settings or BrokerSettings()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Process entry point: parse flags (and ``GENQ_*`` env), run, return the exit code."""
+    import typer
+
+    from worker.cli import worker_command
+
+    app = typer.Typer(add_completion=False)
+    app.command()(worker_command)
+    try:
+        app(args=argv, prog_name="python -m worker.main")
+    except SystemExit as e:  # typer ends with SystemExit carrying the worker's exit code
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
