@@ -54,6 +54,9 @@ class Delta:
     fence: int
     text: str
     token_ids: Sequence[int]
+    # Completion tokens of the job already written before this delta; makes a replayed
+    # write (pipeline retried after a lost reply) a no-op. -1 = unchecked.
+    offset: int = -1
 
 
 class Broker:
@@ -69,6 +72,13 @@ class Broker:
 
     async def close(self) -> None:
         await self.redis.aclose()
+
+    async def drop_namespace(self) -> int:
+        """Delete every key of this queue namespace (benchmarks and tests; never FLUSH)."""
+        keys = [k async for k in self.redis.scan_iter(match=f"{self.keys.prefix}:*", count=1000)]
+        for i in range(0, len(keys), 500):
+            await self.redis.unlink(*keys[i : i + 500])
+        return len(keys)
 
     async def __aenter__(self) -> Broker:
         return self
@@ -180,7 +190,7 @@ class Broker:
         if code is Code.TOO_LARGE_FOR_LIMIT:
             raise errors.InvalidRequest(
                 f"Request needs {spec.prompt_tokens + spec.max_tokens} tokens, more than this tenant's "
-                f"token burst of {limits['tk_limit']}.",
+                f"token burst of {reply[2]}.",
                 param="max_tokens",
             )
         if code is Code.PRIORITY_NOT_ALLOWED:
@@ -252,25 +262,52 @@ class Broker:
             await self.scripts.append(
                 [k.job(d.job_id), k.events(d.job_id)],
                 [d.fence, d.text, ",".join(map(str, d.token_ids)), len(d.token_ids), s.events_maxlen,
-                 k.channel(d.job_id)],
+                 k.channel(d.job_id), d.offset],
                 client=pipe,
             )  # fmt: skip
         replies = await pipe.execute()
-        return {d.job_id: int(r[0]) == Code.OK for d, r in zip(deltas, replies)}
+        ok: dict[str, bool] = {}
+        for d, r in zip(deltas, replies):  # a job may have several deltas in one flush
+            ok[d.job_id] = ok.get(d.job_id, True) and int(r[0]) == Code.OK
+        return ok
 
     async def complete(
         self, lease: Lease, finish_reason: str, text: str = "", token_ids: Sequence[int] = (),
-        status: JobStatus = JobStatus.SUCCEEDED,
+        status: JobStatus = JobStatus.SUCCEEDED, *, offset: int = -1, prompt_tokens: int = 0,
     ) -> None:  # fmt: skip
-        """Finish a running job (succeeded, or cancelled once aborted). Raises StaleLease."""
-        job, k, s = lease.job, self.keys, self.settings
+        """Finish a running job (succeeded, or cancelled once aborted). Raises StaleLease.
+
+        ``offset`` dedupes a replayed last delta (see Delta); ``prompt_tokens`` replaces the
+        admission-time count with the engine's exact one.
+        """
         reply = await self.scripts.complete(
+            *self._complete_args(lease, finish_reason, text, token_ids, status, offset, prompt_tokens)
+        )
+        if int(reply[0]) == Code.STALE_LEASE:
+            raise errors.StaleLease(f"lease on {lease.id} (fence {lease.fence}) is no longer held")
+
+    async def complete_many(
+        self, leases: Sequence[Lease], finish_reason: str, status: JobStatus = JobStatus.SUCCEEDED
+    ) -> dict[str, bool]:
+        """Finish many running jobs (no further output) in one pipeline; False = stale lease, nothing written."""
+        if not leases:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for lease in leases:
+            await self.scripts.complete(*self._complete_args(lease, finish_reason, "", (), status), client=pipe)
+        replies = await pipe.execute()
+        return {lease.id: int(r[0]) == Code.OK for lease, r in zip(leases, replies)}
+
+    def _complete_args(
+        self, lease: Lease, finish_reason: str, text: str, token_ids: Sequence[int], status: JobStatus,
+        offset: int = -1, prompt_tokens: int = 0,
+    ) -> tuple[list[str], list[Any]]:  # fmt: skip
+        job, k, s = lease.job, self.keys, self.settings
+        return (
             [k.job(job.id), k.events(job.id), k.leases(job.model), k.stats(job.model), k.tenant_state(job.tenant)],
             [lease.fence, text, ",".join(map(str, token_ids)), len(token_ids), finish_reason, status.value,
-             s.result_ttl_ms, s.events_maxlen, k.channel(job.id), k.prefix, job.id],
+             s.result_ttl_ms, s.events_maxlen, k.channel(job.id), k.prefix, job.id, offset, prompt_tokens],
         )  # fmt: skip
-        if int(reply[0]) == Code.STALE_LEASE:
-            raise errors.StaleLease(f"lease on {job.id} (fence {lease.fence}) is no longer held")
 
     async def fail(self, lease: Lease, code: str, message: str, *, retry: bool) -> str:
         """Fail a running job; with ``retry`` it goes back to the queue while attempts remain.

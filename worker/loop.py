@@ -266,9 +266,10 @@ class Worker:
         stream = self.engine.generate(build_request(run.lease.job, run.request_id))
         try:
             async for delta in stream:
+                first = run.first_token_at is None
                 run.add(delta)
                 self._tokens += len(delta.token_ids)
-                self.streamer.poke()
+                self.streamer.poke(urgent=first and run.first_token_at is not None)
                 if delta.finish_reason is not None:
                     return delta.finish_reason
                 if run.cancel_requested or run.state is not RunState.RUNNING:

@@ -47,6 +47,8 @@ class JobRun:
     text: list[str] = field(default_factory=list)  # not yet written
     ids: list[int] = field(default_factory=list)
     tokens: int = 0  # generated in this attempt
+    written: int = 0  # completion tokens of this job acknowledged by Redis in this attempt
+    resend: list[Delta] = field(default_factory=list)  # writes whose outcome is unknown
     prompt_tokens: int | None = None  # as the engine counted them
     first_token_at: float | None = None
     cancel_requested: bool = False
@@ -70,7 +72,7 @@ class JobRun:
 
     @property
     def pending(self) -> bool:
-        return bool(self.text or self.ids)
+        return bool(self.text or self.ids or self.resend)
 
     def add(self, d: EngineDelta) -> None:
         if d.token_ids or d.text:
@@ -81,15 +83,25 @@ class JobRun:
             self.tokens += len(d.token_ids)
         self.prompt_tokens = d.prompt_tokens
 
+    @property
+    def offset(self) -> int:
+        """Completion tokens of the job in Redis before the next write (earlier attempts included)."""
+        return len(self.lease.job.output_token_ids) + self.written + sum(len(d.token_ids) for d in self.resend)
+
     def take(self) -> tuple[str, list[int]]:
         text, ids = "".join(self.text), self.ids
         self.text, self.ids = [], []
         return text, ids
 
-    def put_back(self, text: str, ids: list[int]) -> None:
-        """A write failed: keep its output for the next cycle, ahead of newer output."""
-        self.text.insert(0, text)
-        self.ids[:0] = ids
+    def next_deltas(self) -> list[Delta]:
+        """Writes for this cycle: unacknowledged ones again (unchanged, so Redis can spot a
+        replay by its offset), then the newly buffered output."""
+        deltas, self.resend = self.resend, []
+        if self.text or self.ids:
+            offset = len(self.lease.job.output_token_ids) + self.written + sum(len(d.token_ids) for d in deltas)
+            text, ids = self.take()
+            deltas.append(Delta(self.job_id, self.lease.fence, text, ids, offset))
+        return deltas
 
     def summary(self) -> dict[str, Any]:
         """The fields of the job's one summary log line."""
@@ -129,13 +141,17 @@ class Streamer:
         self.on_stale = on_stale
         self._finals: list[_Final] = []
         self._dirty = asyncio.Event()
+        self._urgent = False
         self._closing = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.flushes = 0
 
     # -- producer side -----------------------------------------------------
-    def poke(self) -> None:
-        """New output is buffered: a cycle will run within one flush interval."""
+    def poke(self, urgent: bool = False) -> None:
+        """New output is buffered: a cycle will run within one flush interval, or at once
+        when ``urgent`` (a job's first token: time to first token is not coalesced)."""
+        if urgent:
+            self._urgent = True
         self._dirty.set()
 
     def complete(self, run: JobRun, finish_reason: str, status: JobStatus) -> asyncio.Future[str]:
@@ -169,12 +185,13 @@ class Streamer:
     async def _loop(self) -> None:
         while True:
             await self._dirty.wait()
-            if not self._closing.is_set():
+            if not self._closing.is_set() and not self._urgent:
                 try:  # the coalescing window; cut short when closing
                     await asyncio.wait_for(self._closing.wait(), timeout=self.interval)
                 except TimeoutError:
                     pass
             self._dirty.clear()
+            self._urgent = False
             try:
                 await self.flush()
             except Exception:  # noqa: BLE001 - Redis away: output was put back, try next cycle
@@ -191,23 +208,31 @@ class Streamer:
         completing = {f.run for f in finals if f.kind == "complete"}
         batch: list[tuple[JobRun, Delta]] = []
         for run in self._writers(finals):
-            if run.pending and run not in completing:
-                text, ids = run.take()
-                batch.append((run, Delta(run.job_id, run.lease.fence, text, ids)))
+            if run not in completing or run.resend:
+                for d in run.next_deltas() if run not in completing else self._resend_only(run):
+                    batch.append((run, d))
         if batch:
             try:
                 accepted = await self.broker.append_many([d for _, d in batch])
             except BaseException:
                 for run, d in batch:
-                    run.put_back(d.text, list(d.token_ids))
+                    run.resend.append(d)  # outcome unknown: replay as is; Redis dedupes by offset
                 self._finals[:0] = finals
                 raise
             self.flushes += 1
             for run, d in batch:
-                if not accepted.get(d.job_id, False) and run.state is not RunState.DROPPED:
+                if accepted.get(d.job_id, False):
+                    run.written += len(d.token_ids)
+            for run in {r for r, _ in batch}:
+                if not accepted.get(run.job_id, False) and run.state is not RunState.DROPPED:
                     await self.on_stale(run, "append rejected: lease no longer held")
         if finals:
             await asyncio.gather(*(self._write_final(f) for f in finals))
+
+    @staticmethod
+    def _resend_only(run: JobRun) -> list[Delta]:
+        deltas, run.resend = run.resend, []
+        return deltas
 
     def _writers(self, finals: list[_Final]) -> list[JobRun]:
         seen = {f.run for f in finals}
@@ -221,8 +246,10 @@ class Streamer:
                 result = "stale"
             elif f.kind == "complete":
                 finish_reason, status = f.args
+                offset = run.offset
                 text, ids = run.take()
-                await self.broker.complete(run.lease, finish_reason, text, ids, status=status)
+                await self.broker.complete(run.lease, finish_reason, text, ids, status=status, offset=offset,
+                                           prompt_tokens=run.prompt_tokens or 0)  # fmt: skip
                 result = "ok"
             else:
                 code, message, retry = f.args

@@ -15,7 +15,8 @@
 --          tk_limit, tk_remaining, tk_reset_ms, retry_after_ms}
 --   code 0 OK, 1 DUPLICATE (job id = the earlier job), 10 RATE_REQUESTS, 11 RATE_TOKENS,
 --   12 TENANT_QUEUE_FULL, 13 QUEUE_FULL, 14 TOO_LARGE_FOR_LIMIT, 15 UNKNOWN_MODEL,
---   16 CONTEXT_TOO_LONG (position = the model's max_model_len), 17 PRIORITY_NOT_ALLOWED
+--   16 CONTEXT_TOO_LONG (position = the model's max_model_len), 17 PRIORITY_NOT_ALLOWED;
+--   for 14 TOO_LARGE_FOR_LIMIT position = the tenant's token burst
 local P, jid, tenant, model = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local prio, pt, mt = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local mp = P .. ':m:' .. model
@@ -73,7 +74,7 @@ if rpm > 0 then
   end
 end
 if tpm > 0 then
-  if cost > tpm_b then return {14, '', 0, 0, 0, 0, tpm, 0, 0, 0} end
+  if cost > tpm_b then return {14, '', tpm_b, 0, 0, 0, tpm, 0, 0, 0} end
   tk_level = bucket_level(KEYS[4], 'tk', tpm, tpm_b, now)
   if tk_level < cost then
     local wait = math.ceil((cost - tk_level) * 60000 / tpm)

@@ -2,9 +2,15 @@
 -- KEYS[1] job hash  P:job:<id>
 -- KEYS[2] events    P:ev:<id>
 -- ARGV: 1 fence, 2 text, 3 token ids (comma separated), 4 token count,
---       5 events maxlen, 6 channel
--- Returns {0, event id} or {21} (STALE_LEASE: nothing written)
+--       5 events maxlen, 6 channel, 7 offset: completion tokens already written before this
+--       delta (-1 = unchecked). A delta whose tokens are already there (a pipeline replayed
+--       after its reply was lost) is acknowledged without being written twice.
+-- Returns {0, event id} ({0, ''} for a replay) or {21} (STALE_LEASE: nothing written)
 if not fenced(KEYS[1], ARGV[1]) then return {21} end
+local offset = tonumber(ARGV[7] or '-1')
+if offset >= 0 and num(redis.call('HGET', KEYS[1], 'completion_tokens'), 0) > offset then
+  return {0, ''}
+end
 local now = now_ms()
 local seq = redis.call('HINCRBY', KEYS[1], 'seq_out', 1)
 redis.call('HSETNX', KEYS[1], 'first_token_ms', now)

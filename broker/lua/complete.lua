@@ -7,12 +7,18 @@
 -- KEYS[5] tenant state  P:ts:<tenant>
 -- ARGV: 1 fence, 2 last text, 3 last token ids (comma separated), 4 last token count,
 --       5 finish reason, 6 final status (succeeded | cancelled), 7 result ttl ms,
---       8 events maxlen, 9 channel, 10 P, 11 job id
+--       8 events maxlen, 9 channel, 10 P, 11 job id, 12 offset of the last delta (as in
+--       append.lua; -1 = unchecked), 13 prompt tokens as the engine counted them (0 = keep)
 -- Returns {0} or {21} (STALE_LEASE: nothing written)
 if not fenced(KEYS[1], ARGV[1]) then return {21} end
 local now = now_ms()
 local n = tonumber(ARGV[4])
-if n > 0 or ARGV[2] ~= '' then
+local offset = tonumber(ARGV[12] or '-1')
+if offset >= 0 and num(redis.call('HGET', KEYS[1], 'completion_tokens'), 0) > offset then
+  n = -1  -- the last delta is already written (replay)
+end
+if tonumber(ARGV[13] or '0') > 0 then redis.call('HSET', KEYS[1], 'prompt_tokens', ARGV[13]) end
+if n > 0 or (n == 0 and ARGV[2] ~= '') then
   local seq = redis.call('HINCRBY', KEYS[1], 'seq_out', 1)
   redis.call('HSETNX', KEYS[1], 'first_token_ms', now)
   redis.call('HSET', KEYS[1], 'output', (redis.call('HGET', KEYS[1], 'output') or '') .. ARGV[2],
