@@ -1,0 +1,73 @@
+"""The FastAPI app factory. Nothing starts at import; the lifespan opens and closes everything.
+
+Lifespan: connect the Broker, check Redis (durability settings; fatal in
+production), open the process's one pub/sub connection (EventHub), and make the
+configured models admissible without clobbering what a worker registered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TypedDict
+
+import structlog
+from fastapi import FastAPI
+
+from api import errors
+from api.metrics import ApiMetrics
+from api.middleware import AccessMiddleware
+from api.routes_jobs import router as jobs_router
+from api.routes_openai import router as openai_router
+from api.routes_ops import admin as admin_router
+from api.routes_ops import router as ops_router
+from api.runtime import Runtime, StreamSlots
+from api.settings import ApiSettings
+from broker.client import Broker
+from broker.events import EventHub
+from broker.redis_check import check_redis
+
+log = structlog.get_logger(__name__)
+
+
+class State(TypedDict):
+    rt: Runtime
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    settings = settings or ApiSettings()
+    metrics = ApiMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[State]:
+        broker = Broker.from_settings(settings)
+        try:
+            await check_redis(broker.redis, settings)
+            registered = await broker.models()
+            for model in settings.models:
+                if model not in registered:  # a worker's record (max_model_len, tokenizer) wins
+                    await broker.register_model(model, 0)
+            async with EventHub(broker.redis, broker.keys) as hub:
+                rt = Runtime(settings, broker, hub, metrics=metrics, streams=StreamSlots(settings.sse_per_tenant))
+                log.info("api started", queue=settings.queue, models=settings.models)
+                yield {"rt": rt}
+        finally:
+            await broker.close()
+            log.info("api stopped")
+
+    app = FastAPI(
+        title="genq",
+        version="0.1.0",
+        summary="An asynchronous request broker for LLM serving: native jobs, SSE, OpenAI-compatible endpoints.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.add_middleware(AccessMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    for router in (ops_router, admin_router, jobs_router, openai_router):
+        app.include_router(router)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """For ``uvicorn --factory api.app:app_from_env``."""
+    return create_app(ApiSettings())

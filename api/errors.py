@@ -1,0 +1,233 @@
+"""Every HTTP error status is chosen here, and every error body has the OpenAI shape.
+
+``{"error": {"message": str, "type": str, "code": str | null, "param": str | null}}``
+
+=========================  ======  =========================  ==============================
+cause                      status  type                       code
+=========================  ======  =========================  ==============================
+invalid body / param       400     invalid_request_error      invalid_request / validation
+prompt + max_tokens > ctx  400     invalid_request_error      context_length_exceeded
+missing / bad / revoked    401     invalid_request_error      invalid_api_key
+not an admin key           403     permission_error           insufficient_permissions
+unknown job / other tenant 404     invalid_request_error      not_found
+unknown model              404     invalid_request_error      model_not_found
+job already finished       409     invalid_request_error      already_terminal
+body too large             413     invalid_request_error      request_too_large
+tenant rate limits         429     requests / tokens          rate_limit_exceeded (+ Retry-After)
+tenant queue / SSE limit   429     rate_limit_error           tenant_queue_full / too_many_streams
+global queue full          503     overloaded_error           queue_full (+ Retry-After)
+Redis unreachable          503     overloaded_error           redis_unavailable (+ Retry-After)
+sync OpenAI call too long  504     server_error               timeout (the job is cancelled)
+job failed on its worker   500     server_error               the job's error code (OpenAI routes)
+client went away           499     invalid_request_error      client_closed (nobody reads it)
+anything else              500     server_error               internal_error (no details)
+=========================  ======  =========================  ==============================
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from broker import errors as be
+
+log = structlog.get_logger(__name__)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str | None = None
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The OpenAI error shape (listed in /openapi.json)."""
+
+    error: ErrorDetail
+
+
+class ApiError(Exception):
+    """An error the API answers with; raise it anywhere in a request."""
+
+    def __init__(
+        self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+        param: str | None = None, headers: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.code, self.param)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "code": code, "param": param}}
+
+
+def retry_after_s(ms: int) -> int:
+    """``Retry-After`` is whole seconds: round up, and never tell a client to retry at once."""
+    return max(1, math.ceil(ms / 1000))
+
+
+def unauthorized(message: str = "Incorrect API key provided.") -> ApiError:
+    return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def forbidden(message: str = "This endpoint needs an admin key.") -> ApiError:
+    return ApiError(403, message, type="permission_error", code="insufficient_permissions")
+
+
+def bad_request(message: str, param: str | None = None, code: str = "invalid_request") -> ApiError:
+    return ApiError(400, message, code=code, param=param)
+
+
+def too_many_streams(limit: int) -> ApiError:
+    return ApiError(
+        429, f"Too many open event streams for this key (limit {limit}).", type="rate_limit_error",
+        code="too_many_streams", headers={"Retry-After": "1"},
+    )  # fmt: skip
+
+
+CLIENT_JOB_ERRORS = frozenset({"context_length_exceeded", "invalid_request", "prompt_too_long"})
+
+
+def from_job_end(event_type: str, data: dict[str, Any]) -> ApiError:
+    """A job that ended without output (``failed`` / ``cancelled`` event), for the OpenAI routes."""
+    if event_type == "cancelled":
+        return ApiError(409, "The job was cancelled before it finished.", code="job_cancelled")
+    code = str(data.get("code") or "job_failed")
+    message = str(data.get("message") or "The job failed.")
+    if code in CLIENT_JOB_ERRORS:
+        return ApiError(400, message, code=code)
+    return ApiError(500, f"The job failed: {message}", type="server_error", code=code)
+
+
+def sync_timeout(timeout_s: float) -> ApiError:
+    return ApiError(504, f"The job did not finish within {timeout_s:g} s; it was cancelled. Use streaming or "
+                    "background mode for long jobs.", type="server_error", code="timeout")  # fmt: skip
+
+
+def client_closed() -> ApiError:
+    return ApiError(499, "Client closed the request.", code="client_closed")
+
+
+def from_broker(e: be.BrokerError) -> ApiError:
+    """Translate a broker error at the boundary."""
+    if isinstance(e, be.AdmissionRefused):
+        headers = {"Retry-After": str(retry_after_s(e.retry_after_ms)), **ratelimit_headers(e.limits)}
+        if isinstance(e, be.QueueFull):
+            return ApiError(503, e.message, type="overloaded_error", code="queue_full", headers=headers)
+        if e.reason in ("requests", "tokens"):
+            return ApiError(429, e.message, type=e.reason, code="rate_limit_exceeded", headers=headers)
+        return ApiError(429, e.message, type="rate_limit_error", code=e.reason, headers=headers)
+    if isinstance(e, be.UnknownModel):
+        return ApiError(404, e.message, code="model_not_found", param=e.param or "model")
+    if isinstance(e, be.ContextTooLong):
+        return ApiError(400, e.message, code="context_length_exceeded", param=e.param or "messages")
+    if isinstance(e, be.InvalidRequest):
+        return ApiError(400, e.message, code="invalid_request", param=e.param)
+    if isinstance(e, be.NotFound):
+        return ApiError(404, e.message, code="not_found", param=e.param)
+    if isinstance(e, be.AlreadyTerminal):
+        return ApiError(409, e.message, code="already_terminal")
+    log.error("unmapped broker error", error=repr(e))
+    return ApiError(500, "The server had an error while processing your request.", type="server_error",
+                    code="internal_error")  # fmt: skip
+
+
+def _duration(ms: int) -> str:
+    return f"{ms}ms" if ms < 1000 else f"{ms / 1000:g}s"
+
+
+def ratelimit_headers(limits: dict[str, int]) -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-*`` headers for each limited dimension (unlimited ones are left out)."""
+    out: dict[str, str] = {}
+    for short, name in (("rq", "requests"), ("tk", "tokens")):
+        limit = limits.get(f"{short}_limit", 0)
+        if limit > 0:
+            out[f"x-ratelimit-limit-{name}"] = str(limit)
+            out[f"x-ratelimit-remaining-{name}"] = str(max(0, limits.get(f"{short}_remaining", 0)))
+            out[f"x-ratelimit-reset-{name}"] = _duration(max(0, limits.get(f"{short}_reset_ms", 0)))
+    return out
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    """``("body", "messages", 0, "role")`` -> ``messages.0.role``; headers keep their name."""
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "cookie")]
+    return ".".join(parts) or None
+
+
+def validation_error(errs: list[dict[str, Any]]) -> ApiError:
+    first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+    param = _param(tuple(first.get("loc", ())))
+    msg = first.get("msg", "invalid request")
+    if first.get("type") == "json_invalid":
+        return bad_request("We could not parse the JSON body of your request.", None, "invalid_json")
+    message = f"{msg} (at '{param}')" if param else msg
+    if len(errs) > 1:
+        message += f"; and {len(errs) - 1} more problem(s)"
+    return bad_request(message, param, "invalid_request")
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers; unhandled exceptions are caught by the access-log middleware."""
+
+    async def api_error(_: Request, e: Exception) -> JSONResponse:
+        assert isinstance(e, ApiError)
+        return e.response()
+
+    async def broker_error(_: Request, e: Exception) -> JSONResponse:
+        assert isinstance(e, be.BrokerError)
+        return from_broker(e).response()
+
+    async def request_validation(_: Request, e: Exception) -> JSONResponse:
+        assert isinstance(e, (RequestValidationError, ValidationError))
+        return validation_error(list(e.errors())).response()
+
+    async def http_error(_: Request, e: Exception) -> JSONResponse:
+        assert isinstance(e, StarletteHTTPException)
+        if e.status_code == 404:
+            err = ApiError(404, "Unknown request URL.", code="unknown_url")
+        elif e.status_code == 405:
+            err = ApiError(405, "Method not allowed for this URL.", code="method_not_allowed")
+        elif e.status_code >= 500:
+            err = ApiError(e.status_code, "The server had an error.", type="server_error", code="internal_error")
+        else:
+            err = ApiError(e.status_code, str(e.detail), code="http_error")
+        err.headers.update(e.headers or {})
+        return err.response()
+
+    async def redis_down(_: Request, e: Exception) -> JSONResponse:
+        log.error("redis unavailable", error=str(e))
+        return ApiError(503, "The queue is temporarily unavailable.", type="overloaded_error",
+                        code="redis_unavailable", headers={"Retry-After": "1"}).response()  # fmt: skip
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(be.BrokerError, broker_error)
+    app.add_exception_handler(RequestValidationError, request_validation)
+    app.add_exception_handler(ValidationError, request_validation)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RedisConnectionError, redis_down)
+    app.add_exception_handler(RedisTimeoutError, redis_down)
+
+
+INTERNAL_ERROR = error_body("The server had an error while processing your request.", "server_error", "internal_error")
+
+
+def openapi_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for route decorators, so the schema lists the error answers."""
+    return {s: {"model": ErrorResponse, "description": "error"} for s in statuses}

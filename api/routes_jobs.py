@@ -1,0 +1,136 @@
+"""The native jobs API: submit, inspect, follow (SSE, resumable), cancel, list."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import structlog
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import JSONResponse
+from sse_starlette import ServerSentEvent
+
+from api.auth import Auth, Principal
+from api.errors import bad_request, from_broker, openapi_errors
+from api.openai_schemas import JobRequest
+from api.runtime import Runtime, get_runtime, note
+from api.service import accepted_view, admit, describe, job_view, priority_header
+from api.streams import SlotEventSourceResponse, follow, open_slot
+from broker import errors as be
+from broker.models import Job, JobStatus
+
+log = structlog.get_logger(__name__)
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+RT = Annotated[Runtime, Depends(get_runtime)]
+JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
+EVENT_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+QUEUED_EVENTS = frozenset({"queued", "retry"})
+
+
+async def owned_job(rt: Runtime, who: Principal, job_id: str) -> Job:
+    """The caller's job; another tenant's job (or a malformed id) is simply not found."""
+    if not JOB_ID.match(job_id):
+        raise from_broker(be.NotFound(f"No job found with id '{job_id[:80]}'.", param="job_id"))
+    return await rt.broker.get_job(job_id, who.tenant)
+
+
+@router.post("", status_code=202, responses=openapi_errors(400, 401, 404, 413, 429, 503))
+async def submit_job(body: JobRequest, request: Request, who: Auth, rt: RT) -> JSONResponse:
+    """Queue one generation job. `Idempotency-Key` returns the same job on repeat; `X-Priority` overrides."""
+    adm, headers = await admit(rt, request, who, body.submission(priority_header(request, body.priority)))
+    return JSONResponse(await accepted_view(rt, who, adm), status_code=202, headers=headers)
+
+
+@router.get("", responses=openapi_errors(400, 401))
+async def list_jobs(
+    who: Auth, rt: RT, status: JobStatus | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> dict[str, Any]:
+    """The caller's jobs, newest first (positions are not computed here: see GET /v1/jobs/{id})."""
+    jobs = await rt.broker.list_jobs(who.tenant, status, limit)
+    return {"object": "list", "data": [job_view(j) for j in jobs]}
+
+
+@router.get("/{job_id}", responses=openapi_errors(401, 404))
+async def get_job(job_id: str, request: Request, who: Auth, rt: RT) -> dict[str, Any]:
+    note(request, job_id=job_id)
+    return await describe(rt, await owned_job(rt, who, job_id))
+
+
+@router.delete("/{job_id}", responses=openapi_errors(401, 404, 409))
+async def cancel_job(job_id: str, request: Request, who: Auth, rt: RT) -> dict[str, Any]:
+    """Cancel: a queued job ends at once; a running one is aborted by its worker (status stays
+    `running` until then, with `cancel_requested: true`). A finished job answers 409."""
+    note(request, job_id=job_id)
+    await owned_job(rt, who, job_id)
+    await rt.broker.cancel(job_id, who.tenant)
+    view = await describe(rt, await rt.broker.get_job(job_id, who.tenant))
+    view["cancel_requested"] = True
+    return view
+
+
+def _last_event_id(header: str | None, query: str | None) -> str | None:
+    value = header or query
+    if value is not None and not EVENT_ID.match(value):
+        raise bad_request("Last-Event-ID must be an event id from this stream, like `1700000000000-0`.",
+                          "last_event_id")  # fmt: skip
+    return value
+
+
+async def _finished_events(rt: Runtime, job: Job, after: str | None) -> AsyncIterator[ServerSentEvent]:
+    """A finished job's remaining events straight from its stream (nothing more will be published)."""
+    while True:
+        batch = await rt.hub.backlog(job.id, after)
+        for ev in batch:
+            yield ServerSentEvent(json.dumps(ev.data), event=ev.type, id=ev.id)
+            after = ev.id
+        if len(batch) < 1000:
+            return
+
+
+async def _events(rt: Runtime, job: Job, last_event_id: str | None) -> AsyncIterator[ServerSentEvent]:
+    if job.terminal:  # also a client resuming after the terminal event: answer at once, then close
+        async for sse in _finished_events(rt, job, last_event_id):
+            yield sse
+        return
+    queued = job.status is JobStatus.QUEUED
+    try:
+        async with contextlib.aclosing(follow(rt, job.id, last_event_id, rt.settings.position_interval_s)) as evs:
+            async for ev in evs:
+                if ev is None:  # a tick: tell a waiting client where it stands (not resumable: no id)
+                    if queued:
+                        ahead, eta = await rt.broker.position(job)
+                        if ahead is not None:
+                            data = {"queue_position": ahead, "eta_s": round(eta, 3) if eta is not None else None}
+                            yield ServerSentEvent(json.dumps(data), event="position")
+                    continue
+                if ev.type in QUEUED_EVENTS:
+                    queued = True
+                elif ev.type in ("started", "token") or ev.terminal:
+                    queued = False
+                if ev.type == "retry":
+                    rt.metrics.retry_seen(job.model, job.id, ev.id)
+                yield ServerSentEvent(json.dumps(ev.data), event=ev.type, id=ev.id)
+                if ev.type == "done":
+                    rt.metrics.job_finished(await rt.broker.get_job(job.id))
+    except be.NotFound:  # the job expired between the check and the stream
+        yield ServerSentEvent(json.dumps({"code": "not_found", "message": "the job expired"}), event="error")
+
+
+@router.get("/{job_id}/events", responses={**openapi_errors(400, 401, 404, 429),
+                                           200: {"content": {"text/event-stream": {}}}})  # fmt: skip
+async def job_events(
+    job_id: str, request: Request, who: Auth, rt: RT,
+    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    last_event_id: Annotated[str | None, Query(max_length=64)] = None,
+) -> SlotEventSourceResponse:  # fmt: skip
+    """Server-sent events: `queued`, `started`, `token`, `retry`, `done`, `failed`, `cancelled`, each with a
+    resumable `id:`; `position` (no id) every few seconds while queued. Reconnect with `Last-Event-ID`."""
+    note(request, job_id=job_id)
+    after = _last_event_id(last_event_id_header, last_event_id)
+    job = await owned_job(rt, who, job_id)
+    slot = open_slot(rt, who.tenant)  # last step before the response owns it
+    return SlotEventSourceResponse(_events(rt, job, after), slot, ping=rt.settings.keepalive_s)

@@ -1,0 +1,111 @@
+"""Operations (health, readiness, metrics) and admin endpoints (queues, tenant limits)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, Field
+
+from api.auth import Admin
+from api.errors import openapi_errors
+from api.runtime import Runtime, get_runtime
+from broker.models import TENANT, TenantLimits
+
+router = APIRouter(tags=["operations"])
+admin = APIRouter(prefix="/v1/admin", tags=["admin"])
+RT = Annotated[Runtime, Depends(get_runtime)]
+TenantName = Annotated[str, Path(pattern=TENANT.pattern)]
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is up (no dependency is checked)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "not ready, with the reasons"}})
+async def readyz(rt: RT) -> JSONResponse:
+    """Ready when Redis answers and each configured model has a live worker."""
+    reasons: list[str] = []
+    try:
+        async with asyncio.timeout(2.0):
+            await rt.broker.redis.ping()
+            workers = await rt.broker.workers(rt.settings.worker_max_age_ms)
+    except Exception as e:  # any failure to reach Redis means not ready
+        return JSONResponse({"status": "unavailable", "reasons": [f"redis unreachable: {type(e).__name__}"]}, 503)
+    served = {str(w.get("model")) for w in workers}
+    reasons += [f"no live worker for model `{m}`" for m in rt.settings.models if m not in served]
+    if reasons:
+        return JSONResponse({"status": "unavailable", "reasons": reasons}, 503)
+    return JSONResponse({"status": "ready", "workers": len(workers)})
+
+
+async def _model_names(rt: Runtime) -> list[str]:
+    return list(dict.fromkeys([*rt.settings.models, *(await rt.broker.models())]))
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(rt: RT) -> Response:
+    """Prometheus text format; queue gauges are read from Redis at scrape time."""
+    models = await _model_names(rt)
+    stats = await asyncio.gather(*(rt.broker.queue_stats(m) for m in models))
+    per_model: dict[str, int] = {}
+    for w in await rt.broker.workers(rt.settings.worker_max_age_ms):
+        per_model[str(w.get("model"))] = per_model.get(str(w.get("model")), 0) + 1
+    return Response(rt.metrics.render(stats, per_model), media_type=CONTENT_TYPE_LATEST)
+
+
+@admin.get("/queues", responses=openapi_errors(401, 403))
+async def queues(_: Admin, rt: RT) -> dict[str, Any]:
+    stats = await asyncio.gather(*(rt.broker.queue_stats(m) for m in await _model_names(rt)))
+    return {
+        "object": "list",
+        "data": [
+            {"model": s.model, "depth": s.total_depth, "depth_by_priority": s.depth,
+             "queued_tokens_by_priority": s.queued_tokens, "running": s.running,
+             "oldest_wait_ms": s.oldest_wait_ms, "drain_jobs_per_s": s.drain_jobs_per_s,
+             "drain_tokens_per_s": s.drain_tokens_per_s}  # fmt: skip
+            for s in stats
+        ],
+    }
+
+
+class TenantLimitsBody(BaseModel):
+    """Per-tenant limits; 0 means unlimited; bursts default to the per-minute figure."""
+
+    rpm: int = Field(0, ge=0, le=10**9)
+    rpm_burst: int = Field(0, ge=0, le=10**9)
+    tpm: int = Field(0, ge=0, le=10**12)
+    tpm_burst: int = Field(0, ge=0, le=10**12)
+    max_queued: int = Field(0, ge=0, le=10**9)
+    weight: float = Field(1.0, gt=0, le=10**6)
+    priorities: list[Annotated[int, Field(ge=0, le=9)]] = Field(default_factory=lambda: list(range(10)),
+                                                                min_length=1, max_length=10)  # fmt: skip
+
+
+def _tenant_view(tenant: str, limits: TenantLimits, source: str) -> dict[str, Any]:
+    return {"object": "tenant", "tenant": tenant, "limits": limits.model_dump(), "source": source}
+
+
+@admin.put("/tenants/{tenant}", responses=openapi_errors(400, 401, 403))
+async def put_tenant(tenant: TenantName, body: TenantLimitsBody, _: Admin, rt: RT) -> dict[str, Any]:
+    limits = TenantLimits.model_validate(body.model_dump())
+    await rt.broker.set_tenant(tenant, limits)
+    return _tenant_view(tenant, limits, "tenant")
+
+
+@admin.get("/tenants/{tenant}", responses=openapi_errors(400, 401, 403))
+async def get_tenant(tenant: TenantName, _: Admin, rt: RT) -> dict[str, Any]:
+    """The tenant's own limits, or the defaults it runs under (`source`: `tenant` or `defaults`)."""
+    limits = await rt.broker.get_tenant(tenant)
+    if limits is not None:
+        return _tenant_view(tenant, limits, "tenant")
+    s = rt.settings
+    defaults = TenantLimits(rpm=s.default_rpm, rpm_burst=s.default_rpm_burst, tpm=s.default_tpm,
+                            tpm_burst=s.default_tpm_burst, max_queued=s.default_max_queued,
+                            weight=s.default_weight)  # fmt: skip
+    return _tenant_view(tenant, defaults, "defaults")
