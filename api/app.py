@@ -43,10 +43,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         broker = Broker.from_settings(settings)
         try:
             await check_redis(broker.redis, settings)
-            registered = await broker.models()
-            for model in settings.models:
-                if model not in registered:  # a worker's record (max_model_len, tokenizer) wins
-                    await broker.register_model(model, 0)
+            for model in settings.models:  # a worker's record (max_model_len, tokenizer) wins
+                await broker.register_model(model, 0, only_if_absent=True)
             async with EventHub(broker.redis, broker.keys) as hub:
                 rt = Runtime(settings, broker, hub, metrics=metrics, streams=StreamSlots(settings.sse_per_tenant))
                 log.info("api started", queue=settings.queue, models=settings.models)

@@ -87,9 +87,17 @@ class Broker:
         await self.close()
 
     # -- models, tenants, workers ---------------------------------------
-    async def register_model(self, model: str, max_model_len: int = 0, **info: Any) -> None:
-        """Make a model admissible. ``info`` may carry e.g. ``tokenizer`` (a local folder)."""
-        await self.redis.hset(self.keys.models, model, json.dumps({"max_model_len": max_model_len, **info}))
+    async def register_model(self, model: str, max_model_len: int = 0, *, only_if_absent: bool = False,
+                             **info: Any) -> None:  # fmt: skip
+        """Make a model admissible. ``info`` may carry e.g. ``tokenizer`` (a local folder).
+
+        ``only_if_absent`` never overwrites a record (a worker's knows max_model_len).
+        """
+        record = json.dumps({"max_model_len": max_model_len, **info})
+        if only_if_absent:
+            await self.redis.hsetnx(self.keys.models, model, record)
+        else:
+            await self.redis.hset(self.keys.models, model, record)
 
     async def models(self) -> dict[str, dict]:
         raw = await self.redis.hgetall(self.keys.models)

@@ -129,6 +129,10 @@ class EventHub:
         entries = await self.redis.xrange(self.keys.events(job_id), min=start, max="+", count=count)
         return [Event(eid, f["t"], json.loads(f["d"])) for eid, f in entries]
 
+    async def _finished(self, job_id: str) -> bool:
+        status = await self.redis.hget(self.keys.job(job_id), "status")
+        return status in (None, "succeeded", "failed", "cancelled", "expired")
+
     async def follow(self, job_id: str, last_event_id: str | None = None) -> AsyncIterator[Event]:
         """Every event after ``last_event_id``, in order, until (and including) a terminal one.
 
@@ -139,6 +143,9 @@ class EventHub:
             if not await self.redis.exists(self.keys.events(job_id)):
                 raise NotFound(f"No job found with id '{job_id}'.", param="job_id")
             while True:
+                # Status first, stream second: a terminal status read here means the
+                # terminal event is already in the stream read below (same Lua call).
+                finished = await self._finished(job_id)
                 batch = await self.backlog(job_id, last)
                 for ev in batch:
                     last = ev.id
@@ -147,6 +154,8 @@ class EventHub:
                         return
                 if len(batch) >= 1000:
                     continue  # more backlog to read
+                if not batch and finished:
+                    return  # resumed at or after the terminal event: nothing more will come
                 while True:
                     try:
                         ev = await asyncio.wait_for(q.get(), timeout=self.resync_s)
