@@ -79,7 +79,8 @@ def submit_command(
             typer.echo(f"error {r.status_code}: {r.text}", err=True)
             raise typer.Exit(1)
         job = r.json()
-        typer.echo(f"job {job['id']} queued at position {job.get('queue_position')}", err=True)
+        where = f" at position {job['queue_position']}" if job.get("queue_position") is not None else ""
+        typer.echo(f"job {job['id']} {job['status']}{where}", err=True)
         with http.stream("GET", f"/v1/jobs/{job['id']}/events") as events:
             etype = ""
             for line in events.iter_lines():

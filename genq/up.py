@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -67,6 +66,7 @@ class Stack:
     host: str
     port: int
     worker_args: list[str]
+    model: str
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     redis_url: str = ""
 
@@ -101,7 +101,8 @@ class Stack:
         log.info("redis started", url=self.redis_url, dir=str(rdir))
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "GENQ_REDIS_URL": self.redis_url, "HF_HUB_OFFLINE": "1"}
+        return {**os.environ, "GENQ_REDIS_URL": self.redis_url, "HF_HUB_OFFLINE": "1",
+                "GENQ_MODELS": json.dumps([self.model])}  # fmt: skip
 
     def start_children(self) -> None:
         genq = [sys.executable, "-m", "genq.cli"]
@@ -126,16 +127,14 @@ class Stack:
 
 async def ensure_key(broker: Broker, data_dir: Path) -> str:
     """The local stack's admin key: created once, kept (0600) in the data folder."""
-    from api.auth import hash_key
+    from api.auth import create_key, hash_key
 
     key_file = data_dir / "api_key"
     if key_file.exists():
         key = key_file.read_text().strip()
         if await broker.get_api_key(hash_key(key)):
             return key
-    key = "genq-" + secrets.token_urlsafe(32)
-    await broker.put_api_key(hash_key(key), {"tenant": "default", "name": "genq up", "admin": True,
-                                             "created_ms": int(time.time() * 1000)})  # fmt: skip
+    key = await create_key(broker, "default", "genq up", admin=True)
     key_file.write_text(key + "\n")
     key_file.chmod(0o600)
     return key
@@ -157,7 +156,8 @@ async def _supervise(stack: Stack, model: str, stop: asyncio.Event) -> int:
         body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}]})
         console.print(f"[bold]genq is starting[/] at {url}\n  API key: {key}\n  try:\n"
                       f"  curl {url}/v1/chat/completions -H 'Authorization: Bearer {key}' "
-                      f"-H 'Content-Type: application/json' -d '{body}'\n  (Ctrl-C to stop)")  # fmt: skip
+                      f"-H 'Content-Type: application/json' -d '{body}'\n  (Ctrl-C to stop)",
+                      soft_wrap=True)  # fmt: skip
         with console.status("starting…") as status:
             while not stop.is_set():
                 for name, proc in stack.procs.items():
@@ -177,7 +177,7 @@ async def _supervise(stack: Stack, model: str, stop: asyncio.Event) -> int:
 
 def run(host: str, port: int, data_dir: Path, worker_args: list[str], model: str) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
-    stack = Stack(data_dir, host, port, worker_args)
+    stack = Stack(data_dir, host, port, worker_args, model)
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
