@@ -21,6 +21,11 @@ local P, jid, tenant, model = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local prio, pt, mt = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local mp = P .. ':m:' .. model
 
+-- A replay of this very call (client retry after a lost reply) must not enqueue twice.
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {1, jid, num(redis.call('ZRANK', mp .. ':queued', jid), 0), 0, 0, 0, 0, 0, 0, 0}
+end
+
 if ARGV[8] == '1' then
   local prev = redis.call('GET', KEYS[2])
   if prev and redis.call('EXISTS', P .. ':job:' .. prev) == 1 then
@@ -64,6 +69,7 @@ if maxq > 0 and tq >= maxq then
 end
 
 local cost = pt + mt
+if tpm > 0 and cost > tpm_b then return {14, '', tpm_b, 0, 0, 0, tpm, 0, 0, 0} end
 local rq_left, rq_reset, tk_left, tk_reset = -1, 0, -1, 0
 local rq_level, tk_level
 if rpm > 0 then
@@ -74,7 +80,6 @@ if rpm > 0 then
   end
 end
 if tpm > 0 then
-  if cost > tpm_b then return {14, '', tpm_b, 0, 0, 0, tpm, 0, 0, 0} end
   tk_level = bucket_level(KEYS[4], 'tk', tpm, tpm_b, now)
   if tk_level < cost then
     local wait = math.ceil((cost - tk_level) * 60000 / tpm)

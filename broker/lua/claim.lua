@@ -37,7 +37,7 @@ for p = 0, 9 do
         unqueue(P, mp, jid, tenant, p, cost)
         local deadline = num(j[3], 0)
         if deadline > 0 and deadline < now then
-          refund_tokens(P .. ':ts:' .. tenant, num(j[4], 0), num(j[5], 0), num(j[6], 0), now)
+          refund_tokens(P .. ':ts:' .. tenant, num(j[4], 0), num(j[5], 0), cost, now)  -- never ran
           redis.call('HSET', jk, 'error_code', 'deadline_exceeded', 'error_message', 'deadline passed while queued')
           finish(P, jid, 'expired', 'failed',
             cjson.encode({code = 'deadline_exceeded', message = 'deadline passed while queued'}), now, ttl, maxlen)

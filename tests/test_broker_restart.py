@@ -1,0 +1,116 @@
+"""Redis restarted in the middle of 1,000 jobs: nothing acknowledged is lost, all finish once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+
+import pytest
+import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from broker import Broker, BrokerSettings, JobSpec, JobStatus
+from broker.errors import StaleLease
+
+pytestmark = pytest.mark.asyncio
+
+N_JOBS = 1000
+RESTART_AT = 300  # acknowledged admissions before the server is stopped
+log = structlog.get_logger(__name__)
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+async def test_redis_restart_mid_run_loses_no_acknowledged_job(redis_server, settings: BrokerSettings) -> None:
+    srv = redis_server("--appendonly", "yes", "--appendfsync", "everysec")
+    s = settings.model_copy(update={"redis_url": srv.url, "lease_ms": 500, "reap_interval_ms": 100})
+    loop = asyncio.get_running_loop()
+    acked: list[str] = []
+    done: set[str] = set()
+    errors: Counter[str] = Counter()
+    half_way = asyncio.Event()
+    admitted_all = asyncio.Event()
+    restart = {"acked_at_stop": -1, "acked_at_start": -1, "downtime_s": 0.0}
+
+    async with Broker.from_settings(s) as broker:
+        await broker.register_model("m", 4096)
+
+        async def admit_all() -> None:
+            for i in range(N_JOBS):
+                # The idempotency key makes a retried admission (reply lost in the restart) return the same job.
+                spec = JobSpec(tenant=f"t{i % 3}", model="m", kind="completion", prompt="p", max_tokens=8,
+                               idempotency_key=f"job-{i}")  # fmt: skip
+                while True:
+                    try:
+                        adm = await broker.admit(spec)
+                        break
+                    except TRANSIENT as e:  # past the client's own retries: back off and try again
+                        errors[f"admit {type(e).__name__}"] += 1
+                        await asyncio.sleep(0.05)
+                acked.append(adm.job_id)
+                if len(acked) == RESTART_AT:
+                    half_way.set()
+            admitted_all.set()
+
+        async def work() -> None:
+            next_reap = 0.0
+            while True:
+                try:
+                    if loop.time() >= next_reap:  # leases whose completion was lost come back
+                        await broker.reap("m")
+                        next_reap = loop.time() + s.reap_interval_ms / 1000
+                    leases = await broker.claim("m", "w1", 16)
+                    if not leases:
+                        if admitted_all.is_set():
+                            stats = await broker.queue_stats("m")
+                            if stats.total_depth == 0 and stats.running == 0:
+                                return
+                        await broker.wait_for_work("m", 0.1)
+                        continue
+                    for lease in leases:
+                        with contextlib.suppress(StaleLease):  # reaped meanwhile, or a retried reply
+                            await broker.complete(lease, "length", "ok", [1, 2, 3])
+                            done.add(lease.id)
+                except TRANSIENT as e:
+                    errors[f"worker {type(e).__name__}"] += 1
+                    await asyncio.sleep(0.05)
+
+        async def restart_redis() -> None:
+            await half_way.wait()
+            restart["acked_at_stop"] = len(acked)
+            t0 = loop.time()
+            await asyncio.to_thread(srv.stop)  # SIGTERM: Redis fsyncs its AOF and exits
+            await asyncio.to_thread(srv.start)  # same port, same dir: reloads the AOF
+            restart["downtime_s"] = loop.time() - t0
+            restart["acked_at_start"] = len(acked)
+
+        async with asyncio.timeout(60):
+            await asyncio.gather(admit_all(), work(), restart_redis())
+
+        assert len(acked) == len(set(acked)) == N_JOBS
+        assert done <= set(acked)
+        # No job was created twice by a retried admission.
+        jobs = [k async for k in broker.redis.scan_iter(match=broker.keys.job("*"), count=1000)]
+        assert len(jobs) == N_JOBS
+        # The restart really happened mid-run: admissions before the stop and after the start.
+        assert RESTART_AT <= restart["acked_at_stop"] <= restart["acked_at_start"] < N_JOBS, restart
+
+        pipe = broker.redis.pipeline(transaction=False)
+        for jid in acked:
+            pipe.hget(broker.keys.job(jid), "status")
+        statuses = await pipe.execute()
+        assert {st for st in statuses} == {JobStatus.SUCCEEDED.value}, (
+            f"{sum(st is None for st in statuses)} acknowledged jobs lost"
+        )
+        # Visible completion exactly once: one "done" event per job, and it is the last one.
+        pipe = broker.redis.pipeline(transaction=False)
+        for jid in acked:
+            pipe.xrange(broker.keys.events(jid))
+        for jid, entries in zip(acked, await pipe.execute()):
+            types = [fields["t"] for _, fields in entries]
+            assert types.count("done") == 1 and types[0] == "queued" and types[-1] == "done", (jid, types)
+        log.info("redis restart survived", jobs=N_JOBS, completed_by_worker=len(done), transient_errors=dict(errors),
+                 **restart)  # fmt: skip
+        assert (await broker.queue_stats("m")).total_depth == 0
+        assert int(await broker.redis.hget(broker.keys.global_, "queued")) == 0

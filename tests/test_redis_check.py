@@ -1,0 +1,52 @@
+"""The start-up check of Redis durability settings, against real servers of our own."""
+
+from __future__ import annotations
+
+import pytest
+from redis.asyncio import Redis
+
+from broker import BrokerSettings
+from broker.errors import RedisMisconfigured
+from broker.redis_check import check_redis
+
+pytestmark = pytest.mark.asyncio
+
+
+async def problems_of(url: str, env: str = "development") -> list[str]:
+    client = Redis.from_url(url, decode_responses=True)
+    try:
+        return await check_redis(client, BrokerSettings(redis_url=url, env=env))
+    finally:
+        await client.aclose()
+
+
+async def test_no_aof_is_reported(redis_server) -> None:
+    srv = redis_server()  # appendonly no (the default)
+    problems = await problems_of(srv.url)
+    assert len(problems) == 1
+    assert "`appendonly no`" in problems[0] and "`appendonly yes`" in problems[0]
+
+
+async def test_evicting_policy_is_reported(redis_server) -> None:
+    srv = redis_server("--appendonly", "yes", "--maxmemory-policy", "allkeys-lru")
+    problems = await problems_of(srv.url)
+    assert len(problems) == 1
+    assert "`maxmemory-policy allkeys-lru`" in problems[0]
+    assert "`maxmemory-policy noeviction`" in problems[0]
+
+
+async def test_both_problems_and_production_refuses(redis_server) -> None:
+    srv = redis_server("--maxmemory-policy", "volatile-ttl")
+    problems = await problems_of(srv.url)
+    assert len(problems) == 2
+    assert "appendonly" in problems[0] and "maxmemory-policy volatile-ttl" in problems[1]
+    with pytest.raises(RedisMisconfigured) as info:
+        await problems_of(srv.url, env="production")
+    assert info.value.code == "redis_misconfigured"
+    assert "appendonly" in str(info.value) and "maxmemory-policy" in str(info.value)
+
+
+async def test_good_config_passes_in_production(redis_server) -> None:
+    srv = redis_server("--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction")
+    assert await problems_of(srv.url) == []
+    assert await problems_of(srv.url, env="production") == []
