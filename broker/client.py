@@ -268,7 +268,7 @@ class Broker:
         pipe = self.redis.pipeline(transaction=False)
         for d in deltas:
             await self.scripts.append(
-                [k.job(d.job_id), k.events(d.job_id)],
+                [k.job(d.job_id), k.events(d.job_id), k.output(d.job_id), k.output_ids(d.job_id)],
                 [d.fence, d.text, ",".join(map(str, d.token_ids)), len(d.token_ids), s.events_maxlen,
                  k.channel(d.job_id), d.offset],
                 client=pipe,
@@ -312,7 +312,8 @@ class Broker:
     ) -> tuple[list[str], list[Any]]:  # fmt: skip
         job, k, s = lease.job, self.keys, self.settings
         return (
-            [k.job(job.id), k.events(job.id), k.leases(job.model), k.stats(job.model), k.tenant_state(job.tenant)],
+            [k.job(job.id), k.events(job.id), k.leases(job.model), k.stats(job.model), k.tenant_state(job.tenant),
+             k.output(job.id), k.output_ids(job.id)],
             [lease.fence, text, ",".join(map(str, token_ids)), len(token_ids), finish_reason, status.value,
              s.result_ttl_ms, s.events_maxlen, k.channel(job.id), k.prefix, job.id, offset, prompt_tokens],
         )  # fmt: skip
@@ -355,18 +356,27 @@ class Broker:
             raise errors.AlreadyTerminal(f"Job '{job_id}' is already {status}.")
         return JobStatus(status)
 
+    async def _load(self, job_ids: Sequence[str]) -> list[dict[str, str]]:
+        pipe = self.redis.pipeline(transaction=False)
+        for jid in job_ids:
+            pipe.hgetall(self.keys.job(jid)).get(self.keys.output(jid)).get(self.keys.output_ids(jid))
+        raw = await pipe.execute()
+        out = []
+        for i in range(0, len(raw), 3):
+            h, text, ids = raw[i : i + 3]
+            if h:
+                out.append({**h, "output": text or "", "output_ids": ids or ""})
+        return out
+
     async def get_job(self, job_id: str, tenant: str | None = None) -> Job:
-        raw = await self.redis.hgetall(self.keys.job(job_id))
-        if not raw or (tenant is not None and raw.get("tenant") != tenant):
+        found = await self._load([job_id])
+        if not found or (tenant is not None and found[0].get("tenant") != tenant):
             raise errors.NotFound(f"No job found with id '{job_id}'.", param="job_id")
-        return Job.from_hash(raw)
+        return Job.from_hash(found[0])
 
     async def list_jobs(self, tenant: str, status: JobStatus | None = None, limit: int = 100) -> list[Job]:
         ids = await self.redis.zrevrange(self.keys.tenant_jobs(tenant), 0, max(limit * 4, 400) - 1)
-        pipe = self.redis.pipeline(transaction=False)
-        for jid in ids:
-            pipe.hgetall(self.keys.job(jid))
-        jobs = [Job.from_hash(h) for h in await pipe.execute() if h]
+        jobs = [Job.from_hash(h) for h in await self._load(ids)]
         return [j for j in jobs if status is None or j.status == status][:limit]
 
     async def position(self, job: Job) -> tuple[int | None, float | None]:

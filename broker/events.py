@@ -4,6 +4,14 @@
 out to per-follower queues. :meth:`EventHub.follow` subscribes *first*, then reads
 the stream backlog after ``last_event_id``, then follows live messages, dropping
 any whose id it has already yielded: no gap, no duplicate.
+
+The per-event path is kept cheap (one API process fans out tens of thousands of
+events per second): the reader blocks on the socket without a timer, and a
+follower waits on its queue with a plain ``get``; its resync and tick deadlines
+are served by one timer per deadline that drops a wake-up marker into the queue,
+not by a timer per event. A follower's clean-up is synchronous (an ``UNSUBSCRIBE``
+it needs runs in a task of its own), so it completes even inside a cancelled
+scope (anyio's level-triggered cancellation, as in an SSE response).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from broker.keys import Keys
 log = structlog.get_logger(__name__)
 
 TERMINAL_EVENTS = frozenset({"done", "failed", "cancelled"})
+_WAKE = object()  # a follower's deadline (resync or tick) has passed
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +65,10 @@ class EventHub:
         self.keys = keys
         self.resync_s = resync_s
         self._pubsub = redis.pubsub(ignore_subscribe_messages=True)
-        self._subs: dict[str, set[asyncio.Queue[Event | None]]] = defaultdict(set)
+        self._subs: dict[str, set[asyncio.Queue[Any]]] = defaultdict(set)
         self._reader: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._unsubscribing: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> EventHub:
         return self
@@ -71,6 +81,8 @@ class EventHub:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
+        for task in list(self._unsubscribing):
+            task.cancel()
         for queues in self._subs.values():
             for q in queues:
                 q.put_nowait(None)
@@ -87,7 +99,7 @@ class EventHub:
                 if not self._pubsub.subscribed:
                     await asyncio.sleep(0.05)  # nothing subscribed yet: get_message would return at once
                     continue
-                msg = await self._pubsub.get_message(timeout=1.0)
+                msg = await self._pubsub.get_message(timeout=None)  # block: no timer per message
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # connection lost: followers resync from the stream
@@ -106,8 +118,8 @@ class EventHub:
                     q.put_nowait(ev)
 
     @contextlib.asynccontextmanager
-    async def _subscribe(self, channel: str) -> AsyncIterator[asyncio.Queue[Event | None]]:
-        q: asyncio.Queue[Event | None] = asyncio.Queue()
+    async def _subscribe(self, channel: str) -> AsyncIterator[asyncio.Queue[Any]]:
+        q: asyncio.Queue[Any] = asyncio.Queue()
         async with self._lock:
             if not self._subs[channel]:
                 await self._pubsub.subscribe(channel)
@@ -116,13 +128,21 @@ class EventHub:
                 self._reader = asyncio.create_task(self._read(), name="genq-pubsub")
         try:
             yield q
-        finally:
-            async with self._lock:
-                self._subs[channel].discard(q)
-                if not self._subs[channel]:
+        finally:  # no await here: this runs even where every await would be cancelled
+            queues = self._subs.get(channel)
+            if queues is not None:
+                queues.discard(q)
+                if not queues:
                     del self._subs[channel]
-                    with contextlib.suppress(Exception):
-                        await self._pubsub.unsubscribe(channel)
+                    task = asyncio.get_running_loop().create_task(self._unsubscribe(channel))
+                    self._unsubscribing.add(task)
+                    task.add_done_callback(self._unsubscribing.discard)
+
+    async def _unsubscribe(self, channel: str) -> None:
+        async with self._lock:
+            if channel not in self._subs:  # nobody followed it again meanwhile
+                with contextlib.suppress(Exception):
+                    await self._pubsub.unsubscribe(channel)
 
     async def backlog(self, job_id: str, after: str | None = None, count: int = 1000) -> list[Event]:
         start = f"({after}" if after else "-"
@@ -133,12 +153,19 @@ class EventHub:
         status = await self.redis.hget(self.keys.job(job_id), "status")
         return status in (None, "succeeded", "failed", "cancelled", "expired")
 
-    async def follow(self, job_id: str, last_event_id: str | None = None) -> AsyncIterator[Event]:
+    async def follow(self, job_id: str, last_event_id: str | None = None,
+                     tick_s: float | None = None) -> AsyncIterator[Event | None]:  # fmt: skip
         """Every event after ``last_event_id``, in order, until (and including) a terminal one.
+
+        With ``tick_s``, also yields ``None`` each time ``tick_s`` passes while waiting for
+        live events (measured from the previous tick), so a caller can interleave periodic
+        work (e.g. queue positions) without a task or a timer per event.
 
         Raises NotFound if the job has no events (unknown, or expired).
         """
         last = last_event_id
+        loop = asyncio.get_running_loop()
+        next_tick = loop.time() + tick_s if tick_s else None
         async with self._subscribe(self.keys.channel(job_id)) as q:
             if not await self.redis.exists(self.keys.events(job_id)):
                 raise NotFound(f"No job found with id '{job_id}'.", param="job_id")
@@ -156,19 +183,36 @@ class EventHub:
                     continue  # more backlog to read
                 if not batch and finished:
                     return  # resumed at or after the terminal event: nothing more will come
-                while True:
-                    try:
-                        ev = await asyncio.wait_for(q.get(), timeout=self.resync_s)
-                    except TimeoutError:
-                        break  # quiet for a while: re-read the stream as a safety net
-                    if ev is None:
-                        break  # pub/sub reconnected: messages may be lost, resync from the stream
-                    if last is not None and _order(ev.id) <= _order(last):
-                        continue  # already yielded from the backlog
-                    last = ev.id
-                    yield ev
-                    if ev.terminal:
-                        return
+                quiet_until = loop.time() + self.resync_s
+                timer = None
+                try:
+                    while True:
+                        if timer is None:  # one timer per deadline, not one per event
+                            at = quiet_until if next_tick is None else min(quiet_until, next_tick)
+                            timer = loop.call_at(at, q.put_nowait, _WAKE)
+                        ev = await q.get()
+                        if ev is _WAKE:
+                            if timer is not None:  # a marker from an earlier timer: drop the live one too
+                                timer.cancel()
+                            timer, now = None, loop.time()
+                            if next_tick is not None and now >= next_tick:
+                                next_tick = now + tick_s  # type: ignore[operator]
+                                yield None
+                            if now >= quiet_until:
+                                break  # quiet for a while: re-read the stream as a safety net
+                            continue
+                        if ev is None:
+                            break  # pub/sub reconnected: messages may be lost, resync from the stream
+                        if last is not None and _order(ev.id) <= _order(last):
+                            continue  # already yielded from the backlog
+                        last = ev.id
+                        quiet_until = loop.time() + self.resync_s
+                        yield ev
+                        if ev.terminal:
+                            return
+                finally:
+                    if timer is not None:
+                        timer.cancel()
 
 
 class ControlListener:

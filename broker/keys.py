@@ -83,6 +83,12 @@ class Keys:
     def events(self, job_id: str) -> str:
         return f"{self.prefix}:ev:{job_id}"
 
+    def output(self, job_id: str) -> str:
+        return f"{self.prefix}:out:{job_id}"
+
+    def output_ids(self, job_id: str) -> str:
+        return f"{self.prefix}:oid:{job_id}"
+
     def channel(self, job_id: str) -> str:
         return f"{self.prefix}:ch:{job_id}"
 

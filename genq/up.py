@@ -84,6 +84,7 @@ class Stack:
         port_file.write_text(str(port))
         cmd = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(rdir),
                "--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
+               "--stream-node-max-bytes", "512",
                "--save", "", "--logfile", str(rdir / "redis.log")]  # fmt: skip
         self.procs["redis"] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                                start_new_session=True)

@@ -92,6 +92,14 @@ local function finish(P, jid, status, etype, data, now, ttl, maxlen)
   emit(P .. ':ev:' .. jid, P .. ':ch:' .. jid, maxlen, etype, data)
   redis.call('PEXPIRE', jk, ttl)
   redis.call('PEXPIRE', P .. ':ev:' .. jid, ttl)
+  redis.call('PEXPIRE', P .. ':out:' .. jid, ttl)
+  redis.call('PEXPIRE', P .. ':oid:' .. jid, ttl)
+end
+
+-- Append one delta's text and token ids; O(1) in the output's length.
+local function write_output(out_key, ids_key, text, ids)
+  if text ~= '' then redis.call('APPEND', out_key, text) end
+  if ids ~= '' then redis.call('APPEND', ids_key, ',' .. ids) end
 end
 
 -- Completed-job drain rate over a short window (jobs/s and tokens/s).

@@ -1,6 +1,8 @@
 -- append: add streamed output (one coalesced delta) to a running job, fenced.
 -- KEYS[1] job hash  P:job:<id>
 -- KEYS[2] events    P:ev:<id>
+-- KEYS[3] output    P:out:<id>
+-- KEYS[4] token ids P:oid:<id>
 -- ARGV: 1 fence, 2 text, 3 token ids (comma separated), 4 token count,
 --       5 events maxlen, 6 channel, 7 offset: completion tokens already written before this
 --       delta (-1 = unchecked). A delta whose tokens are already there (a pipeline replayed
@@ -14,8 +16,7 @@ end
 local now = now_ms()
 local seq = redis.call('HINCRBY', KEYS[1], 'seq_out', 1)
 redis.call('HSETNX', KEYS[1], 'first_token_ms', now)
-redis.call('HSET', KEYS[1], 'output', (redis.call('HGET', KEYS[1], 'output') or '') .. ARGV[2],
-  'output_ids', (redis.call('HGET', KEYS[1], 'output_ids') or '') .. ',' .. ARGV[3])
+write_output(KEYS[3], KEYS[4], ARGV[2], ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'completion_tokens', tonumber(ARGV[4]))
 local id = emit(KEYS[2], ARGV[6], ARGV[5], 'token',
   cjson.encode({seq = seq, text = ARGV[2], n = tonumber(ARGV[4])}))

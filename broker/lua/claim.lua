@@ -8,7 +8,8 @@
 -- KEYS[3] global        P:global
 -- ARGV: 1 P, 2 model, 3 max jobs, 4 max tokens, 5 lease ms, 6 worker id,
 --       7 result ttl ms, 8 events maxlen
--- Returns a list of {job id, fence, field1, value1, ...} (the job hash after the claim).
+-- Returns a list of {job id, fence, field1, value1, ...} (the job hash after the claim,
+-- plus its output and output_ids so far).
 local P, model = ARGV[1], ARGV[2]
 local mp = P .. ':m:' .. model
 local max_jobs, max_tok, lease = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -50,6 +51,11 @@ for p = 0, 9 do
           emit(P .. ':ev:' .. jid, P .. ':ch:' .. jid, maxlen, 'started',
             cjson.encode({attempt = attempt, worker = ARGV[6]}))
           local rec = redis.call('HGETALL', jk)
+          -- what earlier attempts emitted: the worker resumes after it
+          rec[#rec + 1] = 'output'
+          rec[#rec + 1] = redis.call('GET', P .. ':out:' .. jid) or ''
+          rec[#rec + 1] = 'output_ids'
+          rec[#rec + 1] = redis.call('GET', P .. ':oid:' .. jid) or ''
           table.insert(rec, 1, tostring(fence))
           table.insert(rec, 1, jid)
           out[#out + 1] = rec

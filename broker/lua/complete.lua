@@ -5,6 +5,8 @@
 -- KEYS[3] leases        P:m:<model>:leases
 -- KEYS[4] model stats   P:m:<model>:stats
 -- KEYS[5] tenant state  P:ts:<tenant>
+-- KEYS[6] output        P:out:<id>
+-- KEYS[7] token ids     P:oid:<id>
 -- ARGV: 1 fence, 2 last text, 3 last token ids (comma separated), 4 last token count,
 --       5 finish reason, 6 final status (succeeded | cancelled), 7 result ttl ms,
 --       8 events maxlen, 9 channel, 10 P, 11 job id, 12 offset of the last delta (as in
@@ -21,8 +23,7 @@ if tonumber(ARGV[13] or '0') > 0 then redis.call('HSET', KEYS[1], 'prompt_tokens
 if n > 0 or (n == 0 and ARGV[2] ~= '') then
   local seq = redis.call('HINCRBY', KEYS[1], 'seq_out', 1)
   redis.call('HSETNX', KEYS[1], 'first_token_ms', now)
-  redis.call('HSET', KEYS[1], 'output', (redis.call('HGET', KEYS[1], 'output') or '') .. ARGV[2],
-    'output_ids', (redis.call('HGET', KEYS[1], 'output_ids') or '') .. ',' .. ARGV[3])
+  write_output(KEYS[6], KEYS[7], ARGV[2], ARGV[3])
   redis.call('HINCRBY', KEYS[1], 'completion_tokens', n)
   emit(KEYS[2], ARGV[9], ARGV[8], 'token', cjson.encode({seq = seq, text = ARGV[2], n = n}))
 end

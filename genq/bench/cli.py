@@ -2,6 +2,55 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Optional
+
 import typer
 
 bench_app = typer.Typer(no_args_is_help=True)
+
+
+@bench_app.command("queue", help="Queue latency and drain throughput: genq against arq, same Redis, same run.")
+def queue_command(
+    redis_url: Annotated[str, typer.Option(help="Redis to measure on (a random namespace, removed after).")] = (
+        "redis://127.0.0.1:6379"
+    ),
+    samples: Annotated[Optional[int], typer.Option(help="genq latency samples [200].")] = None,
+    jobs: Annotated[Optional[int], typer.Option(help="genq drain jobs [20000].")] = None,
+    arq_samples: Annotated[Optional[int], typer.Option(help="arq latency samples [40].")] = None,
+    arq_jobs: Annotated[Optional[int], typer.Option(help="arq drain jobs [3000].")] = None,
+    consumers: Annotated[Optional[int], typer.Option(help="genq drain claim loops [4].")] = None,
+    quick: Annotated[bool, typer.Option(help="Small numbers, for tests.")] = False,
+) -> None:
+    import dataclasses
+
+    from broker.logs import configure_logging
+    from genq.bench import queue
+
+    configure_logging()
+    cfg = queue.Config.quick(redis_url) if quick else queue.Config(redis_url=redis_url)
+    given = {"samples": samples, "jobs": jobs, "arq_samples": arq_samples, "arq_jobs": arq_jobs,
+             "consumers": consumers}  # fmt: skip
+    queue.main(dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None}))
+
+
+@bench_app.command("sse", help="One API process: SSE fan-out, submit rate, and chat TTFT against vLLM's server.")
+def sse_command(
+    redis_url: Annotated[str, typer.Option(help="Redis to measure on (a random namespace, removed after).")] = (
+        "redis://127.0.0.1:6379"
+    ),
+    followers: Annotated[Optional[int], typer.Option(help="Concurrent SSE followers, one job each [200].")] = None,
+    rate: Annotated[Optional[int], typer.Option(help="Target tokens/s published in total [50000].")] = None,
+    duration_s: Annotated[Optional[float], typer.Option(help="Seconds of streaming per rate [10].")] = None,
+    client_procs: Annotated[Optional[int], typer.Option(help="Client processes sharing the followers [2].")] = None,
+    skip_vllm: Annotated[bool, typer.Option(help="Skip the chat TTFT comparison with vLLM's server.")] = False,
+    quick: Annotated[bool, typer.Option(help="Few followers, short, no vLLM: for tests.")] = False,
+) -> None:
+    import dataclasses
+
+    from broker.logs import configure_logging
+    from genq.bench import sse
+
+    configure_logging()
+    cfg = sse.Config.quick(redis_url) if quick else sse.Config(redis_url=redis_url, skip_vllm=skip_vllm)
+    given = {"followers": followers, "rate": rate, "duration_s": duration_s, "client_procs": client_procs}
+    sse.main(dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None}))

@@ -1,0 +1,718 @@
+"""``genq bench sse``: what one API process delivers, measured in one run.
+
+1. SSE fan-out: one ``genq api`` subprocess (uvicorn) on a fresh queue namespace;
+   ``followers`` SSE clients (httpx, spread over ``client_procs`` child processes)
+   each follow one job on ``GET /v1/jobs/{id}/events``. A SIMULATED PRODUCER (a child
+   process playing the worker through the broker, no engine) claims the jobs; tokens
+   accrue at a fixed total rate, as from an engine, and every ``flush_ms`` (or when
+   the previous flush returns, if slower) each job gets what it has accrued, written
+   with ``Broker.append_many`` (one pipeline per flush, as the worker does); then it
+   completes them. Each delta's text starts with its ``time.time_ns()``, so clients
+   measure publish -> receive latency per event. Run at 10, 20, 50 and 100 % of ``rate``.
+2. Submit throughput: ``submit_clients`` concurrent httpx clients POST /v1/jobs for
+   ``submit_s`` (no worker: jobs just queue; the tenant has no limits).
+3. Chat TTFT with the official ``openai`` client (stream=True, first content chunk):
+   vLLM's own OpenAI server, stopped, then ``genq worker --engine vllm`` behind the
+   same API, on the same engine arguments and prompts. One engine at a time, under
+   the machine's vLLM lock (``GENQ_VLLM_LOCK``, default /work/vllm.lock).
+
+CPU seconds of every process (API, Redis, producer, clients) are reported per phase,
+which says where the time goes when a goal is missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import multiprocessing as mp
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from broker import Broker, BrokerSettings, JobSpec
+from broker.client import Delta
+from broker.logs import configure_logging
+from broker.models import Admission, TenantLimits
+from genq.bench.queue import percentile
+
+log = structlog.get_logger(__name__)
+
+SSE_MODEL, SUBMIT_MODEL, CHAT_MODEL = "bench-sse", "bench-submit", "SmolLM2-135M-Instruct"
+TENANT = "bench"
+ENGINE_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", "16"]
+TOPICS = ["a lighthouse", "a robot chef", "the ocean", "a lost key", "mountains", "a city at night", "a dragon",
+          "a library", "winter", "a train journey", "a garden", "the moon", "a violin", "a desert", "rain", "a fox"]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    redis_url: str = "redis://127.0.0.1:6379"
+    followers: int = 200
+    rate: int = 50_000  # target tokens/s published in total
+    curve: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0)  # fractions of ``rate`` measured, the last one is the target
+    duration_s: float = 10.0
+    flush_ms: int = 20
+    client_procs: int = 2
+    submit_s: float = 5.0
+    submit_clients: int = 64
+    skip_vllm: bool = False
+    max_tokens: int = 32
+    ttft_sequential: int = 10  # 1-user samples
+    ttft_rounds: int = 3  # rounds of 16 concurrent users
+    lock_path: str = os.environ.get("GENQ_VLLM_LOCK", "/work/vllm.lock")
+
+    @classmethod
+    def quick(cls, redis_url: str) -> Config:
+        return cls(redis_url=redis_url, followers=20, rate=2_000, curve=(1.0,), duration_s=2.0, submit_s=1.0,
+                   submit_clients=8, skip_vllm=True)  # fmt: skip
+
+
+@dataclass(slots=True)
+class FanOut:
+    rate: int
+    published: int = 0  # tokens
+    received: int = 0
+    events: int = 0
+    window_s: float = 0.0  # first publish -> last token received
+    publish_s: float = 0.0  # first -> last publish
+    latency_ms: array = field(default_factory=lambda: array("d"))
+    flush_ms: list[float] = field(default_factory=list)  # append_many duration per flush
+    errors: list[str] = field(default_factory=list)
+    cpu: dict[str, float] = field(default_factory=dict)  # share of one core, per process
+
+    @property
+    def delivered_tps(self) -> float:
+        return self.received / self.window_s if self.window_s else 0.0
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / self.window_s if self.window_s else 0.0
+
+    @property
+    def api_us_per_event(self) -> float:
+        return self.cpu.get("api", 0.0) / self.events_per_s * 1e6 if self.events_per_s else 0.0
+
+
+@dataclass(slots=True)
+class Result:
+    fanout: list[FanOut]
+    submit_ok: int = 0
+    submit_other: int = 0
+    submit_s: float = 0.0
+    submit_latency_ms: list[float] = field(default_factory=list)
+    submit_cpu: dict[str, float] = field(default_factory=dict)
+    ttft_ms: dict[str, dict[int, list[float]]] = field(default_factory=dict)  # system -> users -> samples
+    load: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def submit_rate(self) -> float:
+        return self.submit_ok / self.submit_s if self.submit_s else 0.0
+
+
+# -- child processes ----------------------------------------------------------------
+def _spawn(target: Any, *args: Any) -> tuple[mp.Process, Connection]:
+    ctx = mp.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    proc = ctx.Process(target=target, args=(theirs, *args), daemon=True)
+    proc.start()
+    theirs.close()
+    return proc, ours
+
+
+async def _recv(conn: Connection, timeout_s: float) -> Any:
+    """The next message from a child (or the parent), without blocking the loop or polling."""
+    if not conn.poll():
+        loop, ready = asyncio.get_running_loop(), asyncio.Event()
+        loop.add_reader(conn.fileno(), ready.set)
+        try:
+            await asyncio.wait_for(ready.wait(), timeout_s)
+        finally:
+            loop.remove_reader(conn.fileno())
+            os.set_blocking(conn.fileno(), True)  # uvloop made it non-blocking; Connection.send needs blocking
+    try:
+        return conn.recv()
+    except EOFError:
+        raise RuntimeError("a benchmark process exited early; its traceback is above") from None
+
+
+async def _expect(conn: Connection, what: str, timeout_s: float) -> Any:
+    tag, value = await _recv(conn, timeout_s)
+    if tag != what:
+        raise RuntimeError(f"child said {tag!r} ({value!r}), expected {what!r}")
+    return value
+
+
+def _child(conn: Connection, serve: Any, *args: Any) -> None:
+    configure_logging(level="WARNING")
+    try:  # the clients and the producer are measuring tools: the cheaper their loop, the less they disturb
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(conn, *args))
+    else:
+        uvloop.run(serve(conn, *args))
+
+
+def _client_main(conn: Connection, url: str, key: str) -> None:
+    _child(conn, _client, url, key)
+
+
+def _producer_main(conn: Connection, redis_url: str, queue: str) -> None:
+    _child(conn, _producer, redis_url, queue)
+
+
+# -- SSE clients (child processes) ------------------------------------------------------
+async def _client(conn: Connection, url: str, key: str) -> None:
+    import httpx
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    timeout = httpx.Timeout(30.0, read=120.0)
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout, headers=headers) as client:
+        while True:
+            cmd, arg = await _recv(conn, 3600)
+            if cmd == "stop":
+                return
+            if cmd == "follow":
+                conn.send(("followed", await _follow_all(conn, client, arg)))
+            elif cmd == "submit":
+                conn.send(("submitted", await _submit(conn, client, *arg)))
+
+
+async def _follow_all(conn: Connection, client: Any, job_ids: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"tokens": 0, "events": 0, "lat": array("d"), "last_ns": 0, "errors": []}
+    subscribed, all_subscribed = 0, asyncio.Event()
+
+    def on_first_event() -> None:
+        nonlocal subscribed
+        subscribed += 1
+        if subscribed == len(job_ids):
+            all_subscribed.set()
+
+    async def one(job_id: str) -> None:
+        # The first event (``queued``, read from the stream backlog) proves the API has
+        # already subscribed this follower to the job's channel: nothing live is missed.
+        first, buf = True, b""
+        async with client.stream("GET", f"/v1/jobs/{job_id}/events") as resp:
+            if resp.status_code != 200:
+                raise RuntimeError(f"{job_id}: HTTP {resp.status_code} {(await resp.aread())[:200]!r}")
+            async for chunk in resp.aiter_raw():
+                now = time.time_ns()
+                *blocks, buf = (buf + chunk).replace(b"\r\n", b"\n").split(b"\n\n")
+                for block in blocks:
+                    etype, data = b"", b""
+                    for line in block.split(b"\n"):
+                        if line.startswith(b"event: "):
+                            etype = line[7:]
+                        elif line.startswith(b"data: "):
+                            data = line[6:]
+                    if not etype:
+                        continue  # a keep-alive comment
+                    if first:
+                        first = False
+                        on_first_event()
+                    if etype == b"token":
+                        d = json.loads(data)
+                        out["tokens"] += d["n"]
+                        out["events"] += 1
+                        out["lat"].append((now - int(d["text"].partition("|")[0])) / 1e6)
+                        out["last_ns"] = now
+                    elif etype in (b"done", b"failed", b"cancelled", b"error"):
+                        if etype != b"done":
+                            out["errors"].append(f"{job_id}: {etype.decode()} {data[:200]!r}")
+                        return
+
+    tasks = [asyncio.create_task(one(j)) for j in job_ids]
+    waiter = asyncio.create_task(all_subscribed.wait())
+    await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED, timeout=120)
+    if not all_subscribed.is_set():
+        for t in tasks:
+            t.cancel()
+        raise RuntimeError(f"only {subscribed} of {len(job_ids)} followers got their first event: "
+                           f"{[repr(t.exception()) for t in tasks if t.done() and not t.cancelled()][:3]}")  # fmt: skip
+    conn.send(("subscribed", len(job_ids)))
+    for t in asyncio.as_completed(tasks):
+        try:
+            await t
+        except Exception as e:
+            out["errors"].append(repr(e)[:300])
+    return out
+
+
+async def _submit(conn: Connection, client: Any, model: str, concurrency: int) -> dict[str, Any]:
+    """Warm up one request per connection, say so, then POST /v1/jobs in a loop until told to stop."""
+    body = {"model": model, "prompt": "Say hello to the benchmark.", "max_tokens": 16}
+    for r in await asyncio.gather(*(client.post("/v1/jobs", json=body) for _ in range(concurrency))):
+        if r.status_code != 202:
+            raise RuntimeError(f"warm-up submit answered {r.status_code}: {r.text[:300]}")
+    conn.send(("warm", concurrency))
+    start_ns, duration_s = await _expect(conn, "go", 120)
+    end_ns = start_ns + int(duration_s * 1e9)
+    ok, other, lat = 0, 0, []
+
+    async def loop() -> None:
+        nonlocal ok, other
+        while (t0 := time.time_ns()) < end_ns:
+            r = await client.post("/v1/jobs", json=body)
+            t1 = time.time_ns()
+            if t1 <= end_ns and t0 >= start_ns:
+                if r.status_code == 202:
+                    ok += 1
+                    lat.append((t1 - t0) / 1e6)
+                else:
+                    other += 1
+
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+    return {"ok": ok, "other": other, "lat": lat}
+
+
+# -- the simulated producer (child process) ----------------------------------------------
+async def _producer(conn: Connection, redis_url: str, queue: str) -> None:
+    """``claim n`` takes the jobs; ``go (rate, duration_s, flush_ms)`` streams into them, then completes them."""
+    async with Broker.from_settings(BrokerSettings(redis_url=redis_url, queue=queue, models=[SSE_MODEL])) as broker:
+        await broker.renew(SSE_MODEL, [])  # connect before "ready"
+        conn.send(("ready", os.getpid()))
+        leases: list[Any] = []
+        while True:
+            cmd, arg = await _recv(conn, 3600)
+            if cmd == "stop":
+                return
+            if cmd == "claim":
+                leases = []
+                while len(leases) < arg:
+                    got = await broker.claim(SSE_MODEL, "bench-producer", arg - len(leases))
+                    if not got:
+                        raise RuntimeError(f"claimed {len(leases)} of {arg} jobs, then nothing was queued")
+                    leases += got
+                conn.send(("claimed", len(leases)))
+            elif cmd == "go":
+                conn.send(("produced", await _produce(broker, leases, *arg)))
+
+
+async def _produce(broker: Broker, leases: list[Any], rate: int, duration_s: float, flush_ms: int) -> dict[str, Any]:
+    """Tokens appear at ``rate`` in total, like an engine's; every ``flush_ms`` (or as soon as the
+    previous flush returns, if it took longer) each job gets what it has accumulated, as the worker does."""
+    flush_s, per_job_s = flush_ms / 1000, rate / len(leases)
+    total = int(per_job_s * duration_s)  # tokens per job
+    written, flush_times = 0, []
+    renew_every_s = broker.settings.lease_ms / 3000
+    start = renewed = time.monotonic()
+    first_ns = last_ns = 0
+    due = start
+    while written < total:
+        now = time.monotonic()
+        if now < due:
+            await asyncio.sleep(due - now)  # pacing: the schedule is the point, no event to wait for
+        due = max(due + flush_s, time.monotonic())
+        k = min(total, int((time.monotonic() - start) * per_job_s)) - written
+        if k <= 0:
+            continue
+        t0 = time.perf_counter()
+        last_ns = time.time_ns()
+        first_ns = first_ns or last_ns
+        text, ids = f"{last_ns}|", list(range(k))
+        ok = await broker.append_many([Delta(x.id, x.fence, text, ids, offset=written) for x in leases])
+        if not all(ok.values()):
+            raise RuntimeError(f"stale leases while producing: {[j for j, good in ok.items() if not good][:3]}")
+        written += k
+        flush_times.append((time.perf_counter() - t0) * 1000)
+        if time.monotonic() - renewed > renew_every_s:
+            await broker.renew(SSE_MODEL, [(x.id, x.fence) for x in leases])
+            renewed = time.monotonic()
+    done = await broker.complete_many(leases, "length")
+    if not all(done.values()):
+        raise RuntimeError("stale leases at completion")
+    return {"published": written * len(leases), "first_ns": first_ns, "last_ns": last_ns, "flush_ms": flush_times}
+
+
+# -- processes started here: the API, vLLM's server, genq's worker ----------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Child:
+    """A subprocess in its own session (so its own children stop with it), logging to a file."""
+
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    @classmethod
+    def start(cls, name: str, cmd: list[str], env: dict[str, str], log_dir: Path) -> Child:
+        path = log_dir / f"{name}.log"
+        with path.open("wb") as out:
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        log.info("started", child=name, pid=proc.pid, log=str(path))
+        return cls(name, proc, path)
+
+    def check(self) -> None:
+        if self.proc.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}; log tail:\n{tail}")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("child did not stop in time; killing it", child=self.name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # anything it left behind (vLLM's engine core)
+        self.proc.wait()
+
+
+async def wait_http(child: Child, url: str, timeout_s: float, headers: dict[str, str] | None = None) -> None:
+    """Until ``url`` answers 200. A child's start-up has no event to wait on but its port."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(timeout=5.0, headers=headers) as client:
+        while True:
+            child.check()
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get(url)).status_code == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{child.name} did not answer {url} within {timeout_s:.0f} s")
+            await asyncio.sleep(0.2)
+
+
+class CpuMeter:
+    """CPU seconds of named processes over a window, as a share of one core."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        import psutil
+
+        self.procs = {}
+        for name, pid in pids.items():
+            with contextlib.suppress(psutil.Error):
+                self.procs[name] = psutil.Process(pid)
+        self.t0, self.c0 = time.monotonic(), self._now()
+        psutil.cpu_percent(None)
+
+    def _now(self) -> dict[str, float]:
+        import psutil
+
+        out = {}
+        for name, p in self.procs.items():
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                out[name] = t.user + t.system
+        return out
+
+    def shares(self) -> dict[str, float]:
+        import psutil
+
+        dt, c1 = time.monotonic() - self.t0, self._now()
+        out = {name: (c1[name] - self.c0[name]) / dt for name in c1 if name in self.c0}
+        out["machine"] = psutil.cpu_percent(None) / 100 * (os.cpu_count() or 1)
+        return out
+
+
+@contextlib.contextmanager
+def vllm_lock(path: str) -> Iterator[None]:
+    """The machine's one-engine-at-a-time lock (flock), held while anything loads vLLM."""
+    if not Path(path).parent.is_dir():
+        yield
+        return
+    with open(path, "a") as f:
+        log.info("waiting for the vLLM lock", path=path)
+        fcntl.flock(f, fcntl.LOCK_EX)
+        log.info("vLLM lock held", path=path)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# -- the run ----------------------------------------------------------------------------
+@dataclass
+class Bench:
+    cfg: Config
+    broker: Broker
+    log_dir: Path
+    env: dict[str, str]
+    api: Child | None = None
+    url: str = ""
+    key: str = ""
+    clients: list[tuple[mp.Process, Connection]] = field(default_factory=list)
+    producer: tuple[mp.Process, Connection] | None = None
+    pids: dict[str, int] = field(default_factory=dict)
+
+    async def start(self) -> None:
+        from api.auth import create_key
+
+        for model in (SSE_MODEL, SUBMIT_MODEL):
+            await self.broker.register_model(model, 0)
+        await self.broker.set_tenant(TENANT, TenantLimits())  # no limits
+        self.key = await create_key(self.broker, TENANT, "genq bench sse")
+        port = free_port()
+        self.api = Child.start("api", [sys.executable, "-m", "genq.cli", "api", "--port", str(port)], self.env,
+                               self.log_dir)  # fmt: skip
+        self.url = f"http://127.0.0.1:{port}"
+        await wait_http(self.api, self.url + "/healthz", 60)
+        self.pids["api"] = self.api.proc.pid
+        redis_pid = await self._local_redis_pid()
+        if redis_pid:
+            self.pids["redis"] = redis_pid
+        self.producer = _spawn(_producer_main, self.cfg.redis_url, self.broker.settings.queue)
+        self.pids["producer"] = await _expect(self.producer[1], "ready", 60)
+        self.clients = [_spawn(_client_main, self.url, self.key) for _ in range(self.cfg.client_procs)]
+        for i, (proc, _) in enumerate(self.clients):
+            self.pids[f"client{i + 1}"] = proc.pid  # type: ignore[assignment]
+
+    async def _local_redis_pid(self) -> int | None:
+        import psutil
+
+        info = await self.broker.redis.info("server")
+        with contextlib.suppress(psutil.Error, KeyError):
+            pid = int(info["process_id"])
+            if "redis" in psutil.Process(pid).name():  # the same machine's Redis, not a namesake pid
+                return pid
+        return None
+
+    async def stop(self) -> None:
+        for proc, conn in [*self.clients, *([self.producer] if self.producer else [])]:
+            with contextlib.suppress(OSError):
+                conn.send(("stop", None))
+            await asyncio.to_thread(proc.join, 10)
+            if proc.is_alive():
+                proc.terminate()
+            conn.close()
+        if self.api is not None:
+            self.api.stop(15)
+
+    # -- 1. fan-out ---------------------------------------------------------------------
+    async def fan_out(self, rate: int) -> FanOut:
+        cfg, n = self.cfg, self.cfg.followers
+        assert self.producer is not None
+        per_job = int(rate * cfg.duration_s / n) + 16
+        spec = JobSpec(tenant=TENANT, model=SSE_MODEL, kind="completion", prompt="bench", max_tokens=per_job)
+        ids = []
+        for adm in await self.broker.admit_many([spec] * n):
+            if not isinstance(adm, Admission):
+                raise adm
+            ids.append(adm.job_id)
+        pconn = self.producer[1]
+        pconn.send(("claim", n))
+        await _expect(pconn, "claimed", 30)
+        conns = [conn for _, conn in self.clients]
+        for i, conn in enumerate(conns):
+            conn.send(("follow", ids[i :: len(conns)]))
+        for conn in conns:
+            await _expect(conn, "subscribed", 150)
+        meter = CpuMeter(self.pids)
+        pconn.send(("go", (rate, cfg.duration_s, cfg.flush_ms)))
+        prod = await _expect(pconn, "produced", cfg.duration_s * 5 + 60)
+        outs = [await _expect(conn, "followed", 120) for conn in conns]
+        result = FanOut(rate, published=prod["published"], flush_ms=prod["flush_ms"], cpu=meter.shares())
+        for out in outs:
+            result.received += out["tokens"]
+            result.events += out["events"]
+            result.latency_ms.extend(out["lat"])
+            result.errors += out["errors"]
+        last_recv = max(out["last_ns"] for out in outs)
+        result.window_s = max(0.0, (last_recv - prod["first_ns"]) / 1e9)
+        result.publish_s = (prod["last_ns"] - prod["first_ns"]) / 1e9 + cfg.flush_ms / 1000
+        log.info("fan-out measured", rate=rate, delivered_tps=round(result.delivered_tps),
+                 p99_ms=round(percentile(list(result.latency_ms), 99), 1) if result.latency_ms else None)  # fmt: skip
+        return result
+
+    # -- 2. submit ----------------------------------------------------------------------
+    async def submit(self, result: Result) -> None:
+        cfg, conns = self.cfg, [conn for _, conn in self.clients]
+        shares = [cfg.submit_clients // len(conns) + (i < cfg.submit_clients % len(conns)) for i in range(len(conns))]
+        for conn, share in zip(conns, shares):
+            conn.send(("submit", (SUBMIT_MODEL, share)))
+        for conn in conns:
+            await _expect(conn, "warm", 60)
+        meter = CpuMeter(self.pids)
+        start_ns = time.time_ns() + 50_000_000  # every client has received "go" by then
+        for conn in conns:
+            conn.send(("go", (start_ns, cfg.submit_s)))
+        for conn in conns:
+            out = await _expect(conn, "submitted", cfg.submit_s + 120)
+            result.submit_ok += out["ok"]
+            result.submit_other += out["other"]
+            result.submit_latency_ms += out["lat"]
+        result.submit_s, result.submit_cpu = cfg.submit_s, meter.shares()
+        log.info("submit measured", jobs_per_s=round(result.submit_rate))
+
+    # -- 3. chat TTFT: vLLM's server, then genq ------------------------------------------
+    async def ttft(self, result: Result) -> None:
+        from worker.model import prepare_default_model
+
+        folder = await asyncio.to_thread(prepare_default_model)
+        port = free_port()
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), *ENGINE_ARGS,
+               "--served-model-name", CHAT_MODEL, "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+        server = Child.start("vllm-server", cmd, self.env, self.log_dir)
+        try:
+            await wait_http(server, f"http://127.0.0.1:{port}/v1/models", 900)
+            result.ttft_ms["vllm"] = await measure_ttft(f"http://127.0.0.1:{port}/v1", "unused", self.cfg)
+        finally:
+            server.stop(60)
+        cmd = [sys.executable, "-m", "genq.cli", "worker", "--engine", "vllm", *ENGINE_ARGS,
+               "--served-model-name", CHAT_MODEL]  # fmt: skip
+        worker = Child.start("worker", cmd, self.env, self.log_dir)
+        try:
+            deadline = time.monotonic() + 900
+            while not any(w.get("model") == CHAT_MODEL for w in await self.broker.workers()):
+                worker.check()
+                if time.monotonic() > deadline:
+                    raise RuntimeError("genq worker did not register within 900 s")
+                await asyncio.sleep(0.5)  # a child loading its engine: no event to wait on but its heartbeat
+            result.ttft_ms["genq"] = await measure_ttft(self.url + "/v1", self.key, self.cfg)
+        finally:
+            worker.stop(90)
+
+
+async def measure_ttft(base_url: str, key: str, cfg: Config) -> dict[int, list[float]]:
+    """Time to the first content chunk, official ``openai`` client, stream=True: 1 user, then 16 at once."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=600)
+
+    async def one(i: int) -> float:
+        messages = [{"role": "user", "content": f"Write a short story about {TOPICS[i % len(TOPICS)]} (story {i})."}]
+        t0, first = time.perf_counter(), None
+        stream = await client.chat.completions.create(model=CHAT_MODEL, messages=messages,  # type: ignore[arg-type]
+                                                      max_tokens=cfg.max_tokens, temperature=0.0, stream=True)  # fmt: skip
+        async for chunk in stream:  # read to the end: concurrent users keep the engine busy
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter()
+        if first is None:
+            raise RuntimeError(f"{base_url}: a stream ended without content")
+        return (first - t0) * 1000
+
+    try:
+        for i in range(2):  # warm-up (genq's API also loads the tokenizer here)
+            await one(i)
+        await asyncio.gather(*(one(i) for i in range(16)))
+        out: dict[int, list[float]] = {1: [await one(100 + i) for i in range(cfg.ttft_sequential)], 16: []}
+        for r in range(cfg.ttft_rounds):
+            out[16] += await asyncio.gather(*(one(1000 * (r + 1) + i) for i in range(16)))
+        log.info("ttft measured", url=base_url, p50_1=round(percentile(out[1], 50)), p50_16=round(percentile(out[16], 50)))
+        return out
+    finally:
+        await client.close()
+
+
+async def run(cfg: Config) -> Result:
+    queue = "benchsse" + secrets.token_hex(5)
+    settings = BrokerSettings(redis_url=cfg.redis_url, queue=queue, models=[SSE_MODEL, SUBMIT_MODEL, CHAT_MODEL])
+    env = {**os.environ, "GENQ_REDIS_URL": cfg.redis_url, "GENQ_QUEUE": queue, "HF_HUB_OFFLINE": "1",
+           "GENQ_MODELS": json.dumps(settings.models), "GENQ_SSE_PER_TENANT": str(cfg.followers + 64),
+           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}  # fmt: skip
+    load_before = os.getloadavg()[0]
+    lock = contextlib.nullcontext() if cfg.skip_vllm else vllm_lock(cfg.lock_path)
+    with lock, tempfile.TemporaryDirectory(prefix="genq-bench-sse-") as tmp:
+        async with Broker.from_settings(settings) as broker:
+            log.info("genq bench sse", queue=queue, followers=cfg.followers, rate=cfg.rate)
+            bench = Bench(cfg, broker, Path(tmp), env)
+            try:
+                await bench.start()
+                fan = [await bench.fan_out(max(1, round(cfg.rate * f))) for f in cfg.curve]
+                result = Result(fan)
+                await bench.submit(result)
+                if not cfg.skip_vllm:
+                    await bench.ttft(result)
+            finally:
+                await bench.stop()
+                log.info("cleaned up", keys=await broker.drop_namespace())
+    result.load = (load_before, os.getloadavg()[0])
+    return result
+
+
+# -- the report -------------------------------------------------------------------------
+def _ms(values: Any, p: float) -> float:
+    return percentile(list(values), p) if len(values) else float("nan")
+
+
+def summary(r: Result, cfg: Config) -> str:
+    top = r.fanout[-1]
+    line = (f"genq bench sse: {cfg.followers} followers, {top.delivered_tps:,.0f} tokens/s delivered "
+            f"(target {top.rate:,}), latency p50 {_ms(top.latency_ms, 50):.1f} ms / p99 {_ms(top.latency_ms, 99):.1f} ms; "
+            f"submit {r.submit_rate:,.0f} jobs/s; ")  # fmt: skip
+    if not r.ttft_ms:
+        return line + "chat TTFT skipped"
+    g, v = r.ttft_ms["genq"], r.ttft_ms["vllm"]
+    return line + (f"chat TTFT 1 user genq {_ms(g[1], 50):.0f} ms vs vLLM server {_ms(v[1], 50):.0f} ms, "
+                   f"16 users genq {_ms(g[16], 50):.0f} ms vs vLLM {_ms(v[16], 50):.0f} ms")  # fmt: skip
+
+
+def _cpu(shares: dict[str, float]) -> str:
+    clients = sum(v for k, v in shares.items() if k.startswith("client"))
+    parts = [f"{k} {v:.2f}" for k, v in shares.items() if not k.startswith("client") and k != "machine"]
+    return ", ".join([*parts, f"clients {clients:.2f}", f"machine {shares.get('machine', 0):.2f}"])
+
+
+def report(r: Result, cfg: Config) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(Console().width, 150))
+    t = Table("target tok/s", "published tok/s", "delivered tok/s", "SSE events/s", "flush every", "append_many p50/p99",
+              "latency p50 / p99 / max", "API cores", "API CPU/event",
+              title=f"SSE fan-out: one API process, {cfg.followers} followers, SIMULATED PRODUCER")  # fmt: skip
+    for f in r.fanout:
+        lost = f" ({f.published - f.received:,} lost)" if f.received != f.published else ""
+        t.add_row(f"{f.rate:,}", f"{f.published / f.publish_s:,.0f}", f"{f.delivered_tps:,.0f}{lost}",
+                  f"{f.events_per_s:,.0f}", f"{f.publish_s / max(1, len(f.flush_ms)) * 1000:.0f} ms",
+                  f"{_ms(f.flush_ms, 50):.1f} / {_ms(f.flush_ms, 99):.1f} ms",
+                  f"{_ms(f.latency_ms, 50):.1f} / {_ms(f.latency_ms, 99):.1f} / {max(f.latency_ms, default=0):.1f} ms",
+                  f"{f.cpu.get('api', 0):.2f}", f"{f.api_us_per_event:.0f} µs")  # fmt: skip
+    console.print(t)
+    for f in r.fanout:
+        console.print(f"  cpu (cores) at {f.rate:,} tok/s: {_cpu(f.cpu)}")
+        for e in f.errors[:5]:
+            console.print(f"  [red]error[/]: {e}")
+    console.print(f"Submit: {r.submit_ok:,} jobs accepted (202) in {r.submit_s:.1f} s = {r.submit_rate:,.0f} jobs/s "
+                  f"by {cfg.submit_clients} concurrent clients; latency p50 {_ms(r.submit_latency_ms, 50):.1f} ms, "
+                  f"p99 {_ms(r.submit_latency_ms, 99):.1f} ms; other answers {r.submit_other}; API CPU "
+                  f"{r.submit_cpu.get('api', 0) / max(r.submit_rate, 1e-9) * 1000:.2f} ms/job; "
+                  f"cpu (cores): {_cpu(r.submit_cpu)}")  # fmt: skip
+    if r.ttft_ms:
+        t = Table("users", "genq p50 / p99", "vLLM server p50 / p99", "samples",
+                  title=f"Chat TTFT, openai client, stream=True, max_tokens {cfg.max_tokens}")  # fmt: skip
+        for users in (1, 16):
+            g, v = r.ttft_ms["genq"][users], r.ttft_ms["vllm"][users]
+            t.add_row(str(users), f"{_ms(g, 50):.0f} / {_ms(g, 99):.0f} ms", f"{_ms(v, 50):.0f} / {_ms(v, 99):.0f} ms",
+                      f"{len(g)} / {len(v)}")  # fmt: skip
+        console.print(t)
+    console.print(
+        f"Latency = client receive - the producer's time.time_ns() embedded in each delta (one clock, one machine). "
+        f"Producer: SIMULATED (claims the jobs, Broker.append_many every {cfg.flush_ms} ms, then completes them). "
+        f"Clients: httpx in {cfg.client_procs} processes. Delivered = tokens received / (last receive - first publish). "
+        f"Load average {r.load[0]:.2f} before, {r.load[1]:.2f} after, {os.cpu_count()} CPUs."
+    )
+
+
+def main(cfg: Config) -> None:
+    import logging
+
+    import typer
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    result = asyncio.run(run(cfg))
+    report(result, cfg)
+    typer.echo(summary(result, cfg))
+
