@@ -54,3 +54,32 @@ def sse_command(
     cfg = sse.Config.quick(redis_url) if quick else sse.Config(redis_url=redis_url, skip_vllm=skip_vllm)
     given = {"followers": followers, "rate": rate, "duration_s": duration_s, "client_procs": client_procs}
     sse.main(dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None}))
+
+
+@bench_app.command("e2e", help="genq (broker → Redis → one worker) against vLLM's AsyncLLM called directly.")
+def e2e_command(
+    redis_url: Annotated[str, typer.Option(help="Redis for the genq path (a random namespace, removed after).")] = (
+        "redis://127.0.0.1:6379"
+    ),
+    prompts: Annotated[int, typer.Option(help="Prompts sent at once for the throughput figure.")] = 64,
+    users: Annotated[str, typer.Option(help="Concurrent users for the per-request rate, comma separated.")] = (
+        "1,2,8,32"
+    ),
+    ttft_samples: Annotated[int, typer.Option(help="Sequential single requests for the TTFT figure.")] = 20,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per request (ignore_eos).")] = 128,
+    max_num_seqs: Annotated[int, typer.Option(help="Engine sequence slots, the same for both paths.")] = 64,
+    model: Annotated[Optional[str], typer.Option(help="Model path (default: the bundled SmolLM2-135M).")] = None,
+    quick: Annotated[bool, typer.Option(help="Small numbers, for tests.")] = False,
+) -> None:
+    from rich.console import Console
+
+    from broker.logs import configure_logging
+    from genq.bench import e2e
+
+    configure_logging()
+    levels = [int(u) for u in users.split(",") if u]
+    if quick:
+        prompts, levels, ttft_samples, max_tokens = 4, [1, 2], 2, 16
+    engine_kw = {"max_num_seqs": max_num_seqs, "model": model}
+    for line in e2e.run(redis_url, prompts, levels, ttft_samples, max_tokens, engine_kw):
+        Console(soft_wrap=True).print(line, highlight=False)
