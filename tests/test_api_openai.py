@@ -27,7 +27,8 @@ from worker.engine.base import GenRequest
 from worker.engine.simulated import count_words, request_key, sim_token_id, sim_token_text
 
 log = structlog.get_logger(__name__)
-VLLM_LOCK = "/work/vllm.lock"
+# One vLLM engine per machine at a time (benchmarks and other test runs take the same lock).
+VLLM_LOCK = os.environ.get("GENQ_VLLM_LOCK", "/work/vllm.lock" if os.path.isdir("/work") else "/tmp/genq-vllm.lock")
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count for me."}]
 
 
