@@ -56,7 +56,7 @@ class Runtime:
     streams: StreamSlots = field(default_factory=lambda: StreamSlots(64))
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     return request.state.rt
 
 
