@@ -41,6 +41,7 @@ class Event:
     id: str          # the stream entry id: resumable, totally ordered within a job
     type: str        # queued | started | token | retry | done | failed | cancelled
     data: dict[str, Any]
+    n: int = 0       # the job's event count at this event (1, 2, ...): reveals a gap
 
     @property
     def terminal(self) -> bool:
@@ -53,8 +54,8 @@ def _order(event_id: str) -> tuple[int, int]:
 
 
 def _parse_message(payload: str) -> Event:
-    eid, etype, data = payload.split("\n", 2)
-    return Event(eid, etype, json.loads(data))
+    eid, n, etype, data = payload.split("\n", 3)
+    return Event(eid, etype, json.loads(data), int(n))
 
 
 class EventHub:
@@ -147,11 +148,12 @@ class EventHub:
     async def backlog(self, job_id: str, after: str | None = None, count: int = 1000) -> list[Event]:
         start = f"({after}" if after else "-"
         entries = await self.redis.xrange(self.keys.events(job_id), min=start, max="+", count=count)
-        return [Event(eid, f["t"], json.loads(f["d"])) for eid, f in entries]
+        return [Event(eid, f["t"], json.loads(f["d"]), int(f.get("n", 0))) for eid, f in entries]
 
-    async def _finished(self, job_id: str) -> bool:
-        status = await self.redis.hget(self.keys.job(job_id), "status")
-        return status in (None, "succeeded", "failed", "cancelled", "expired")
+    async def _state(self, job_id: str) -> tuple[bool, int]:
+        """(finished, events so far) of a job."""
+        status, evn = await self.redis.hmget(self.keys.job(job_id), "status", "evn")
+        return status in (None, "succeeded", "failed", "cancelled", "expired"), int(evn or 0)
 
     async def follow(self, job_id: str, last_event_id: str | None = None,
                      tick_s: float | None = None) -> AsyncIterator[Event | None]:  # fmt: skip
@@ -164,6 +166,7 @@ class EventHub:
         Raises NotFound if the job has no events (unknown, or expired).
         """
         last = last_event_id
+        last_n = 0 if last is None else -1  # -1: not known yet
         loop = asyncio.get_running_loop()
         next_tick = loop.time() + tick_s if tick_s else None
         async with self._subscribe(self.keys.channel(job_id)) as q:
@@ -172,10 +175,13 @@ class EventHub:
             while True:
                 # Status first, stream second: a terminal status read here means the
                 # terminal event is already in the stream read below (same Lua call).
-                finished = await self._finished(job_id)
+                # Likewise an empty backlog means `last` is the newest event, numbered `evn`.
+                finished, evn = await self._state(job_id)
                 batch = await self.backlog(job_id, last)
+                if not batch and last_n < 0:
+                    last_n = evn
                 for ev in batch:
-                    last = ev.id
+                    last, last_n = ev.id, ev.n
                     yield ev
                     if ev.terminal:
                         return
@@ -205,7 +211,9 @@ class EventHub:
                             break  # pub/sub reconnected: messages may be lost, resync from the stream
                         if last is not None and _order(ev.id) <= _order(last):
                             continue  # already yielded from the backlog
-                        last = ev.id
+                        if ev.n != last_n + 1:
+                            break  # a live message was missed (reconnect, late subscribe): resync
+                        last, last_n = ev.id, ev.n
                         quiet_until = loop.time() + self.resync_s
                         yield ev
                         if ev.terminal:

@@ -176,3 +176,36 @@ async def test_follower_sees_retry_and_continues(broker: Broker) -> None:
     assert [e.type for e in events] == ["queued", "started", "token", "retry", "started", "token", "done"]
     assert [e.data["seq"] for e in events if e.type == "token"] == [1, 2]
     assert events[3].data == {"attempt": 1, "reason": "engine_error", "message": "restart"}
+
+
+async def test_follower_fills_a_missed_live_message_from_the_stream(broker: Broker) -> None:
+    """A pub/sub message lost in flight (reconnect, late SUBSCRIBE) is noticed by the event
+    counter on the next live event and read from the stream: no gap, no duplicate."""
+    adm = await broker.admit(JobSpec(tenant="t", model="m", kind="completion", prompt="a", max_tokens=8))
+    (lease,) = await broker.claim("m", "w", 1)
+    hub = EventHub(broker.redis, broker.keys, resync_s=30.0)  # the safety-net re-read must not be what saves us
+    got: list[Event] = []
+    started = asyncio.Event()
+
+    async def follow() -> None:
+        async for ev in hub.follow(adm.job_id):
+            got.append(ev)
+            if ev.type == "started":
+                started.set()
+
+    task = asyncio.create_task(follow())
+    try:
+        await asyncio.wait_for(started.wait(), timeout=5)
+        # An event that reaches the stream but whose PUBLISH is lost.
+        n = await broker.redis.hincrby(broker.keys.job(adm.job_id), "evn", 1)
+        await broker.redis.xadd(broker.keys.events(adm.job_id),
+                                {"n": n, "t": "token", "d": '{"seq": 0, "text": "lost", "n": 0}'})  # fmt: skip
+        await broker.append_many([Delta(lease.id, lease.fence, "live", [1])])
+        await broker.complete(lease, "stop")
+        await asyncio.wait_for(task, timeout=5)
+    finally:
+        task.cancel()
+        await hub.close()
+    assert [e.data.get("text") for e in got if e.type == "token"] == ["lost", "live"]
+    assert [e.n for e in got] == list(range(1, len(got) + 1))
+    assert len({e.id for e in got}) == len(got)

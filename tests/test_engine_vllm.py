@@ -33,7 +33,7 @@ STORY = "Once upon a time, in a small village by the sea, there lived"
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine() -> AsyncIterator:
-    settings = EngineSettings(kind="vllm", max_num_seqs=8, max_model_len=1024)
+    settings = EngineSettings(kind="vllm", max_num_seqs=8, max_model_len=1024, scheduler_stats=True)
     eng = await open_engine(settings)
     try:
         yield eng

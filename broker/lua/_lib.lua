@@ -12,10 +12,12 @@ local function num(v, default)
   return tonumber(v)
 end
 
--- Append one event to the job's stream and publish "<id>\n<type>\n<data>" on its channel.
-local function emit(ev_key, channel, maxlen, etype, data)
-  local id = redis.call('XADD', ev_key, 'MAXLEN', '~', maxlen, '*', 't', etype, 'd', data)
-  redis.call('PUBLISH', channel, id .. '\n' .. etype .. '\n' .. data)
+-- Append one event to the job's stream and publish "<id>\n<n>\n<type>\n<data>" on its
+-- channel; n counts the job's events (1, 2, ...) so a live follower can tell a gap.
+local function emit(jk, ev_key, channel, maxlen, etype, data)
+  local n = redis.call('HINCRBY', jk, 'evn', 1)
+  local id = redis.call('XADD', ev_key, 'MAXLEN', '~', maxlen, '*', 'n', n, 't', etype, 'd', data)
+  redis.call('PUBLISH', channel, id .. '\n' .. n .. '\n' .. etype .. '\n' .. data)
   return id
 end
 
@@ -89,7 +91,7 @@ end
 local function finish(P, jid, status, etype, data, now, ttl, maxlen)
   local jk = P .. ':job:' .. jid
   redis.call('HSET', jk, 'status', status, 'finished_ms', now)
-  emit(P .. ':ev:' .. jid, P .. ':ch:' .. jid, maxlen, etype, data)
+  emit(jk, P .. ':ev:' .. jid, P .. ':ch:' .. jid, maxlen, etype, data)
   redis.call('PEXPIRE', jk, ttl)
   redis.call('PEXPIRE', P .. ':ev:' .. jid, ttl)
   redis.call('PEXPIRE', P .. ':out:' .. jid, ttl)
@@ -136,7 +138,7 @@ local function settle(P, jid, code, message, retry, now, ttl, maxlen)
   end
   if retry == 1 and num(j[4], 0) < num(j[5], 1) then
     redis.call('HSET', jk, 'status', 'queued')
-    emit(P .. ':ev:' .. jid, P .. ':ch:' .. jid, maxlen, 'retry',
+    emit(jk, P .. ':ev:' .. jid, P .. ':ch:' .. jid, maxlen, 'retry',
       cjson.encode({attempt = num(j[4], 0), reason = code, message = message}))
     enqueue(P, mp, jid, j[2], j[3], j[6], j[7], num(j[8], 0))
     return 'queued'

@@ -109,7 +109,7 @@ local ttl = tonumber(ARGV[10])
 redis.call('ZADD', KEYS[5], now, jid)
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - ttl)
 if ARGV[8] == '1' then redis.call('SET', KEYS[2], jid, 'PX', ttl) end
-emit(P .. ':ev:' .. jid, P .. ':ch:' .. jid, ARGV[20], 'queued',
+emit(KEYS[1], P .. ':ev:' .. jid, P .. ':ch:' .. jid, ARGV[20], 'queued',
   cjson.encode({priority = prio, model = model}))
 local pos = redis.call('ZCOUNT', mp .. ':queued', '-inf', '(' .. pscore)
 return {0, jid, pos, rpm, rq_left, rq_reset, tpm, tk_left, tk_reset, 0}

@@ -18,6 +18,6 @@ local seq = redis.call('HINCRBY', KEYS[1], 'seq_out', 1)
 redis.call('HSETNX', KEYS[1], 'first_token_ms', now)
 write_output(KEYS[3], KEYS[4], ARGV[2], ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'completion_tokens', tonumber(ARGV[4]))
-local id = emit(KEYS[2], ARGV[6], ARGV[5], 'token',
+local id = emit(KEYS[1], KEYS[2], ARGV[6], ARGV[5], 'token',
   cjson.encode({seq = seq, text = ARGV[2], n = tonumber(ARGV[4])}))
 return {0, id}

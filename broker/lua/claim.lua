@@ -48,7 +48,7 @@ for p = 0, 9 do
           redis.call('HSET', jk, 'status', 'running', 'fence', fence, 'worker', ARGV[6])
           redis.call('HSETNX', jk, 'started_ms', now)
           redis.call('ZADD', KEYS[2], now + lease, jid)
-          emit(P .. ':ev:' .. jid, P .. ':ch:' .. jid, maxlen, 'started',
+          emit(jk, P .. ':ev:' .. jid, P .. ':ch:' .. jid, maxlen, 'started',
             cjson.encode({attempt = attempt, worker = ARGV[6]}))
           local rec = redis.call('HGETALL', jk)
           -- what earlier attempts emitted: the worker resumes after it

@@ -25,7 +25,7 @@ if n > 0 or (n == 0 and ARGV[2] ~= '') then
   redis.call('HSETNX', KEYS[1], 'first_token_ms', now)
   write_output(KEYS[6], KEYS[7], ARGV[2], ARGV[3])
   redis.call('HINCRBY', KEYS[1], 'completion_tokens', n)
-  emit(KEYS[2], ARGV[9], ARGV[8], 'token', cjson.encode({seq = seq, text = ARGV[2], n = n}))
+  emit(KEYS[1], KEYS[2], ARGV[9], ARGV[8], 'token', cjson.encode({seq = seq, text = ARGV[2], n = n}))
 end
 local j = redis.call('HMGET', KEYS[1], 'prompt_tokens', 'completion_tokens', 'max_tokens', 'tpm', 'tpm_burst')
 local pt, ct = num(j[1], 0), num(j[2], 0)

@@ -102,6 +102,10 @@ class EngineSettings(BaseModel):
     sim_step_ms: float = Field(5.0, ge=0)
     sim_step_ms_per_seq: float = Field(0.5, ge=0)
     sim_tokens_per_step: int = Field(1, ge=1)
+    # vLLM: collect scheduler stats every step (exact running/waiting, KV-cache use). Off by
+    # default: the per-step bookkeeping slows generation measurably on a small CPU box, and
+    # the worker's own in-flight count sizes claims well enough.
+    scheduler_stats: bool = False
 
 
 @runtime_checkable

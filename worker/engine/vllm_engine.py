@@ -164,7 +164,7 @@ class VllmEngine(EngineBase):
         llm = await asyncio.to_thread(
             AsyncLLM.from_engine_args,
             args,
-            stat_loggers=[lambda _config, _idx: _SchedulerStatsTap(self)],
+            stat_loggers=[lambda _config, _idx: _SchedulerStatsTap(self)] if self.settings.scheduler_stats else None,
         )
         self._llm = llm
         try:
