@@ -7,6 +7,8 @@ configured models admissible without clobbering what a worker registered.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TypedDict
@@ -34,6 +36,29 @@ class State(TypedDict):
     rt: Runtime
 
 
+@asynccontextmanager
+async def reaper(broker: Broker, settings: ApiSettings) -> AsyncIterator[None]:
+    """Requeue expired leases of every model, so a model whose last worker died does not
+    keep its running jobs forever (workers reap too; reaping twice is harmless)."""
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(settings.reap_interval_ms / 1000)  # a period, not a wait for an event
+            try:
+                for model in await broker.models():
+                    await broker.reap(model)
+            except Exception as e:  # noqa: BLE001 - Redis away: try again next period
+                log.warning("reap failed", error=str(e))
+
+    task = asyncio.create_task(loop(), name="genq-api-reaper")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or ApiSettings()
     metrics = ApiMetrics()
@@ -45,7 +70,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             await check_redis(broker.redis, settings)
             for model in settings.models:  # a worker's record (max_model_len, tokenizer) wins
                 await broker.register_model(model, 0, only_if_absent=True)
-            async with EventHub(broker.redis, broker.keys) as hub:
+            async with EventHub(broker.redis, broker.keys) as hub, reaper(broker, settings):
                 rt = Runtime(settings, broker, hub, metrics=metrics, streams=StreamSlots(settings.sse_per_tenant))
                 log.info("api started", queue=settings.queue, models=settings.models)
                 yield {"rt": rt}

@@ -107,13 +107,15 @@ CLIENT_JOB_ERRORS = frozenset({"context_length_exceeded", "invalid_request", "pr
 
 def from_job_end(event_type: str, data: dict[str, Any]) -> ApiError:
     """A job that ended without output (``failed`` / ``cancelled`` event), for the OpenAI routes."""
+    # The job already had its attempts: the openai client must not resubmit it as a new job.
+    final = {"x-should-retry": "false"}
     if event_type == "cancelled":
-        return ApiError(409, "The job was cancelled before it finished.", code="job_cancelled")
+        return ApiError(409, "The job was cancelled before it finished.", code="job_cancelled", headers=final)
     code = str(data.get("code") or "job_failed")
     message = str(data.get("message") or "The job failed.")
     if code in CLIENT_JOB_ERRORS:
-        return ApiError(400, message, code=code)
-    return ApiError(500, f"The job failed: {message}", type="server_error", code=code)
+        return ApiError(400, message, code=code, headers=final)
+    return ApiError(500, f"The job failed: {message}", type="server_error", code=code, headers=final)
 
 
 def sync_timeout(timeout_s: float) -> ApiError:

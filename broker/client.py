@@ -318,7 +318,7 @@ class Broker:
              s.result_ttl_ms, s.events_maxlen, k.channel(job.id), k.prefix, job.id, offset, prompt_tokens],
         )  # fmt: skip
 
-    async def fail(self, lease: Lease, code: str, message: str, *, retry: bool) -> str:
+    async def fail(self, lease: Lease, code: str, message: str, *, retry: bool, handback: bool = False) -> str:
         """Fail a running job; with ``retry`` it goes back to the queue while attempts remain.
 
         Returns the outcome: ``queued``, ``failed`` or ``cancelled``. Raises StaleLease.
@@ -326,7 +326,8 @@ class Broker:
         k, s, jid = self.keys, self.settings, lease.job.id
         reply = await self.scripts.fail(
             [k.job(jid), k.events(jid)],
-            [lease.fence, k.prefix, jid, code, message, 1 if retry else 0, s.result_ttl_ms, s.events_maxlen],
+            [lease.fence, k.prefix, jid, code, message, (2 if handback else 1) if retry else 0, s.result_ttl_ms,
+             s.events_maxlen],  # fmt: skip
         )
         if int(reply[0]) == Code.STALE_LEASE:
             raise errors.StaleLease(f"lease on {jid} (fence {lease.fence}) is no longer held")

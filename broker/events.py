@@ -114,7 +114,11 @@ class EventHub:
                 continue
             queues = self._subs.get(msg["channel"])
             if queues:
-                ev = _parse_message(msg["data"])
+                try:
+                    ev: Event | None = _parse_message(msg["data"])
+                except (ValueError, TypeError) as e:  # e.g. a peer on another message format
+                    log.warning("unreadable event message; followers resync", channel=msg["channel"], error=str(e))
+                    ev = None
                 for q in queues:
                     q.put_nowait(ev)
 

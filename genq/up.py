@@ -136,8 +136,10 @@ async def ensure_key(broker: Broker, data_dir: Path) -> str:
         if await broker.get_api_key(hash_key(key)):
             return key
     key = await create_key(broker, "default", "genq up", admin=True)
-    key_file.write_text(key + "\n")
-    key_file.chmod(0o600)
+    key_file.unlink(missing_ok=True)
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
     return key
 
 

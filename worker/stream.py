@@ -253,7 +253,8 @@ class Streamer:
                 result = "ok"
             else:
                 code, message, retry = f.args
-                result = await self.broker.fail(run.lease, code, message, retry=retry)
+                result = await self.broker.fail(run.lease, code, message, retry=retry,
+                                                handback=code == "worker_shutdown")  # fmt: skip
         except StaleLease:
             result = "stale"
         except Exception as e:  # noqa: BLE001 - the lease will expire and the job be retried elsewhere

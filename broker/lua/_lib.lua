@@ -31,8 +31,9 @@ local function bucket_level(state, f, per_min, burst, now)
   return level
 end
 
+-- A negative amount charges what an estimate undercounted.
 local function refund_tokens(state, per_min, burst, amount, now)
-  if per_min <= 0 or amount <= 0 then return end
+  if per_min <= 0 or amount == 0 then return end
   local level = bucket_level(state, 'tk', per_min, burst, now) + amount
   if level > burst then level = burst end
   redis.call('HSET', state, 'tk', level, 'tk_ts', now)
@@ -136,7 +137,10 @@ local function settle(P, jid, code, message, retry, now, ttl, maxlen)
     finish(P, jid, 'cancelled', 'cancelled', cjson.encode({reason = 'cancelled'}), now, ttl, maxlen)
     return 'cancelled'
   end
-  if retry == 1 and num(j[4], 0) < num(j[5], 1) then
+  if retry == 2 then  -- handed back unstarted-by-fault (worker shutdown): the attempt is not spent
+    j[4] = redis.call('HINCRBY', jk, 'attempts', -1)
+  end
+  if retry >= 1 and num(j[4], 0) < num(j[5], 1) then
     redis.call('HSET', jk, 'status', 'queued')
     emit(jk, P .. ':ev:' .. jid, P .. ':ch:' .. jid, maxlen, 'retry',
       cjson.encode({attempt = num(j[4], 0), reason = code, message = message}))

@@ -27,12 +27,13 @@ if n > 0 or (n == 0 and ARGV[2] ~= '') then
   redis.call('HINCRBY', KEYS[1], 'completion_tokens', n)
   emit(KEYS[1], KEYS[2], ARGV[9], ARGV[8], 'token', cjson.encode({seq = seq, text = ARGV[2], n = n}))
 end
-local j = redis.call('HMGET', KEYS[1], 'prompt_tokens', 'completion_tokens', 'max_tokens', 'tpm', 'tpm_burst')
+local j = redis.call('HMGET', KEYS[1], 'prompt_tokens', 'completion_tokens', 'cost', 'tpm', 'tpm_burst')
 local pt, ct = num(j[1], 0), num(j[2], 0)
 redis.call('ZREM', KEYS[3], ARGV[11])
 redis.call('HSET', KEYS[1], 'finish_reason', ARGV[5])
 redis.call('HDEL', KEYS[1], 'worker')
-refund_tokens(KEYS[5], num(j[4], 0), num(j[5], 0), num(j[3], 0) - ct, now)
+-- reserved at admission: prompt (maybe estimated) + max_tokens; used: the engine's counts
+refund_tokens(KEYS[5], num(j[4], 0), num(j[5], 0), num(j[3], 0) - pt - ct, now)
 drained(KEYS[4], now, ct)
 local etype = 'done'
 if ARGV[6] == 'cancelled' then etype = 'cancelled' end
