@@ -29,6 +29,7 @@ import structlog
 
 from broker import Broker, BrokerSettings, JobSpec
 from broker.events import EventHub
+from genq.bench.common import percentile
 
 log = structlog.get_logger(__name__)
 
@@ -59,9 +60,6 @@ class Phase:
     per_user: dict[int, float] | None = None  # users -> mean tokens/s per request
 
 
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
 async def measure(one, n_prompts: int, levels: list[int], ttft_samples: int) -> Phase:
@@ -171,13 +169,13 @@ async def genq_phase(redis_url: str, engine_kw: dict, n_prompts: int, levels: li
 
 def report(direct: Phase, via: Phase, n_prompts: int) -> list[str]:
     ratio = via.throughput_tps / direct.throughput_tps
-    added50 = (pct(via.ttft, 50) - pct(direct.ttft, 50)) * 1000
-    added99 = (pct(via.ttft, 99) - pct(direct.ttft, 99)) * 1000
+    added50 = (percentile(via.ttft, 50) - percentile(direct.ttft, 50)) * 1000
+    added99 = (percentile(via.ttft, 99) - percentile(direct.ttft, 99)) * 1000
     lines = [f"{'':>28}{'direct AsyncLLM':>18}{'through genq':>16}{'ratio':>8}",
              f"{f'{n_prompts} in flight, tokens/s':>28}{direct.throughput_tps:>18.1f}{via.throughput_tps:>16.1f}"
              f"{ratio:>8.3f}",
-             f"{'TTFT p50 / p99, ms':>28}{pct(direct.ttft, 50) * 1000:>9.1f} /{pct(direct.ttft, 99) * 1000:>6.1f}"
-             f"{pct(via.ttft, 50) * 1000:>9.1f} /{pct(via.ttft, 99) * 1000:>6.1f}"]  # fmt: skip
+             f"{'TTFT p50 / p99, ms':>28}{percentile(direct.ttft, 50) * 1000:>9.1f} /{percentile(direct.ttft, 99) * 1000:>6.1f}"
+             f"{percentile(via.ttft, 50) * 1000:>9.1f} /{percentile(via.ttft, 99) * 1000:>6.1f}"]  # fmt: skip
     for users in direct.per_user:
         d, g = direct.per_user[users], via.per_user[users]
         lines.append(f"{f'{users} users, tok/s per request':>28}{d:>18.1f}{g:>16.1f}{g / d:>8.3f}")

@@ -18,7 +18,6 @@ their keys at the end; nothing is flushed.
 from __future__ import annotations
 
 import asyncio
-import math
 import multiprocessing as mp
 import os
 import random
@@ -34,6 +33,7 @@ import structlog
 from broker import Broker, BrokerSettings, JobSpec
 from broker.logs import configure_logging
 from broker.models import Admission
+from genq.bench.common import expect, percentile, recv, spawn
 
 log = structlog.get_logger(__name__)
 
@@ -77,45 +77,7 @@ class Result:
         }  # fmt: skip
 
 
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered), math.ceil(p / 100 * len(ordered))) - 1)]
-
-
 # -- plumbing between the benchmark and its child processes -----------------------
-def _spawn(target: Any, *args: Any) -> tuple[mp.Process, Connection]:
-    ctx = mp.get_context("spawn")
-    ours, theirs = ctx.Pipe()
-    proc = ctx.Process(target=target, args=(theirs, *args), daemon=True)
-    proc.start()
-    theirs.close()
-    return proc, ours
-
-
-async def _recv(conn: Connection, timeout_s: float) -> Any:
-    """Wait for the next message without blocking the event loop or polling."""
-    if not conn.poll():
-        loop = asyncio.get_running_loop()
-        ready = loop.create_future()
-        loop.add_reader(conn.fileno(), lambda: ready.done() or ready.set_result(None))
-        try:
-            await asyncio.wait_for(ready, timeout_s)
-        finally:
-            loop.remove_reader(conn.fileno())
-    try:
-        return conn.recv()
-    except EOFError:
-        raise RuntimeError("a benchmark child process exited early; its traceback is above") from None
-
-
-async def _expect(conn: Connection, what: str, timeout_s: float) -> int:
-    tag, value = await _recv(conn, timeout_s)
-    if tag != what:
-        raise RuntimeError(f"child said {tag!r}, expected {what!r}")
-    return value
-
-
 def _stop_event(conn: Connection) -> asyncio.Event:
     """Set when the parent sends anything or goes away."""
     stop, loop = asyncio.Event(), asyncio.get_running_loop()
@@ -167,16 +129,16 @@ def _spec(model: str) -> JobSpec:
 
 
 async def genq_latency(broker: Broker, cfg: Config, warmup: int = 10) -> list[float]:
-    proc, conn = _spawn(_genq_claimer_main, cfg.redis_url, broker.settings.queue)
+    proc, conn = spawn(_genq_claimer_main, cfg.redis_url, broker.settings.queue)
     try:
-        await _expect(conn, "ready", 60)
+        await expect(conn, "ready", 60)
         spec, out = _spec(LAT_MODEL), []
         for i in range(warmup + cfg.samples):
             # Space the jobs so that the claimer is idle and blocked each time.
             await asyncio.sleep(random.uniform(0.005, 0.010))
             t0 = time.time_ns()
             job_id = (await broker.admit(spec)).job_id
-            tag, t1 = await _recv(conn, 10)
+            tag, t1 = await recv(conn, 10)
             if tag != job_id:
                 raise RuntimeError(f"claimer reported {tag}, expected {job_id}")
             if i >= warmup:
@@ -231,9 +193,9 @@ async def _genq_drainer(conn: Connection, redis_url: str, queue: str, jobs: int,
 async def genq_drain(broker: Broker, cfg: Config) -> tuple[int, float]:
     """Admit ``cfg.jobs`` no-op jobs in pipelines while a worker process claims and completes them 32 at a time."""
     n, spec = cfg.jobs, _spec(DRAIN_MODEL)
-    proc, conn = _spawn(_genq_drainer_main, cfg.redis_url, broker.settings.queue, n, cfg.consumers)
+    proc, conn = spawn(_genq_drainer_main, cfg.redis_url, broker.settings.queue, n, cfg.consumers)
     try:
-        await _expect(conn, "ready", 60)
+        await expect(conn, "ready", 60)
         chunks = iter(range(0, n, cfg.admit_chunk))
 
         async def produce() -> None:
@@ -246,7 +208,7 @@ async def genq_drain(broker: Broker, cfg: Config) -> tuple[int, float]:
         async with asyncio.TaskGroup() as tg:
             for _ in range(cfg.producers):
                 tg.create_task(produce())
-        end_ns = await _expect(conn, "drained", 600)
+        end_ns = await expect(conn, "drained", 600)
     finally:
         await _stop_child(proc, conn)
     stats = await broker.queue_stats(DRAIN_MODEL)
@@ -316,10 +278,10 @@ async def arq_latency(cfg: Config, ns: str) -> list[float]:
     from arq.connections import RedisSettings
 
     queue_name = f"arq:queue:{ns}"
-    proc, conn = _spawn(_arq_worker_main, cfg.redis_url, queue_name, 10, 0, None)
+    proc, conn = spawn(_arq_worker_main, cfg.redis_url, queue_name, 10, 0, None)
     pool = None
     try:
-        await _expect(conn, "ready", 60)
+        await expect(conn, "ready", 60)
         pool = await create_pool(RedisSettings.from_dsn(cfg.redis_url), default_queue_name=queue_name)
         out = []
         for i in range(1 + cfg.arq_samples):  # the first is a warm-up
@@ -328,7 +290,7 @@ async def arq_latency(cfg: Config, ns: str) -> list[float]:
             job_id = f"{ns}-lat-{i}"
             t0 = time.time_ns()
             await pool.enqueue_job("probe", _job_id=job_id)
-            tag, t1 = await _recv(conn, 10)
+            tag, t1 = await recv(conn, 10)
             if tag != job_id:
                 raise RuntimeError(f"arq worker reported {tag}, expected {job_id}")
             if i:
@@ -346,10 +308,10 @@ async def arq_drain(cfg: Config, ns: str, read_limit: int | None = None, concurr
     from arq.connections import RedisSettings
 
     n, queue_name = cfg.arq_jobs, f"arq:queue:{ns}-drain{read_limit or ''}"
-    proc, conn = _spawn(_arq_worker_main, cfg.redis_url, queue_name, BATCH, n, read_limit)
+    proc, conn = spawn(_arq_worker_main, cfg.redis_url, queue_name, BATCH, n, read_limit)
     pool = None
     try:
-        await _expect(conn, "ready", 60)
+        await expect(conn, "ready", 60)
         pool = await create_pool(RedisSettings.from_dsn(cfg.redis_url), default_queue_name=queue_name)
         ids = iter(range(n))
 
@@ -362,7 +324,7 @@ async def arq_drain(cfg: Config, ns: str, read_limit: int | None = None, concurr
         async with asyncio.TaskGroup() as tg:
             for _ in range(concurrency):
                 tg.create_task(produce())
-        end_ns = await _expect(conn, "drained", 600)
+        end_ns = await expect(conn, "drained", 600)
         return n, (end_ns - start_ns) / 1e9
     finally:
         if pool is not None:

@@ -46,15 +46,14 @@ from typing import Any
 import structlog
 
 from broker import Broker, BrokerSettings, JobSpec
-from broker.client import Delta
 from broker.events import EventHub
-from broker.logs import configure_logging
 from broker.models import Admission, TenantLimits
-from genq.bench.queue import percentile
+from genq.bench.common import expect, percentile, spawn
+from genq.bench.sse_children import SSE_MODEL, client_main, producer_main
 
 log = structlog.get_logger(__name__)
 
-SSE_MODEL, SUBMIT_MODEL, CHAT_MODEL = "bench-sse", "bench-submit", "SmolLM2-135M-Instruct"
+SUBMIT_MODEL, CHAT_MODEL = "bench-submit", "SmolLM2-135M-Instruct"
 TENANT = "bench"
 PROBES = 10  # jobs also followed in-process on the EventHub, for the latency floor without the API
 ENGINE_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", "16"]
@@ -129,222 +128,6 @@ class Result:
     @property
     def submit_rate(self) -> float:
         return self.submit_ok / self.submit_s if self.submit_s else 0.0
-
-
-# -- child processes ----------------------------------------------------------------
-def _spawn(target: Any, *args: Any) -> tuple[mp.Process, Connection]:
-    ctx = mp.get_context("spawn")
-    ours, theirs = ctx.Pipe()
-    proc = ctx.Process(target=target, args=(theirs, *args), daemon=True)
-    proc.start()
-    theirs.close()
-    return proc, ours
-
-
-async def _recv(conn: Connection, timeout_s: float) -> Any:
-    """The next message from a child (or the parent), without blocking the loop or polling."""
-    if not conn.poll():
-        loop, ready = asyncio.get_running_loop(), asyncio.Event()
-        loop.add_reader(conn.fileno(), ready.set)
-        try:
-            await asyncio.wait_for(ready.wait(), timeout_s)
-        finally:
-            loop.remove_reader(conn.fileno())
-            os.set_blocking(conn.fileno(), True)  # uvloop made it non-blocking; Connection.send needs blocking
-    try:
-        return conn.recv()
-    except EOFError:
-        raise RuntimeError("a benchmark process exited early; its traceback is above") from None
-
-
-async def _expect(conn: Connection, what: str, timeout_s: float) -> Any:
-    tag, value = await _recv(conn, timeout_s)
-    if tag != what:
-        raise RuntimeError(f"child said {tag!r} ({value!r}), expected {what!r}")
-    return value
-
-
-def _child(conn: Connection, serve: Any, *args: Any) -> None:
-    configure_logging(level="WARNING")
-    try:  # the clients and the producer are measuring tools: the cheaper their loop, the less they disturb
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(conn, *args))
-    else:
-        uvloop.run(serve(conn, *args))
-
-
-def _client_main(conn: Connection, url: str, key: str) -> None:
-    _child(conn, _client, url, key)
-
-
-def _producer_main(conn: Connection, redis_url: str, queue: str) -> None:
-    _child(conn, _producer, redis_url, queue)
-
-
-# -- SSE clients (child processes) ------------------------------------------------------
-async def _client(conn: Connection, url: str, key: str) -> None:
-    import httpx
-
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    timeout = httpx.Timeout(30.0, read=120.0)
-    headers = {"Authorization": f"Bearer {key}"}
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout, headers=headers) as client:
-        while True:
-            cmd, arg = await _recv(conn, 3600)
-            if cmd == "stop":
-                return
-            if cmd == "follow":
-                conn.send(("followed", await _follow_all(conn, client, arg)))
-            elif cmd == "submit":
-                conn.send(("submitted", await _submit(conn, client, *arg)))
-
-
-async def _follow_all(conn: Connection, client: Any, job_ids: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {"tokens": 0, "events": 0, "lat": array("d"), "last_ns": 0, "errors": []}
-    subscribed, all_subscribed = 0, asyncio.Event()
-
-    def on_first_event() -> None:
-        nonlocal subscribed
-        subscribed += 1
-        if subscribed == len(job_ids):
-            all_subscribed.set()
-
-    async def one(job_id: str) -> None:
-        # The first event (``queued``, read from the stream backlog) proves the API has
-        # already subscribed this follower to the job's channel: nothing live is missed.
-        first, buf = True, b""
-        async with client.stream("GET", f"/v1/jobs/{job_id}/events") as resp:
-            if resp.status_code != 200:
-                raise RuntimeError(f"{job_id}: HTTP {resp.status_code} {(await resp.aread())[:200]!r}")
-            async for chunk in resp.aiter_raw():
-                now = time.time_ns()
-                *blocks, buf = (buf + chunk).replace(b"\r\n", b"\n").split(b"\n\n")
-                for block in blocks:
-                    etype, data = b"", b""
-                    for line in block.split(b"\n"):
-                        if line.startswith(b"event: "):
-                            etype = line[7:]
-                        elif line.startswith(b"data: "):
-                            data = line[6:]
-                    if not etype:
-                        continue  # a keep-alive comment
-                    if first:
-                        first = False
-                        on_first_event()
-                    if etype == b"token":
-                        d = json.loads(data)
-                        out["tokens"] += d["n"]
-                        out["events"] += 1
-                        out["lat"].append((now - int(d["text"].partition("|")[0])) / 1e6)
-                        out["last_ns"] = now
-                    elif etype in (b"done", b"failed", b"cancelled", b"error"):
-                        if etype != b"done":
-                            out["errors"].append(f"{job_id}: {etype.decode()} {data[:200]!r}")
-                        return
-        out["errors"].append(f"{job_id}: the stream ended without a terminal event")
-
-    tasks = [asyncio.create_task(one(j)) for j in job_ids]
-    waiter = asyncio.create_task(all_subscribed.wait())
-    await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED, timeout=120)
-    if not all_subscribed.is_set():
-        for t in [waiter, *tasks]:
-            t.cancel()
-        raise RuntimeError(f"only {subscribed} of {len(job_ids)} followers got their first event: "
-                           f"{[repr(t.exception()) for t in tasks if t.done() and not t.cancelled()][:3]}")  # fmt: skip
-    conn.send(("subscribed", len(job_ids)))
-    for t in asyncio.as_completed(tasks):
-        try:
-            await t
-        except Exception as e:
-            out["errors"].append(repr(e)[:300])
-    return out
-
-
-async def _submit(conn: Connection, client: Any, model: str, concurrency: int) -> dict[str, Any]:
-    """Warm up one request per connection, say so; on ``go``, POST /v1/jobs back to back through the window."""
-    body = {"model": model, "prompt": "Say hello to the benchmark.", "max_tokens": 16}
-    for r in await asyncio.gather(*(client.post("/v1/jobs", json=body) for _ in range(concurrency))):
-        if r.status_code != 202:
-            raise RuntimeError(f"warm-up submit answered {r.status_code}: {r.text[:300]}")
-    conn.send(("warm", concurrency))
-    start_ns, duration_s = await _expect(conn, "go", 120)
-    end_ns = start_ns + int(duration_s * 1e9)
-    ok, other, lat = 0, 0, []
-
-    async def loop() -> None:
-        nonlocal ok, other
-        while (t0 := time.time_ns()) < end_ns:
-            r = await client.post("/v1/jobs", json=body)
-            t1 = time.time_ns()
-            if t1 <= end_ns and t0 >= start_ns:
-                if r.status_code == 202:
-                    ok += 1
-                    lat.append((t1 - t0) / 1e6)
-                else:
-                    other += 1
-
-    await asyncio.gather(*(loop() for _ in range(concurrency)))
-    return {"ok": ok, "other": other, "lat": lat}
-
-
-# -- the simulated producer (child process) ----------------------------------------------
-async def _producer(conn: Connection, redis_url: str, queue: str) -> None:
-    """``claim n`` takes the jobs; ``go (rate, duration_s, flush_ms)`` streams into them, then completes them."""
-    async with Broker.from_settings(BrokerSettings(redis_url=redis_url, queue=queue, models=[SSE_MODEL])) as broker:
-        await broker.renew(SSE_MODEL, [])  # connect before "ready"
-        conn.send(("ready", os.getpid()))
-        leases: list[Any] = []
-        while True:
-            cmd, arg = await _recv(conn, 3600)
-            if cmd == "stop":
-                return
-            if cmd == "claim":
-                leases = []
-                while len(leases) < arg:
-                    got = await broker.claim(SSE_MODEL, "bench-producer", arg - len(leases))
-                    if not got:
-                        raise RuntimeError(f"claimed {len(leases)} of {arg} jobs, then nothing was queued")
-                    leases += got
-                conn.send(("claimed", len(leases)))
-            elif cmd == "go":
-                conn.send(("produced", await _produce(broker, leases, *arg)))
-
-
-async def _produce(broker: Broker, leases: list[Any], rate: int, duration_s: float, flush_ms: int) -> dict[str, Any]:
-    """Tokens appear at ``rate`` in total, like an engine's; every ``flush_ms`` (or as soon as the
-    previous flush returns, if it took longer) each job gets what it has accumulated, as the worker does."""
-    flush_s, per_job_s = flush_ms / 1000, rate / len(leases)
-    total = int(per_job_s * duration_s)  # tokens per job
-    written, flush_times = 0, []
-    renew_every_s = broker.settings.lease_ms / 3000
-    start = renewed = time.monotonic()
-    first_ns = last_ns = 0
-    due = start
-    while written < total:
-        now = time.monotonic()
-        if now < due:
-            await asyncio.sleep(due - now)  # pacing: the schedule is the point, no event to wait for
-        due = max(due + flush_s, time.monotonic())
-        k = min(total, int((time.monotonic() - start) * per_job_s)) - written
-        if k <= 0:
-            continue
-        t0 = time.perf_counter()
-        last_ns = time.time_ns()
-        first_ns = first_ns or last_ns
-        text, ids = f"{last_ns}|", list(range(k))
-        ok = await broker.append_many([Delta(x.id, x.fence, text, ids, offset=written) for x in leases])
-        if not all(ok.values()):
-            raise RuntimeError(f"stale leases while producing: {[j for j, good in ok.items() if not good][:3]}")
-        written += k
-        flush_times.append((time.perf_counter() - t0) * 1000)
-        if time.monotonic() - renewed > renew_every_s:
-            await broker.renew(SSE_MODEL, [(x.id, x.fence) for x in leases])
-            renewed = time.monotonic()
-    done = await broker.complete_many(leases, "length")
-    if not all(done.values()):
-        raise RuntimeError("stale leases at completion")
-    return {"published": written * len(leases), "first_ns": first_ns, "last_ns": last_ns, "flush_ms": flush_times}
 
 
 # -- processes started here: the API, vLLM's server, genq's worker ----------------------
@@ -482,9 +265,9 @@ class Bench:
         redis_pid = await self._local_redis_pid()
         if redis_pid:
             self.pids["redis"] = redis_pid
-        self.producer = _spawn(_producer_main, self.cfg.redis_url, self.broker.settings.queue)
-        self.pids["producer"] = await _expect(self.producer[1], "ready", 60)
-        self.clients = [_spawn(_client_main, self.url, self.key) for _ in range(self.cfg.client_procs)]
+        self.producer = spawn(producer_main, self.cfg.redis_url, self.broker.settings.queue)
+        self.pids["producer"] = await expect(self.producer[1], "ready", 60)
+        self.clients = [spawn(client_main, self.url, self.key) for _ in range(self.cfg.client_procs)]
         for i, (proc, _) in enumerate(self.clients):
             self.pids[f"client{i + 1}"] = proc.pid  # type: ignore[assignment]
 
@@ -526,18 +309,18 @@ class Bench:
             ids.append(adm.job_id)
         pconn = self.producer[1]
         pconn.send(("claim", n))
-        await _expect(pconn, "claimed", 30)
+        await expect(pconn, "claimed", 30)
         conns = [conn for _, conn in self.clients]
         for i, conn in enumerate(conns):
             conn.send(("follow", ids[i :: len(conns)]))
         for conn in conns:
-            await _expect(conn, "subscribed", 150)
+            await expect(conn, "subscribed", 150)
         direct = array("d")
         probes = await self._probes(ids[: min(PROBES, n)], direct)
         meter = CpuMeter(self.pids)
         pconn.send(("go", (rate, cfg.duration_s, cfg.flush_ms)))
-        prod = await _expect(pconn, "produced", cfg.duration_s * 5 + 60)
-        outs = [await _expect(conn, "followed", 120) for conn in conns]
+        prod = await expect(pconn, "produced", cfg.duration_s * 5 + 60)
+        outs = [await expect(conn, "followed", 120) for conn in conns]
         result = FanOut(rate, published=prod["published"], flush_ms=prod["flush_ms"], cpu=meter.shares(),
                         direct_ms=direct)  # fmt: skip
         await asyncio.wait_for(asyncio.gather(*probes), 30)
@@ -575,13 +358,13 @@ class Bench:
         for conn, share in zip(conns, shares):
             conn.send(("submit", (SUBMIT_MODEL, share)))
         for conn in conns:
-            await _expect(conn, "warm", 60)
+            await expect(conn, "warm", 60)
         meter = CpuMeter(self.pids)
         start_ns = time.time_ns() + 50_000_000  # every client has received "go" by then
         for conn in conns:
             conn.send(("go", (start_ns, cfg.submit_s)))
         for conn in conns:
-            out = await _expect(conn, "submitted", cfg.submit_s + 120)
+            out = await expect(conn, "submitted", cfg.submit_s + 120)
             result.submit_ok += out["ok"]
             result.submit_other += out["other"]
             result.submit_latency_ms += out["lat"]
