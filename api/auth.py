@@ -74,8 +74,9 @@ async def authenticate(
         record = await rt.broker.get_api_key(digest)
         if record is None:
             raise unauthorized()
-        principal = Principal(str(record["tenant"]), str(record.get("name", "")), bool(record.get("admin")),
-                              key_id(digest))  # fmt: skip
+        principal = Principal(
+            str(record["tenant"]), str(record.get("name", "")), bool(record.get("admin")), key_id(digest)
+        )
     note(request, tenant=principal.tenant)
     return principal
 

@@ -28,8 +28,14 @@ def api_command(
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     settings = settings.model_copy(update=overrides)
     configure_logging(settings.json_logs, settings.log_level)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, access_log=False, log_config=None,
-                timeout_graceful_shutdown=10)  # fmt: skip
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        access_log=False,
+        log_config=None,
+        timeout_graceful_shutdown=10,
+    )
 
 
 def _run(coro_fn: Any) -> Any:
@@ -61,8 +67,14 @@ def create(
     from api.errors import ApiError
     from broker.models import TenantLimits
 
-    given = {"rpm": rpm, "rpm_burst": rpm_burst, "tpm": tpm, "tpm_burst": tpm_burst, "max_queued": max_queued,
-             "weight": weight}  # fmt: skip
+    given = {
+        "rpm": rpm,
+        "rpm_burst": rpm_burst,
+        "tpm": tpm,
+        "tpm_burst": tpm_burst,
+        "max_queued": max_queued,
+        "weight": weight,
+    }
     given = {k: v for k, v in given.items() if v is not None}
     if priorities is not None:
         given["priorities"] = _parse_priorities(priorities)
@@ -105,8 +117,13 @@ def list_keys() -> None:
     keys = _run(lambda broker: broker.api_keys())
     table = Table("id", "tenant", "name", "admin", "created_ms")
     for digest, rec in sorted(keys.items(), key=lambda kv: kv[1].get("created_ms", 0)):
-        table.add_row(key_id(digest), str(rec.get("tenant")), str(rec.get("name", "")), str(bool(rec.get("admin"))),
-                      str(rec.get("created_ms", "")))  # fmt: skip
+        table.add_row(
+            key_id(digest),
+            str(rec.get("tenant")),
+            str(rec.get("name", "")),
+            str(bool(rec.get("admin"))),
+            str(rec.get("created_ms", "")),
+        )
     Console().print(table)
 
 

@@ -60,9 +60,15 @@ class ApiError(Exception):
     """An error the API answers with; raise it anywhere in a request."""
 
     def __init__(
-        self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
-        param: str | None = None, headers: dict[str, str] | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
         self.headers = headers or {}
@@ -97,9 +103,12 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_req
 
 def too_many_streams(limit: int) -> ApiError:
     return ApiError(
-        429, f"Too many open event streams for this key (limit {limit}).", type="rate_limit_error",
-        code="too_many_streams", headers={"Retry-After": "1"},
-    )  # fmt: skip
+        429,
+        f"Too many open event streams for this key (limit {limit}).",
+        type="rate_limit_error",
+        code="too_many_streams",
+        headers={"Retry-After": "1"},
+    )
 
 
 CLIENT_JOB_ERRORS = frozenset({"context_length_exceeded", "invalid_request", "prompt_too_long"})
@@ -119,8 +128,13 @@ def from_job_end(event_type: str, data: dict[str, Any]) -> ApiError:
 
 
 def sync_timeout(timeout_s: float) -> ApiError:
-    return ApiError(504, f"The job did not finish within {timeout_s:g} s; it was cancelled. Use streaming or "
-                    "background mode for long jobs.", type="server_error", code="timeout")  # fmt: skip
+    return ApiError(
+        504,
+        f"The job did not finish within {timeout_s:g} s; it was cancelled. Use streaming or "
+        "background mode for long jobs.",
+        type="server_error",
+        code="timeout",
+    )
 
 
 def client_closed() -> ApiError:
@@ -147,8 +161,9 @@ def from_broker(e: be.BrokerError) -> ApiError:
     if isinstance(e, be.AlreadyTerminal):
         return ApiError(409, e.message, code="already_terminal")
     log.error("unmapped broker error", error=repr(e))
-    return ApiError(500, "The server had an error while processing your request.", type="server_error",
-                    code="internal_error")  # fmt: skip
+    return ApiError(
+        500, "The server had an error while processing your request.", type="server_error", code="internal_error"
+    )
 
 
 def _duration(ms: int) -> str:
@@ -215,8 +230,13 @@ def install(app: FastAPI) -> None:
 
     async def redis_down(_: Request, e: Exception) -> JSONResponse:
         log.error("redis unavailable", error=str(e))
-        return ApiError(503, "The queue is temporarily unavailable.", type="overloaded_error",
-                        code="redis_unavailable", headers={"Retry-After": "1"}).response()  # fmt: skip
+        return ApiError(
+            503,
+            "The queue is temporarily unavailable.",
+            type="overloaded_error",
+            code="redis_unavailable",
+            headers={"Retry-After": "1"},
+        ).response()
 
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(be.BrokerError, broker_error)

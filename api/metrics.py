@@ -52,17 +52,29 @@ class ApiMetrics:
         r = self.registry
         self.queues = _QueueCollector()
         r.register(self.queues)
-        self.ttft = Histogram("genq_ttft_seconds", "Submission to first token", ["model"], buckets=TTFT_BUCKETS,
-                              registry=r)  # fmt: skip
-        self.tokens_per_s = Histogram("genq_tokens_per_second", "Completion tokens/s of one job after its first "
-                                      "token", ["model"], buckets=RATE_BUCKETS, registry=r)  # fmt: skip
-        self.queue_wait = Histogram("genq_queue_wait_seconds", "Submission to start", ["model"], buckets=TTFT_BUCKETS,
-                                    registry=r)  # fmt: skip
+        self.ttft = Histogram(
+            "genq_ttft_seconds", "Submission to first token", ["model"], buckets=TTFT_BUCKETS, registry=r
+        )
+        self.tokens_per_s = Histogram(
+            "genq_tokens_per_second",
+            "Completion tokens/s of one job after its first token",
+            ["model"],
+            buckets=RATE_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "genq_queue_wait_seconds", "Submission to start", ["model"], buckets=TTFT_BUCKETS, registry=r
+        )
         self.retries = Counter("genq_retries", "Retry events seen by followers in this process", ["model"], registry=r)
         self.rejections = Counter("genq_rejections", "Refused requests by reason", ["reason"], registry=r)
         self.requests = Counter("genq_http_requests", "HTTP requests", ["method", "route", "status"], registry=r)
-        self.latency = Histogram("genq_http_request_duration_seconds", "HTTP request latency (streams: until closed)",
-                                 ["method", "route"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.latency = Histogram(
+            "genq_http_request_duration_seconds",
+            "HTTP request latency (streams: until closed)",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self._seen: OrderedDict[str, None] = OrderedDict()  # events already counted (bounded)
 
     def _first_time(self, key: str) -> bool:

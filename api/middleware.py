@@ -30,9 +30,13 @@ class BodyTooLarge(Exception):
 
 async def _json(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> None:
     raw = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
-                            *headers]})  # fmt: skip
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()), *headers],
+        }
+    )
     await send({"type": "http.response.body", "body": raw})
 
 
@@ -89,8 +93,11 @@ class AccessMiddleware:
                     pending = await self._buffer(receive, int(cl) if cl and cl.isdigit() else None)
                 except BodyTooLarge:
                     self.metrics.rejected("body_too_large")
-                    body = error_body(f"Request body is larger than {self.max_body_bytes} bytes.",
-                                      "invalid_request_error", "request_too_large")  # fmt: skip
+                    body = error_body(
+                        f"Request body is larger than {self.max_body_bytes} bytes.",
+                        "invalid_request_error",
+                        "request_too_large",
+                    )
                     await _json(send, 413, body, [rid_header, (b"connection", b"close")])
                     status = 413
                     return
@@ -115,5 +122,11 @@ class AccessMiddleware:
         self.metrics.requests.labels(method, route_path, str(status)).inc()
         self.metrics.latency.labels(method, route_path).observe(elapsed)
         level = log.debug if route_path in ("/healthz", "/metrics", "/readyz") and status < 400 else log.info
-        level("request", method=method, path=scope.get("path"), status=status, latency_ms=round(elapsed * 1000, 1),
-              **fields)  # fmt: skip
+        level(
+            "request",
+            method=method,
+            path=scope.get("path"),
+            status=status,
+            latency_ms=round(elapsed * 1000, 1),
+            **fields,
+        )

@@ -48,8 +48,9 @@ def _stop_list(stop: str | list[str] | None) -> list[str] | None:
     return [stop] if isinstance(stop, str) else stop
 
 
-StopField = Annotated[str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None,
-                      Field(None)]  # fmt: skip
+StopField = Annotated[
+    str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None, Field(None)
+]
 
 
 class _Sampling(BaseModel):
@@ -121,11 +122,13 @@ class ChatCompletionRequest(_OpenAI):
         if self.tools:
             raise bad_request("tools are not supported.", "tools", "unsupported_value")
         if self.response_format and self.response_format.get("type", "text") != "text":
-            raise bad_request("only response_format {\"type\": \"text\"} is supported.", "response_format",
-                              "unsupported_value")  # fmt: skip
+            raise bad_request(
+                'only response_format {"type": "text"} is supported.', "response_format", "unsupported_value"
+            )
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return Submission(kind="chat", messages=[m.as_dict() for m in self.messages], max_tokens=max_tokens,
-                          **self._common(priority))  # fmt: skip
+        return Submission(
+            kind="chat", messages=[m.as_dict() for m in self.messages], max_tokens=max_tokens, **self._common(priority)
+        )
 
 
 class CompletionRequest(_OpenAI):
@@ -141,8 +144,11 @@ class CompletionRequest(_OpenAI):
         prompt = self.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1 or not isinstance(prompt[0], str):
-                raise bad_request("prompt must be one string (lists of prompts and token ids are not supported).",
-                                  "prompt", "unsupported_value")  # fmt: skip
+                raise bad_request(
+                    "prompt must be one string (lists of prompts and token ids are not supported).",
+                    "prompt",
+                    "unsupported_value",
+                )
             prompt = prompt[0]
         for name, bad in (("echo", self.echo), ("suffix", self.suffix), ("best_of", (self.best_of or 1) > 1)):
             if bad:
@@ -168,15 +174,19 @@ class JobRequest(_Sampling):
     def submission(self, priority: int) -> Submission:
         common = self._common(priority)
         if self.messages is not None:
-            return Submission(kind="chat", messages=[m.as_dict() for m in self.messages], max_tokens=self.max_tokens,
-                              **common)  # fmt: skip
+            return Submission(
+                kind="chat", messages=[m.as_dict() for m in self.messages], max_tokens=self.max_tokens, **common
+            )
         return Submission(kind="completion", prompt=self.prompt, max_tokens=self.max_tokens, **common)
 
 
 # -- responses ---------------------------------------------------------------------------
 def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 class Formatter:
@@ -230,8 +240,12 @@ class ChatFormatter(Formatter):
         return self.chunk({"delta": {}, "finish_reason": finish_reason})
 
     def full(self, text: str, finish_reason: str | None, usage: dict[str, int]) -> dict[str, Any]:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish_reason}  # fmt: skip
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
         return {**self._base(self.object_full), "choices": [choice], "usage": usage, "system_fingerprint": None}
 
 

@@ -75,8 +75,9 @@ async def cancel_job(job_id: str, request: Request, who: Auth, rt: RT) -> dict[s
 def _last_event_id(header: str | None, query: str | None) -> str | None:
     value = header or query
     if value is not None and not EVENT_ID.match(value):
-        raise bad_request("Last-Event-ID must be an event id from this stream, like `1700000000000-0`.",
-                          "last_event_id")  # fmt: skip
+        raise bad_request(
+            "Last-Event-ID must be an event id from this stream, like `1700000000000-0`.", "last_event_id"
+        )
     return value
 
 
@@ -120,13 +121,17 @@ async def _events(rt: Runtime, job: Job, last_event_id: str | None) -> AsyncIter
         yield ServerSentEvent(json.dumps({"code": "not_found", "message": "the job expired"}), event="error")
 
 
-@router.get("/{job_id}/events", responses={**openapi_errors(400, 401, 404, 429),
-                                           200: {"content": {"text/event-stream": {}}}})  # fmt: skip
+@router.get(
+    "/{job_id}/events", responses={**openapi_errors(400, 401, 404, 429), 200: {"content": {"text/event-stream": {}}}}
+)
 async def job_events(
-    job_id: str, request: Request, who: Auth, rt: RT,
+    job_id: str,
+    request: Request,
+    who: Auth,
+    rt: RT,
     last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
     last_event_id: Annotated[str | None, Query(max_length=64)] = None,
-) -> SlotEventSourceResponse:  # fmt: skip
+) -> SlotEventSourceResponse:
     """Server-sent events: `queued`, `started`, `token`, `retry`, `done`, `failed`, `cancelled`, each with a
     resumable `id:`; `position` (no id) every few seconds while queued. Reconnect with `Last-Event-ID`."""
     note(request, job_id=job_id)

@@ -19,8 +19,13 @@ from fastapi.responses import JSONResponse
 from api.auth import Auth, Principal
 from api.errors import ApiError, client_closed, from_broker, from_job_end, openapi_errors, sync_timeout
 from api.openai_schemas import (
-    ChatCompletionRequest, ChatFormatter, CompletionFormatter, CompletionRequest, Formatter, usage_dict,
-)  # fmt: skip
+    ChatCompletionRequest,
+    ChatFormatter,
+    CompletionFormatter,
+    CompletionRequest,
+    Formatter,
+    usage_dict,
+)
 from api.runtime import Runtime, get_runtime
 from api.service import accepted_view, admit, priority_header
 from api.streams import SlotEventSourceResponse, follow, open_slot, shielded
@@ -58,13 +63,15 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
-async def _complete(rt: Runtime, request: Request, who: Principal, job_id: str, model: str, fmt: Formatter,
-                    headers: dict[str, str]) -> JSONResponse:  # fmt: skip
+async def _complete(
+    rt: Runtime, request: Request, who: Principal, job_id: str, model: str, fmt: Formatter, headers: dict[str, str]
+) -> JSONResponse:
     waiter = asyncio.create_task(_terminal_event(rt, job_id, model))
     gone = asyncio.create_task(_client_gone(request))
     try:
-        done, _ = await asyncio.wait({waiter, gone}, timeout=rt.settings.sync_timeout_s,
-                                     return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        done, _ = await asyncio.wait(
+            {waiter, gone}, timeout=rt.settings.sync_timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
     finally:
         gone.cancel()
         if not waiter.done():
@@ -82,8 +89,7 @@ async def _complete(rt: Runtime, request: Request, who: Principal, job_id: str, 
     job = await rt.broker.get_job(job_id)
     rt.metrics.job_finished(job)
     usage = usage_dict(job.prompt_tokens, job.completion_tokens)
-    return JSONResponse(fmt.full(job.output, ev.data.get("finish_reason") or job.finish_reason, usage),
-                        headers=headers)  # fmt: skip
+    return JSONResponse(fmt.full(job.output, ev.data.get("finish_reason") or job.finish_reason, usage), headers=headers)
 
 
 async def _chunks(rt: Runtime, who: Principal, job_id: str, model: str, fmt: Formatter) -> AsyncIterator[str]:
@@ -104,8 +110,9 @@ async def _chunks(rt: Runtime, who: Principal, job_id: str, model: str, fmt: For
                     yield json.dumps(fmt.finish(ev.data.get("finish_reason") or "stop"))
                     if fmt.include_usage:
                         u = ev.data.get("usage") or {}
-                        yield json.dumps(fmt.usage_chunk(usage_dict(u.get("prompt_tokens", 0),
-                                                                    u.get("completion_tokens", 0))))  # fmt: skip
+                        yield json.dumps(
+                            fmt.usage_chunk(usage_dict(u.get("prompt_tokens", 0), u.get("completion_tokens", 0)))
+                        )
                     rt.metrics.job_finished(await rt.broker.get_job(job_id))
                 elif ev.terminal:
                     finished = True
@@ -116,8 +123,13 @@ async def _chunks(rt: Runtime, who: Principal, job_id: str, model: str, fmt: For
             await shielded(_cancel_quietly(rt, job_id, who.tenant))
 
 
-async def _serve(rt: Runtime, request: Request, who: Principal, body: ChatCompletionRequest | CompletionRequest,
-                 formatter: type[Formatter]) -> Any:  # fmt: skip
+async def _serve(
+    rt: Runtime,
+    request: Request,
+    who: Principal,
+    body: ChatCompletionRequest | CompletionRequest,
+    formatter: type[Formatter],
+) -> Any:
     sub = body.submission(priority_header(request, body.priority if body.priority is not None else 5))
     adm, headers = await admit(rt, request, who, sub)
     if _background(request, body):
@@ -129,8 +141,9 @@ async def _serve(rt: Runtime, request: Request, who: Principal, body: ChatComple
         except ApiError:
             await _cancel_quietly(rt, adm.job_id, who.tenant)  # admitted, but nobody can follow it
             raise
-        return SlotEventSourceResponse(_chunks(rt, who, adm.job_id, body.model, fmt), slot,
-                                       ping=rt.settings.keepalive_s, headers=headers)  # fmt: skip
+        return SlotEventSourceResponse(
+            _chunks(rt, who, adm.job_id, body.model, fmt), slot, ping=rt.settings.keepalive_s, headers=headers
+        )
     return await _complete(rt, request, who, adm.job_id, body.model, fmt, headers)
 
 
@@ -170,4 +183,3 @@ async def get_model(model_id: str, who: Auth, rt: RT) -> dict[str, Any]:
     if model_id not in await _model_ids(rt):
         raise from_broker(be.UnknownModel(f"The model `{model_id[:128]}` does not exist.", param="model"))
     return _model_obj(model_id)
-

@@ -35,7 +35,7 @@ async def readyz(rt: RT) -> JSONResponse:
         async with asyncio.timeout(2.0):
             await rt.broker.redis.ping()
             workers = await rt.broker.workers(rt.settings.worker_max_age_ms)
-    except Exception as e:  # any failure to reach Redis means not ready
+    except Exception as e:  # any failure to reach Redis means not ready  # noqa: BLE001
         return JSONResponse({"status": "unavailable", "reasons": [f"redis unreachable: {type(e).__name__}"]}, 503)
     served = {str(w.get("model")) for w in workers}
     reasons += [f"no live worker for model `{m}`" for m in rt.settings.models if m not in served]
@@ -65,10 +65,16 @@ async def queues(_: Admin, rt: RT) -> dict[str, Any]:
     return {
         "object": "list",
         "data": [
-            {"model": s.model, "depth": s.total_depth, "depth_by_priority": s.depth,
-             "queued_tokens_by_priority": s.queued_tokens, "running": s.running,
-             "oldest_wait_ms": s.oldest_wait_ms, "drain_jobs_per_s": s.drain_jobs_per_s,
-             "drain_tokens_per_s": s.drain_tokens_per_s}  # fmt: skip
+            {
+                "model": s.model,
+                "depth": s.total_depth,
+                "depth_by_priority": s.depth,
+                "queued_tokens_by_priority": s.queued_tokens,
+                "running": s.running,
+                "oldest_wait_ms": s.oldest_wait_ms,
+                "drain_jobs_per_s": s.drain_jobs_per_s,
+                "drain_tokens_per_s": s.drain_tokens_per_s,
+            }
             for s in stats
         ],
     }
@@ -83,8 +89,9 @@ class TenantLimitsBody(BaseModel):
     tpm_burst: int = Field(0, ge=0, le=10**12)
     max_queued: int = Field(0, ge=0, le=10**9)
     weight: float = Field(1.0, gt=0, le=10**6)
-    priorities: list[Annotated[int, Field(ge=0, le=9)]] = Field(default_factory=lambda: list(range(10)),
-                                                                min_length=1, max_length=10)  # fmt: skip
+    priorities: list[Annotated[int, Field(ge=0, le=9)]] = Field(
+        default_factory=lambda: list(range(10)), min_length=1, max_length=10
+    )
 
 
 def _tenant_view(tenant: str, limits: TenantLimits, source: str) -> dict[str, Any]:
@@ -105,7 +112,12 @@ async def get_tenant(tenant: TenantName, _: Admin, rt: RT) -> dict[str, Any]:
     if limits is not None:
         return _tenant_view(tenant, limits, "tenant")
     s = rt.settings
-    defaults = TenantLimits(rpm=s.default_rpm, rpm_burst=s.default_rpm_burst, tpm=s.default_tpm,
-                            tpm_burst=s.default_tpm_burst, max_queued=s.default_max_queued,
-                            weight=s.default_weight)  # fmt: skip
+    defaults = TenantLimits(
+        rpm=s.default_rpm,
+        rpm_burst=s.default_rpm_burst,
+        tpm=s.default_tpm,
+        tpm_burst=s.default_tpm_burst,
+        max_queued=s.default_max_queued,
+        weight=s.default_weight,
+    )
     return _tenant_view(tenant, defaults, "defaults")

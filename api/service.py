@@ -57,8 +57,9 @@ def _check_text(sub: Submission) -> None:
     try:
         json.dumps([sub.prompt, sub.messages, sub.stop, sub.metadata], ensure_ascii=False).encode()
     except UnicodeEncodeError:
-        raise bad_request("Text must be valid Unicode (no lone surrogates).",
-                          "messages" if sub.kind == "chat" else "prompt") from None
+        raise bad_request(
+            "Text must be valid Unicode (no lone surrogates).", "messages" if sub.kind == "chat" else "prompt"
+        ) from None
 
 
 async def model_info(rt: Runtime, model: str) -> dict[str, Any]:
@@ -76,22 +77,35 @@ async def admit(rt: Runtime, request: Request, who: Principal, sub: Submission) 
     prompt_tokens = await rt.tokens.count(info, sub.prompt, sub.messages)
     if max_len and prompt_tokens >= max_len:
         rt.metrics.rejected("context_length_exceeded")
-        raise from_broker(be.ContextTooLong(
-            f"This model's maximum context length is {max_len} tokens. However, your prompt has "
-            f"{prompt_tokens} tokens, which leaves no room for a completion.",
-            param="messages" if sub.kind == "chat" else "prompt",
-        ))  # fmt: skip
+        raise from_broker(
+            be.ContextTooLong(
+                f"This model's maximum context length is {max_len} tokens. However, your prompt has "
+                f"{prompt_tokens} tokens, which leaves no room for a completion.",
+                param="messages" if sub.kind == "chat" else "prompt",
+            )
+        )
     max_tokens = sub.max_tokens
     if max_tokens is None:  # like vLLM: what the context leaves, capped by a default
         max_tokens = min(rt.settings.default_max_tokens, rt.settings.max_tokens_limit)
         if max_len:
             max_tokens = min(max_tokens, max_len - prompt_tokens)
     spec = JobSpec(
-        tenant=who.tenant, model=sub.model, kind=sub.kind, prompt=sub.prompt, messages=sub.messages,  # type: ignore[arg-type]
-        max_tokens=max_tokens, temperature=sub.temperature, top_p=sub.top_p, seed=sub.seed, stop=sub.stop,
-        ignore_eos=sub.ignore_eos, priority=sub.priority, prompt_tokens=prompt_tokens,
-        idempotency_key=idempotency_header(request), metadata=sub.metadata,
-    )  # fmt: skip
+        tenant=who.tenant,
+        model=sub.model,
+        kind=sub.kind,
+        prompt=sub.prompt,
+        messages=sub.messages,  # type: ignore[arg-type]
+        max_tokens=max_tokens,
+        temperature=sub.temperature,
+        top_p=sub.top_p,
+        seed=sub.seed,
+        stop=sub.stop,
+        ignore_eos=sub.ignore_eos,
+        priority=sub.priority,
+        prompt_tokens=prompt_tokens,
+        idempotency_key=idempotency_header(request),
+        metadata=sub.metadata,
+    )
     try:
         adm = await rt.broker.admit(spec)
     except be.AdmissionRefused as e:
@@ -113,8 +127,11 @@ def _ms_between(a: int | None, b: int | None) -> int | None:
 
 
 def job_view(job: Job, position: int | None = None, eta_s: float | None = None) -> dict[str, Any]:
-    usage = {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
-             "total_tokens": job.prompt_tokens + job.completion_tokens}  # fmt: skip
+    usage = {
+        "prompt_tokens": job.prompt_tokens,
+        "completion_tokens": job.completion_tokens,
+        "total_tokens": job.prompt_tokens + job.completion_tokens,
+    }
     return {
         "id": job.id,
         "object": "job",

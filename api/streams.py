@@ -26,8 +26,9 @@ log = structlog.get_logger(__name__)
 CLEANUP_S = 5.0
 
 
-async def follow(rt: Runtime, job_id: str, last_event_id: str | None = None,
-                 tick_s: float | None = None) -> AsyncIterator[Event | None]:  # fmt: skip
+async def follow(
+    rt: Runtime, job_id: str, last_event_id: str | None = None, tick_s: float | None = None
+) -> AsyncIterator[Event | None]:
     """The job's events after ``last_event_id`` up to the terminal one.
 
     With ``tick_s``, yields ``None`` each time ``tick_s`` passes (measured from the

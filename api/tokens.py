@@ -68,20 +68,18 @@ class TokenCounter:
                 try:
                     self._tokenizers[folder] = await asyncio.to_thread(_load, folder)
                     log.info("tokenizer loaded", folder=folder)
-                except Exception as e:  # a bad folder must not take requests down
+                except Exception as e:  # a bad folder must not take requests down  # noqa: BLE001
                     log.warning("tokenizer unusable; estimating prompt tokens", folder=folder, error=repr(e))
                     self._tokenizers[folder] = None
         return self._tokenizers[folder]
 
-    async def count(
-        self, model_info: dict[str, Any], prompt: str | None, messages: list[dict[str, Any]] | None
-    ) -> int:
+    async def count(self, model_info: dict[str, Any], prompt: str | None, messages: list[dict[str, Any]] | None) -> int:
         folder = model_info.get("tokenizer")
         tok = await self._tokenizer(str(folder)) if folder else None
         if tok is None:
             return estimate_tokens(prompt, messages)
         try:
             return await asyncio.to_thread(_count, tok, prompt, messages)
-        except Exception as e:  # e.g. a template that rejects the roles given
+        except Exception as e:  # e.g. a template that rejects the roles given  # noqa: BLE001
             log.warning("token count failed; estimating", error=repr(e))
             return estimate_tokens(prompt, messages)

@@ -87,8 +87,9 @@ class Broker:
         await self.close()
 
     # -- models, tenants, workers ---------------------------------------
-    async def register_model(self, model: str, max_model_len: int = 0, *, only_if_absent: bool = False,
-                             **info: Any) -> None:  # fmt: skip
+    async def register_model(
+        self, model: str, max_model_len: int = 0, *, only_if_absent: bool = False, **info: Any
+    ) -> None:
         """Make a model admissible. ``info`` may carry e.g. ``tokenizer`` (a local folder).
 
         ``only_if_absent`` never overwrites a record (a worker's knows max_model_len).
@@ -165,22 +166,49 @@ class Broker:
                 f"request is {len(request)} bytes; the limit is {s.max_payload_bytes}", param="messages"
             )
         keys = [
-            k.job(job_id), k.idem(spec.tenant, spec.idempotency_key), k.tenant(spec.tenant),
-            k.tenant_state(spec.tenant), k.tenant_jobs(spec.tenant), k.models, k.global_, k.stats(spec.model),
-        ]  # fmt: skip
+            k.job(job_id),
+            k.idem(spec.tenant, spec.idempotency_key),
+            k.tenant(spec.tenant),
+            k.tenant_state(spec.tenant),
+            k.tenant_jobs(spec.tenant),
+            k.models,
+            k.global_,
+            k.stats(spec.model),
+        ]
         args = [
-            k.prefix, job_id, spec.tenant, spec.model, spec.priority, spec.prompt_tokens, spec.max_tokens,
-            1 if spec.idempotency_key else 0, request, s.result_ttl_ms, s.max_queued_global,
-            s.default_rpm, s.default_rpm_burst, s.default_tpm, s.default_tpm_burst, s.default_max_queued,
-            s.default_weight, spec.deadline_ms or 0, s.max_attempts, s.events_maxlen,
-        ]  # fmt: skip
+            k.prefix,
+            job_id,
+            spec.tenant,
+            spec.model,
+            spec.priority,
+            spec.prompt_tokens,
+            spec.max_tokens,
+            1 if spec.idempotency_key else 0,
+            request,
+            s.result_ttl_ms,
+            s.max_queued_global,
+            s.default_rpm,
+            s.default_rpm_burst,
+            s.default_tpm,
+            s.default_tpm_burst,
+            s.default_max_queued,
+            s.default_weight,
+            spec.deadline_ms or 0,
+            s.max_attempts,
+            s.events_maxlen,
+        ]
         return keys, args
 
     @staticmethod
     def _admission(spec: JobSpec, reply: list[Any]) -> Admission:
         code = Code(int(reply[0]))
-        limits = dict(zip(("rq_limit", "rq_remaining", "rq_reset_ms", "tk_limit", "tk_remaining", "tk_reset_ms"),
-                          (int(x) for x in reply[3:9])))  # fmt: skip
+        limits = dict(
+            zip(
+                ("rq_limit", "rq_remaining", "rq_reset_ms", "tk_limit", "tk_remaining", "tk_reset_ms"),
+                (int(x) for x in reply[3:9]),
+                strict=True,
+            )
+        )
         if code in (Code.OK, Code.DUPLICATE):
             return Admission(reply[1], code is Code.DUPLICATE, int(reply[2]), limits)
         if code in errors.REFUSALS:
@@ -224,7 +252,7 @@ class Broker:
             await self.scripts.admit(keys, args, client=pipe)
             sent.append(i)
         replies = await pipe.execute() if sent else []
-        for i, reply in zip(sent, replies):
+        for i, reply in zip(sent, replies, strict=True):
             try:
                 results[i] = self._admission(specs[i], reply)
             except errors.BrokerError as e:
@@ -242,7 +270,7 @@ class Broker:
         )
         leases = []
         for rec in reply:
-            h = dict(zip(rec[2::2], rec[3::2]))
+            h = dict(zip(rec[2::2], rec[3::2], strict=True))
             leases.append(Lease(Job.from_hash(h), int(rec[1])))
         return leases
 
@@ -258,7 +286,7 @@ class Broker:
         for jid, fence in pairs:
             args += [jid, fence]
         reply = await self.scripts.renew([self.keys.leases(model)], args)
-        return {jid: Code(int(c)) for (jid, _), c in zip(pairs, reply)}
+        return {jid: Code(int(c)) for (jid, _), c in zip(pairs, reply, strict=True)}
 
     async def append_many(self, deltas: Sequence[Delta]) -> dict[str, bool]:
         """Write one flush of deltas for many jobs in one pipeline; False = stale lease."""
@@ -269,20 +297,34 @@ class Broker:
         for d in deltas:
             await self.scripts.append(
                 [k.job(d.job_id), k.events(d.job_id), k.output(d.job_id), k.output_ids(d.job_id)],
-                [d.fence, d.text, ",".join(map(str, d.token_ids)), len(d.token_ids), s.events_maxlen,
-                 k.channel(d.job_id), d.offset],
+                [
+                    d.fence,
+                    d.text,
+                    ",".join(map(str, d.token_ids)),
+                    len(d.token_ids),
+                    s.events_maxlen,
+                    k.channel(d.job_id),
+                    d.offset,
+                ],
                 client=pipe,
-            )  # fmt: skip
+            )
         replies = await pipe.execute()
         ok: dict[str, bool] = {}
-        for d, r in zip(deltas, replies):  # a job may have several deltas in one flush
+        for d, r in zip(deltas, replies, strict=True):  # a job may have several deltas in one flush
             ok[d.job_id] = ok.get(d.job_id, True) and int(r[0]) == Code.OK
         return ok
 
     async def complete(
-        self, lease: Lease, finish_reason: str, text: str = "", token_ids: Sequence[int] = (),
-        status: JobStatus = JobStatus.SUCCEEDED, *, offset: int = -1, prompt_tokens: int = 0,
-    ) -> None:  # fmt: skip
+        self,
+        lease: Lease,
+        finish_reason: str,
+        text: str = "",
+        token_ids: Sequence[int] = (),
+        status: JobStatus = JobStatus.SUCCEEDED,
+        *,
+        offset: int = -1,
+        prompt_tokens: int = 0,
+    ) -> None:
         """Finish a running job (succeeded, or cancelled once aborted). Raises StaleLease.
 
         ``offset`` dedupes a replayed last delta (see Delta); ``prompt_tokens`` replaces the
@@ -304,19 +346,45 @@ class Broker:
         for lease in leases:
             await self.scripts.complete(*self._complete_args(lease, finish_reason, "", (), status), client=pipe)
         replies = await pipe.execute()
-        return {lease.id: int(r[0]) == Code.OK for lease, r in zip(leases, replies)}
+        return {lease.id: int(r[0]) == Code.OK for lease, r in zip(leases, replies, strict=True)}
 
     def _complete_args(
-        self, lease: Lease, finish_reason: str, text: str, token_ids: Sequence[int], status: JobStatus,
-        offset: int = -1, prompt_tokens: int = 0,
-    ) -> tuple[list[str], list[Any]]:  # fmt: skip
+        self,
+        lease: Lease,
+        finish_reason: str,
+        text: str,
+        token_ids: Sequence[int],
+        status: JobStatus,
+        offset: int = -1,
+        prompt_tokens: int = 0,
+    ) -> tuple[list[str], list[Any]]:
         job, k, s = lease.job, self.keys, self.settings
         return (
-            [k.job(job.id), k.events(job.id), k.leases(job.model), k.stats(job.model), k.tenant_state(job.tenant),
-             k.output(job.id), k.output_ids(job.id)],
-            [lease.fence, text, ",".join(map(str, token_ids)), len(token_ids), finish_reason, status.value,
-             s.result_ttl_ms, s.events_maxlen, k.channel(job.id), k.prefix, job.id, offset, prompt_tokens],
-        )  # fmt: skip
+            [
+                k.job(job.id),
+                k.events(job.id),
+                k.leases(job.model),
+                k.stats(job.model),
+                k.tenant_state(job.tenant),
+                k.output(job.id),
+                k.output_ids(job.id),
+            ],
+            [
+                lease.fence,
+                text,
+                ",".join(map(str, token_ids)),
+                len(token_ids),
+                finish_reason,
+                status.value,
+                s.result_ttl_ms,
+                s.events_maxlen,
+                k.channel(job.id),
+                k.prefix,
+                job.id,
+                offset,
+                prompt_tokens,
+            ],
+        )
 
     async def fail(self, lease: Lease, code: str, message: str, *, retry: bool, handback: bool = False) -> str:
         """Fail a running job; with ``retry`` it goes back to the queue while attempts remain.
@@ -326,8 +394,16 @@ class Broker:
         k, s, jid = self.keys, self.settings, lease.job.id
         reply = await self.scripts.fail(
             [k.job(jid), k.events(jid)],
-            [lease.fence, k.prefix, jid, code, message, (2 if handback else 1) if retry else 0, s.result_ttl_ms,
-             s.events_maxlen],  # fmt: skip
+            [
+                lease.fence,
+                k.prefix,
+                jid,
+                code,
+                message,
+                (2 if handback else 1) if retry else 0,
+                s.result_ttl_ms,
+                s.events_maxlen,
+            ],
         )
         if int(reply[0]) == Code.STALE_LEASE:
             raise errors.StaleLease(f"lease on {jid} (fence {lease.fence}) is no longer held")
@@ -396,8 +472,9 @@ class Broker:
         pipe.hgetall(self.keys.stats(model))
         pipe.zcard(self.keys.leases(model))
         for p in PRIORITIES:
-            pipe.zrangebyscore(self.keys.queued(model), p * 10**13, (p + 1) * 10**13 - 1, start=0, num=1,
-                               withscores=True)  # fmt: skip
+            pipe.zrangebyscore(
+                self.keys.queued(model), p * 10**13, (p + 1) * 10**13 - 1, start=0, num=1, withscores=True
+            )
         stats, running, *oldest = await pipe.execute()
         now = now_ms()
         first = [int(o[0][1]) % 10**13 for o in oldest if o]

@@ -9,7 +9,7 @@ class Code(IntEnum):
     """Return codes shared by every Lua script (first element of the reply)."""
 
     OK = 0
-    DUPLICATE = 1           # admit: idempotency key already used -> same job
+    DUPLICATE = 1  # admit: idempotency key already used -> same job
     RATE_REQUESTS = 10
     RATE_TOKENS = 11
     TENANT_QUEUE_FULL = 12
@@ -19,9 +19,9 @@ class Code(IntEnum):
     CONTEXT_TOO_LONG = 16
     PRIORITY_NOT_ALLOWED = 17
     NOT_FOUND = 20
-    STALE_LEASE = 21        # fencing token no longer current
+    STALE_LEASE = 21  # fencing token no longer current
     ALREADY_TERMINAL = 22
-    CANCEL_REQUESTED = 23   # cancel: job is running; the owning worker was told
+    CANCEL_REQUESTED = 23  # cancel: job is running; the owning worker was told
 
 
 class BrokerError(Exception):

@@ -38,10 +38,10 @@ _WAKE = object()  # a follower's deadline (resync or tick) has passed
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    id: str          # the stream entry id: resumable, totally ordered within a job
-    type: str        # queued | started | token | retry | done | failed | cancelled
+    id: str  # the stream entry id: resumable, totally ordered within a job
+    type: str  # queued | started | token | retry | done | failed | cancelled
     data: dict[str, Any]
-    n: int = 0       # the job's event count at this event (1, 2, ...): reveals a gap
+    n: int = 0  # the job's event count at this event (1, 2, ...): reveals a gap
 
     @property
     def terminal(self) -> bool:
@@ -103,7 +103,7 @@ class EventHub:
                 msg = await self._pubsub.get_message(timeout=None)  # block: no timer per message
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # connection lost: followers resync from the stream
+            except Exception as e:  # connection lost: followers resync from the stream  # noqa: BLE001
                 log.warning("pubsub connection lost; followers will resync", error=str(e))
                 for queues in self._subs.values():
                     for q in queues:
@@ -159,8 +159,9 @@ class EventHub:
         status, evn = await self.redis.hmget(self.keys.job(job_id), "status", "evn")
         return status in (None, "succeeded", "failed", "cancelled", "expired"), int(evn or 0)
 
-    async def follow(self, job_id: str, last_event_id: str | None = None,
-                     tick_s: float | None = None) -> AsyncIterator[Event | None]:  # fmt: skip
+    async def follow(
+        self, job_id: str, last_event_id: str | None = None, tick_s: float | None = None
+    ) -> AsyncIterator[Event | None]:
         """Every event after ``last_event_id``, in order, until (and including) a terminal one.
 
         With ``tick_s``, also yields ``None`` each time ``tick_s`` passes while waiting for

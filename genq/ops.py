@@ -6,7 +6,7 @@ import asyncio
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,8 +14,8 @@ import typer
 def up_command(
     host: str = "127.0.0.1",
     port: int = 8000,
-    data_dir: Annotated[Optional[Path], typer.Option(help="Where Redis keeps its AOF and the key file.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Model path or id (default: the bundled SmolLM2-135M).")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Where Redis keeps its AOF and the key file.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model path or id (default: the bundled SmolLM2-135M).")] = None,
     engine: Annotated[str, typer.Option(help="vllm or simulated")] = "vllm",
 ) -> None:
     from broker.logs import configure_logging
@@ -27,7 +27,7 @@ def up_command(
     raise typer.Exit(up.run(host, port, data_dir or up.default_data_dir(), worker_args, served))
 
 
-def status_command(model: Annotated[Optional[list[str]], typer.Option(help="Models to show")] = None) -> None:
+def status_command(model: Annotated[list[str] | None, typer.Option(help="Models to show")] = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -40,14 +40,25 @@ def status_command(model: Annotated[Optional[list[str]], typer.Option(help="Mode
             models = model or sorted(set((await broker.models()).keys()) | {w.get("model", "") for w in workers})
             wt = Table("worker", "host", "model", "capacity", "running", "tokens/s", title="workers")
             for w in workers:
-                wt.add_row(str(w.get("id")), str(w.get("host", "")), str(w.get("model", "")),
-                           str(w.get("capacity", "")), str(w.get("running", "")),
-                           f"{float(w.get('tokens_per_s', 0)):.1f}")  # fmt: skip
+                wt.add_row(
+                    str(w.get("id")),
+                    str(w.get("host", "")),
+                    str(w.get("model", "")),
+                    str(w.get("capacity", "")),
+                    str(w.get("running", "")),
+                    f"{float(w.get('tokens_per_s', 0)):.1f}",
+                )
             qt = Table("model", "queued", "queued tokens", "running", "oldest wait", "drain jobs/s", title="queues")
             for m in filter(None, models):
                 s = await broker.queue_stats(m)
-                qt.add_row(m, str(s.total_depth), str(sum(s.queued_tokens.values())), str(s.running),
-                           f"{s.oldest_wait_ms / 1000:.1f} s", f"{s.drain_jobs_per_s:.1f}")  # fmt: skip
+                qt.add_row(
+                    m,
+                    str(s.total_depth),
+                    str(sum(s.queued_tokens.values())),
+                    str(s.running),
+                    f"{s.oldest_wait_ms / 1000:.1f} s",
+                    f"{s.drain_jobs_per_s:.1f}",
+                )
             Console().print(wt, qt)
 
     asyncio.run(show())
@@ -55,9 +66,9 @@ def status_command(model: Annotated[Optional[list[str]], typer.Option(help="Mode
 
 def submit_command(
     prompt: str,
-    model: Annotated[Optional[str], typer.Option()] = None,
+    model: Annotated[str | None, typer.Option()] = None,
     url: Annotated[str, typer.Option(envvar="GENQ_URL")] = "http://127.0.0.1:8000",
-    key: Annotated[Optional[str], typer.Option(envvar="GENQ_API_KEY")] = None,
+    key: Annotated[str | None, typer.Option(envvar="GENQ_API_KEY")] = None,
     max_tokens: int = 256,
     priority: int = 5,
     temperature: float = 0.0,
@@ -71,8 +82,13 @@ def submit_command(
         key_file = Path(os.environ.get("GENQ_DATA_DIR", Path.home() / ".local/share/genq")) / "api_key"
         key = key_file.read_text().strip() if key_file.exists() else ""
     headers = {"Authorization": f"Bearer {key}"}
-    body = {"model": model or DEFAULT_MODEL, "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": max_tokens, "priority": priority, "temperature": temperature}  # fmt: skip
+    body = {
+        "model": model or DEFAULT_MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "priority": priority,
+        "temperature": temperature,
+    }
     with httpx.Client(base_url=url, headers=headers, timeout=None) as http:
         r = http.post("/v1/jobs", json=body)
         if r.status_code >= 400:

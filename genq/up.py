@@ -82,12 +82,30 @@ class Stack:
         while not port_free(port):
             port += 1
         port_file.write_text(str(port))
-        cmd = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(rdir),
-               "--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
-               "--stream-node-max-bytes", "512",
-               "--save", "", "--logfile", str(rdir / "redis.log")]  # fmt: skip
-        self.procs["redis"] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                               start_new_session=True)
+        cmd = [
+            redis_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(rdir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--maxmemory-policy",
+            "noeviction",
+            "--stream-node-max-bytes",
+            "512",
+            "--save",
+            "",
+            "--logfile",
+            str(rdir / "redis.log"),
+        ]
+        self.procs["redis"] = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         self.redis_url = f"redis://127.0.0.1:{port}/0"
         import redis as redis_sync
 
@@ -95,22 +113,28 @@ class Stack:
             try:
                 r = redis_sync.Redis(port=port)
                 return bool(r.ping()) and r.info("persistence").get("loading", 0) == 0
-            except Exception:
+            except Exception:  # noqa: BLE001
                 return False
 
         wait_until(ready, 30, "redis-server", self.procs["redis"])
         log.info("redis started", url=self.redis_url, dir=str(rdir))
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "GENQ_REDIS_URL": self.redis_url, "HF_HUB_OFFLINE": "1",
-                "GENQ_MODELS": json.dumps([self.model])}  # fmt: skip
+        return {
+            **os.environ,
+            "GENQ_REDIS_URL": self.redis_url,
+            "HF_HUB_OFFLINE": "1",
+            "GENQ_MODELS": json.dumps([self.model]),
+        }
 
     def start_children(self) -> None:
         genq = [sys.executable, "-m", "genq.cli"]
-        self.procs["api"] = subprocess.Popen([*genq, "api", "--host", self.host, "--port", str(self.port)],
-                                             env=self.env(), start_new_session=True)  # fmt: skip
-        self.procs["worker"] = subprocess.Popen([*genq, "worker", *self.worker_args], env=self.env(),
-                                                start_new_session=True)
+        self.procs["api"] = subprocess.Popen(
+            [*genq, "api", "--host", self.host, "--port", str(self.port)], env=self.env(), start_new_session=True
+        )
+        self.procs["worker"] = subprocess.Popen(
+            [*genq, "worker", *self.worker_args], env=self.env(), start_new_session=True
+        )
 
     def stop(self) -> None:
         for name in ("worker", "api", "redis"):
@@ -147,8 +171,7 @@ async def status_line(broker: Broker, model: str) -> str:
     workers = await broker.workers()
     stats = await broker.queue_stats(model)
     tps = sum(float(w.get("tokens_per_s", 0.0)) for w in workers)
-    return (f"workers {len(workers)} · queued {stats.total_depth} · running {stats.running} · "
-            f"{tps:,.1f} tokens/s")  # fmt: skip
+    return f"workers {len(workers)} · queued {stats.total_depth} · running {stats.running} · {tps:,.1f} tokens/s"
 
 
 async def _supervise(stack: Stack, model: str, stop: asyncio.Event) -> int:
@@ -157,10 +180,12 @@ async def _supervise(stack: Stack, model: str, stop: asyncio.Event) -> int:
         key = await ensure_key(broker, stack.data_dir)
         url = f"http://{stack.host}:{stack.port}"
         body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}]})
-        console.print(f"[bold]genq is starting[/] at {url}\n  API key: {key}\n  try:\n"
-                      f"  curl {url}/v1/chat/completions -H 'Authorization: Bearer {key}' "
-                      f"-H 'Content-Type: application/json' -d '{body}'\n  (Ctrl-C to stop)",
-                      soft_wrap=True)  # fmt: skip
+        console.print(
+            f"[bold]genq is starting[/] at {url}\n  API key: {key}\n  try:\n"
+            f"  curl {url}/v1/chat/completions -H 'Authorization: Bearer {key}' "
+            f"-H 'Content-Type: application/json' -d '{body}'\n  (Ctrl-C to stop)",
+            soft_wrap=True,
+        )
         with console.status("starting…") as status:
             while not stop.is_set():
                 for name, proc in stack.procs.items():
@@ -169,7 +194,7 @@ async def _supervise(stack: Stack, model: str, stop: asyncio.Event) -> int:
                         return 1
                 try:
                     status.update(await status_line(broker, model))
-                except Exception as e:  # Redis briefly away: say so, keep going
+                except Exception as e:  # Redis briefly away: say so, keep going  # noqa: BLE001
                     status.update(f"status unavailable: {e}")
                 try:
                     await asyncio.wait_for(stop.wait(), timeout=1.0)

@@ -8,10 +8,10 @@ import sys
 
 import httpx
 import pytest
+from test_api_support import Stack, auth, make_stack  # noqa: F401 (fixture)
 
 from api.auth import hash_key
 from broker.models import TenantLimits
-from test_api_support import Stack, auth, make_stack  # noqa: F401 (fixture)
 
 JOB = {"model": "m", "prompt": "hello", "max_tokens": 3}
 
@@ -35,8 +35,11 @@ def test_other_tenants_job_is_not_found_everywhere(stack: Stack) -> None:
     with httpx.Client(base_url=stack.url, timeout=10) as h:
         job = h.post("/v1/jobs", json=JOB, headers=auth(a)).json()
         jid = job["id"]
-        for method, path in (("GET", f"/v1/jobs/{jid}"), ("GET", f"/v1/jobs/{jid}/events"),
-                             ("DELETE", f"/v1/jobs/{jid}")):  # fmt: skip
+        for method, path in (
+            ("GET", f"/v1/jobs/{jid}"),
+            ("GET", f"/v1/jobs/{jid}/events"),
+            ("DELETE", f"/v1/jobs/{jid}"),
+        ):
             err = assert_error(h.request(method, path, headers=auth(b)), 404, "not_found")
             assert jid in err["message"] and "tenant-a" not in err["message"]
         assert h.get("/v1/jobs", headers=auth(b)).json()["data"] == []
@@ -57,10 +60,19 @@ def test_other_tenants_job_is_not_found_everywhere(stack: Stack) -> None:
 def test_missing_bad_and_revoked_keys_401(stack: Stack) -> None:
     key = stack.key("acme")
     with httpx.Client(base_url=stack.url, timeout=10) as h:
-        for headers in ({}, {"Authorization": "Bearer gq-nope"}, {"Authorization": "Basic abc"},
-                        {"Authorization": "Bearer"}):  # fmt: skip
-            for method, path in (("POST", "/v1/jobs"), ("GET", "/v1/jobs"), ("GET", "/v1/models"),
-                                 ("POST", "/v1/chat/completions"), ("GET", "/v1/admin/queues")):  # fmt: skip
+        for headers in (
+            {},
+            {"Authorization": "Bearer gq-nope"},
+            {"Authorization": "Basic abc"},
+            {"Authorization": "Bearer"},
+        ):
+            for method, path in (
+                ("POST", "/v1/jobs"),
+                ("GET", "/v1/jobs"),
+                ("GET", "/v1/models"),
+                ("POST", "/v1/chat/completions"),
+                ("GET", "/v1/admin/queues"),
+            ):
                 r = h.request(method, path, headers=headers, json=JOB)
                 assert_error(r, 401, "invalid_api_key")
                 assert r.headers["www-authenticate"] == "Bearer"
@@ -88,8 +100,9 @@ def test_admin_endpoints(stack: Stack) -> None:
             queues = h.get("/v1/admin/queues", headers=auth(key))
             assert queues.status_code == 200 and "m" in [q["model"] for q in queues.json()["data"]]
         assert h.get("/v1/admin/tenants/acme", headers=auth(admin_key)).json()["source"] == "defaults"
-        put = h.put("/v1/admin/tenants/acme", json={"rpm": 60, "max_queued": 1, "priorities": [5, 9]},
-                    headers=auth(admin_key))  # fmt: skip
+        put = h.put(
+            "/v1/admin/tenants/acme", json={"rpm": 60, "max_queued": 1, "priorities": [5, 9]}, headers=auth(admin_key)
+        )
         assert put.status_code == 200
         got = h.get("/v1/admin/tenants/acme", headers=auth(admin_key)).json()
         assert got["source"] == "tenant" and got["limits"]["rpm"] == 60 and got["limits"]["priorities"] == [5, 9]

@@ -17,7 +17,6 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
-
 from test_api_support import Stack, auth, make_stack  # noqa: F401 (fixture)
 
 log = structlog.get_logger(__name__)
@@ -51,8 +50,9 @@ def test_fuzz_openapi(make_stack) -> None:  # noqa: F811
     schema = schemathesis.openapi.from_url(stack.url + "/openapi.json")
     sent: Counter[str] = Counter()
     statuses: Counter[int] = Counter()
-    done_job = httpx.post(stack.url + "/v1/jobs", json={"model": "m", "prompt": "hi", "max_tokens": 2},
-                          headers=auth(key)).json()["id"]  # fmt: skip
+    done_job = httpx.post(
+        stack.url + "/v1/jobs", json={"model": "m", "prompt": "hi", "max_tokens": 2}, headers=auth(key)
+    ).json()["id"]
     for result in schema.get_all_operations():
         op = result.ok()
         bearer = stack.admin_key if op.path.startswith("/v1/admin") else key
@@ -63,8 +63,14 @@ def test_fuzz_openapi(make_stack) -> None:  # noqa: F811
             strategy = st.tuples(strategy, st.booleans()).map(lambda pair: steer(*pair, job_id=done_job))
 
             @given(case=strategy)
-            @settings(max_examples=EXAMPLES_PER_MODE, deadline=None, database=None, derandomize=True,
-                      phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))  # fmt: skip
+            @settings(
+                max_examples=EXAMPLES_PER_MODE,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
             def run(case: schemathesis.Case) -> None:
                 resp = case.call(timeout=60)
                 sent[f"{case.method} {case.path}"] += 1

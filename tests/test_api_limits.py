@@ -7,9 +7,9 @@ import time
 
 import httpx
 import structlog
+from test_api_support import Stack, auth, make_stack  # noqa: F401 (fixture)
 
 from broker.models import TenantLimits
-from test_api_support import Stack, auth, make_stack  # noqa: F401 (fixture)
 
 log = structlog.get_logger(__name__)
 JOB = {"model": "m", "prompt": "hello", "max_tokens": 4}
@@ -40,8 +40,13 @@ async def test_rate_limit_5_per_s_burst_5_offered_20_per_s(make_stack) -> None: 
         refused = [r for r in responses if r.status_code != 202]
         # burst 5 + 5/s refill over the offered window
         allowed = 5 + 5 * elapsed
-        log.info("rate limit run", offered=len(responses), accepted=len(accepted), expected=round(allowed, 1),
-                 elapsed_s=round(elapsed, 2))  # fmt: skip
+        log.info(
+            "rate limit run",
+            offered=len(responses),
+            accepted=len(accepted),
+            expected=round(allowed, 1),
+            elapsed_s=round(elapsed, 2),
+        )
         assert abs(len(accepted) - allowed) <= 2, (len(accepted), allowed)
         assert 28 <= len(accepted) <= 32
         for r in refused:
@@ -115,8 +120,11 @@ async def test_body_too_large_413(make_stack) -> None:  # noqa: F811
             for _ in range(10):
                 yield b"x" * 1000
 
-        assert_error(await h.post("/v1/jobs", content=chunked(), headers={"content-type": "application/json"}), 413,
-                     "request_too_large")  # fmt: skip
+        assert_error(
+            await h.post("/v1/jobs", content=chunked(), headers={"content-type": "application/json"}),
+            413,
+            "request_too_large",
+        )
         assert (await h.post("/v1/jobs", json={"model": "m", "prompt": "x" * 1000})).status_code == 202
 
 

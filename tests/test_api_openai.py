@@ -20,9 +20,9 @@ import httpx
 import openai
 import pytest
 import structlog
+from test_api_support import Stack, auth, make_stack  # noqa: F401 (fixture)
 
 from api.tokens import estimate_tokens
-from test_api_support import Stack, auth, make_stack  # noqa: F401 (fixture)
 from worker.engine.base import GenRequest
 from worker.engine.simulated import count_words, request_key, sim_token_id, sim_token_text
 
@@ -32,8 +32,14 @@ VLLM_LOCK = os.environ.get("GENQ_VLLM_LOCK", "/work/vllm.lock" if os.path.isdir(
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count for me."}]
 
 
-def expected(n: int, *, messages: list[dict] | None = None, prompt: str | None = None, seed: int | None = None,
-             stop: list[str] | None = None) -> tuple[str, str]:  # fmt: skip
+def expected(
+    n: int,
+    *,
+    messages: list[dict] | None = None,
+    prompt: str | None = None,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+) -> tuple[str, str]:
     """The simulated engine's answer: (text, finish_reason) for n tokens."""
     key = request_key(GenRequest("x", prompt=prompt, messages=messages, seed=seed))
     out = []
@@ -74,8 +80,11 @@ def test_chat_non_stream(stack: Stack, key: str) -> None:
 
 
 def test_chat_stream_with_usage(stack: Stack, key: str) -> None:
-    chunks = list(client(stack, key).chat.completions.create(
-        model="m", messages=MESSAGES, max_tokens=12, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client(stack, key).chat.completions.create(
+            model="m", messages=MESSAGES, max_tokens=12, stream=True, stream_options={"include_usage": True}
+        )
+    )
     text, _ = expected(12, messages=MESSAGES)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -191,8 +200,11 @@ def _wait_for_event(h: httpx.Client, job_id: str, wanted: str) -> list[str]:
 
 def test_background_mode_returns_the_job(stack: Stack, key: str) -> None:
     with httpx.Client(base_url=stack.url, headers=auth(key), timeout=30) as h:
-        r = h.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "max_tokens": 4},
-                   headers={"X-Background": "true"})  # fmt: skip
+        r = h.post(
+            "/v1/chat/completions",
+            json={"model": "m", "messages": MESSAGES, "max_tokens": 4},
+            headers={"X-Background": "true"},
+        )
         assert r.status_code == 202 and r.json()["object"] == "job"
         assert r.json()["links"]["events"] == f"/v1/jobs/{r.json()['id']}/events"
         _wait_for_event(h, r.json()["id"], "done")
@@ -242,15 +254,21 @@ def test_e2e_vllm_capital_of_france(make_stack) -> None:  # noqa: F811
     from broker.settings import DEFAULT_MODEL
 
     stack = make_stack(worker=False, models=[DEFAULT_MODEL])
-    env = {**os.environ, "GENQ_REDIS_URL": stack.settings.redis_url, "GENQ_QUEUE": stack.settings.queue,
-           "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "GENQ_REDIS_URL": stack.settings.redis_url,
+        "GENQ_QUEUE": stack.settings.queue,
+        "VLLM_CPU_KVCACHE_SPACE": "2",
+        "HF_HUB_OFFLINE": "1",
+    }
     genq = os.path.join(os.path.dirname(sys.executable), "genq")
     # The machine-wide one-engine lock (the flock(2) lock `flock /work/vllm.lock` takes), held by this
     # test until the worker, which closes its engine before exiting, has exited.
     with open(VLLM_LOCK, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        proc = subprocess.Popen([genq, "worker", "--engine", "vllm", "--max-model-len", "2048"], env=env,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [genq, "worker", "--engine", "vllm", "--max-model-len", "2048"], env=env, start_new_session=True
+        )
         try:
             deadline = time.monotonic() + 300
             with httpx.Client(base_url=stack.url, timeout=10) as h:
@@ -284,8 +302,9 @@ def _ask_france(stack: Stack, model: str) -> None:
     ids = tok.apply_chat_template(question, add_generation_prompt=True, tokenize=True)
     ids = ids if isinstance(ids, list) else ids["input_ids"]
     assert r.usage.prompt_tokens == len(ids)  # counted with the worker's tokenizer, not estimated
-    streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(**kw, stream=True)
-                       if ch.choices)  # fmt: skip
+    streamed = "".join(
+        ch.choices[0].delta.content or "" for ch in c.chat.completions.create(**kw, stream=True) if ch.choices
+    )
     assert "Paris" in streamed and streamed == r.choices[0].message.content  # greedy: same text
 
     async def async_side() -> None:

@@ -12,7 +12,6 @@ import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-
 from test_api_support import Stack, auth, make_stack  # noqa: F401 (fixture)
 
 
@@ -41,8 +40,10 @@ def test_metrics(make_stack) -> None:  # noqa: F811
     stack.call(lambda b: b.register_model("idle", 4096))
     with httpx.Client(base_url=stack.url, headers=auth(key), timeout=30) as h:
         for i in range(3):
-            r = h.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": str(i)}],
-                                                     "max_tokens": 20})  # fmt: skip
+            r = h.post(
+                "/v1/chat/completions",
+                json={"model": "m", "messages": [{"role": "user", "content": str(i)}], "max_tokens": 20},
+            )
             assert r.status_code == 200
         for prio in ("2", "2", "7"):
             h.post("/v1/jobs", json={"model": "idle", "prompt": "x", "max_tokens": 5}, headers={"X-Priority": prio})
@@ -58,8 +59,9 @@ def test_metrics(make_stack) -> None:  # noqa: F811
     assert ("genq_leases", (("model", "m"),)) in m and ("genq_drain_jobs_per_second", (("model", "m"),)) in m
     assert m[("genq_ttft_seconds_count", (("model", "m"),))] == 3
     assert m[("genq_tokens_per_second_count", (("model", "m"),))] == 3
-    assert m[("genq_http_requests_total", (("method", "POST"), ("route", "/v1/chat/completions"),
-                                           ("status", "200")))] == 3  # fmt: skip
+    assert (
+        m[("genq_http_requests_total", (("method", "POST"), ("route", "/v1/chat/completions"), ("status", "200")))] == 3
+    )
     assert m[("genq_http_requests_total", (("method", "POST"), ("route", "/v1/jobs"), ("status", "404")))] == 1
 
 
@@ -73,10 +75,16 @@ def test_genq_api_command_json_access_log(settings, make_stack) -> None:  # noqa
     stack: Stack = make_stack(worker=False)  # for its namespace, keys and cleanup
     key = stack.key("acme")
     port = _free_port()
-    env = {**os.environ, "GENQ_REDIS_URL": settings.redis_url, "GENQ_QUEUE": settings.queue,
-           "GENQ_MODELS": '["m"]', "GENQ_JSON_LOGS": "true"}  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "genq.cli", "api", "--port", str(port)], env=env,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    env = {
+        **os.environ,
+        "GENQ_REDIS_URL": settings.redis_url,
+        "GENQ_QUEUE": settings.queue,
+        "GENQ_MODELS": '["m"]',
+        "GENQ_JSON_LOGS": "true",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "genq.cli", "api", "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
@@ -88,8 +96,11 @@ def test_genq_api_command_json_access_log(settings, make_stack) -> None:  # noqa
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, "genq api did not start"
             time.sleep(0.05)
-        r = httpx.post(url + "/v1/jobs", json={"model": "m", "prompt": "x", "max_tokens": 2},
-                       headers={**auth(key), "X-Request-ID": "req-123"})  # fmt: skip
+        r = httpx.post(
+            url + "/v1/jobs",
+            json={"model": "m", "prompt": "x", "max_tokens": 2},
+            headers={**auth(key), "X-Request-ID": "req-123"},
+        )
         assert r.status_code == 202 and r.headers["x-request-id"] == "req-123"
         generated = httpx.get(url + "/v1/jobs", headers=auth(key)).headers["x-request-id"]
         assert len(generated) == 32

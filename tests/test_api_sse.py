@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-
 from test_api_support import Stack, auth, make_stack  # noqa: F401 (fixture)
 
 MESSAGES = [{"role": "user", "content": "tell me a long story"}]

@@ -59,8 +59,15 @@ class LiveServer:
     def __init__(self, settings: ApiSettings) -> None:
         self.port = _free_port()
         self.app = create_app(settings)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_config=None, access_log=False,
-                                lifespan="on", timeout_graceful_shutdown=2)  # fmt: skip
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=2,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="test-uvicorn", daemon=True)
 
@@ -99,14 +106,20 @@ class WorkerHandle:
             es = {"sim_step_ms": SIM_STEP_MS, "sim_step_ms_per_seq": 0.0, "max_num_seqs": 16, **self.engine_kw}
             broker = Broker.from_settings(self.settings)
             async with SimulatedEngine(EngineSettings(kind="simulated", served_model_name=self.model, **es)) as eng:
-                ws = WorkerSettings(engine="simulated", served_model_name=self.model, heartbeat_s=0.5,
-                                    flush_interval_ms=5, drain_grace_s=2)  # fmt: skip
+                ws = WorkerSettings(
+                    engine="simulated",
+                    served_model_name=self.model,
+                    heartbeat_s=0.5,
+                    flush_interval_ms=5,
+                    drain_grace_s=2,
+                )
                 self.worker = Worker(broker, eng, ws, self.stop_event)
                 run = asyncio.create_task(self.worker.run())
-                await asyncio.wait({run, asyncio.create_task(self.worker.started.wait())},
-                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                await asyncio.wait(
+                    {run, asyncio.create_task(self.worker.started.wait())}, return_when=asyncio.FIRST_COMPLETED
+                )
                 # its first heartbeat is written by a task of its own, with no event to wait on
-                while not run.done() and self.worker.id not in {w["id"] for w in await broker.workers()}:
+                while not run.done() and self.worker.id not in {w["id"] for w in await broker.workers()}:  # noqa: ASYNC110
                     await asyncio.sleep(0.01)
                 ready.set()
                 try:

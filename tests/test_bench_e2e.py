@@ -22,9 +22,23 @@ LAST = re.compile(
 def test_bench_e2e_quick_reports_both_paths() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     out = subprocess.run(
-        [sys.executable, "-m", "genq.cli", "bench", "e2e", "--quick", "--max-num-seqs", "8", "--redis-url", SHARED_REDIS],
-        env=env, capture_output=True, text=True, timeout=880,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "genq.cli",
+            "bench",
+            "e2e",
+            "--quick",
+            "--max-num-seqs",
+            "8",
+            "--redis-url",
+            SHARED_REDIS,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=880,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
     m = LAST.fullmatch(lines[-1].strip())

@@ -28,8 +28,10 @@ def test_quick_run_prints_a_parseable_last_line() -> None:
     genq = Path(sys.executable).with_name("genq")
     proc = subprocess.run(
         [str(genq), "bench", "queue", "--quick", "--redis-url", REDIS_URL],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     m = SUMMARY.match(last)

@@ -37,8 +37,10 @@ def test_quick_run_prints_a_parseable_last_line() -> None:
     genq = Path(sys.executable).with_name("genq")
     proc = subprocess.run(
         [str(genq), "bench", "sse", "--quick", "--redis-url", REDIS_URL],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     got = figures(last)
@@ -54,10 +56,22 @@ def test_quick_run_prints_a_parseable_last_line() -> None:
 
 
 def test_summary_pattern_reads_both_forms() -> None:
-    full = ("genq bench sse: 200 followers, 49,800 tokens/s delivered (target 50,000), latency p50 4.1 ms / "
-            "p99 21.0 ms; submit 1,850 jobs/s; chat TTFT 1 user genq 95 ms vs vLLM server 80 ms, 16 users genq "
-            "410 ms vs vLLM 380 ms")  # fmt: skip
-    assert figures(full) == {"followers": 200, "delivered": 49800, "target": 50000, "p50": 4.1, "p99": 21.0,
-                             "submit": 1850, "g1": 95, "v1": 80, "g16": 410, "v16": 380}  # fmt: skip
+    full = (
+        "genq bench sse: 200 followers, 49,800 tokens/s delivered (target 50,000), latency p50 4.1 ms / "
+        "p99 21.0 ms; submit 1,850 jobs/s; chat TTFT 1 user genq 95 ms vs vLLM server 80 ms, 16 users genq "
+        "410 ms vs vLLM 380 ms"
+    )
+    assert figures(full) == {
+        "followers": 200,
+        "delivered": 49800,
+        "target": 50000,
+        "p50": 4.1,
+        "p99": 21.0,
+        "submit": 1850,
+        "g1": 95,
+        "v1": 80,
+        "g16": 410,
+        "v16": 380,
+    }
     assert figures(full.split("; chat")[0] + "; chat TTFT skipped") is not None
     assert figures(full.replace("jobs/s", "jobs")) is None

@@ -38,7 +38,7 @@ async def snapshot(broker: Broker) -> dict[bytes, bytes]:
         pipe = raw.pipeline(transaction=False)
         for k in keys:
             pipe.dump(k)
-        return dict(zip(keys, await pipe.execute()))
+        return dict(zip(keys, await pipe.execute(), strict=True))
     finally:
         await raw.aclose()
 
@@ -151,8 +151,12 @@ async def test_admit_many_isolates_bad_items(broker: Broker) -> None:
     specs = [spec(), spec(model="nope"), spec(max_tokens=10**6), spec(priority=0), spec(prompt_tokens=5000)]
     results = await broker.admit_many(specs)
     assert [type(r).__name__ for r in results] == [
-        "Admission", "UnknownModel", "InvalidRequest", "Admission", "ContextTooLong",
-    ]  # fmt: skip
+        "Admission",
+        "UnknownModel",
+        "InvalidRequest",
+        "Admission",
+        "ContextTooLong",
+    ]
     assert await depth(broker) == 2
     claimed = await broker.claim("m", "w", 10)
     assert [lease.id for lease in claimed] == [results[3].job_id, results[0].job_id]
@@ -329,6 +333,6 @@ async def test_results_and_events_expire_with_ttl(broker: Broker) -> None:
     assert (await b.get_job(adm.job_id)).status == JobStatus.SUCCEEDED
     # No keyspace event to wait on here: poll with a deadline.
     async with asyncio.timeout(3):
-        while await b.redis.exists(job_key, ev_key):
+        while await b.redis.exists(job_key, ev_key):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
     assert await b.list_jobs("acme") == []

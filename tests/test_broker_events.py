@@ -136,7 +136,7 @@ async def test_two_followers_share_one_subscription(broker: Broker) -> None:
         check_stream(a, 10)
         assert hub.followers == 0 and not hub._subs
         async with asyncio.timeout(2):  # the UNSUBSCRIBE is already sent; let Redis apply it
-            while await broker.redis.pubsub_numsub(channel) != [(channel, 0)]:
+            while await broker.redis.pubsub_numsub(channel) != [(channel, 0)]:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
 
 
@@ -198,8 +198,9 @@ async def test_follower_fills_a_missed_live_message_from_the_stream(broker: Brok
         await asyncio.wait_for(started.wait(), timeout=5)
         # An event that reaches the stream but whose PUBLISH is lost.
         n = await broker.redis.hincrby(broker.keys.job(adm.job_id), "evn", 1)
-        await broker.redis.xadd(broker.keys.events(adm.job_id),
-                                {"n": n, "t": "token", "d": '{"seq": 0, "text": "lost", "n": 0}'})  # fmt: skip
+        await broker.redis.xadd(
+            broker.keys.events(adm.job_id), {"n": n, "t": "token", "d": '{"seq": 0, "text": "lost", "n": 0}'}
+        )
         await broker.append_many([Delta(lease.id, lease.fence, "live", [1])])
         await broker.complete(lease, "stop")
         await asyncio.wait_for(task, timeout=5)

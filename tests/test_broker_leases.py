@@ -201,7 +201,7 @@ async def test_cancel_running_job_notifies_its_worker(broker: Broker) -> None:
 async def test_cancel_requested_job_is_not_retried(short: Broker) -> None:
     a = await short.admit(spec())
     b = await short.admit(spec())
-    la, lb = await short.claim("m", "w", 2)
+    la, lb = await short.claim("m", "w", 2)  # noqa: RUF059
     assert await short.cancel(a.job_id) == JobStatus.RUNNING  # admin cancel: no tenant
     assert await short.cancel(b.job_id) == JobStatus.RUNNING
     await expire_lease(short, a.job_id)

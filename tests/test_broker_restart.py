@@ -39,8 +39,14 @@ async def test_redis_restart_mid_run_loses_no_acknowledged_job(redis_server, set
         async def admit_all() -> None:
             for i in range(N_JOBS):
                 # The idempotency key makes a retried admission (reply lost in the restart) return the same job.
-                spec = JobSpec(tenant=f"t{i % 3}", model="m", kind="completion", prompt="p", max_tokens=8,
-                               idempotency_key=f"job-{i}")  # fmt: skip
+                spec = JobSpec(
+                    tenant=f"t{i % 3}",
+                    model="m",
+                    kind="completion",
+                    prompt="p",
+                    max_tokens=8,
+                    idempotency_key=f"job-{i}",
+                )
                 while True:
                     try:
                         adm = await broker.admit(spec)
@@ -107,10 +113,15 @@ async def test_redis_restart_mid_run_loses_no_acknowledged_job(redis_server, set
         pipe = broker.redis.pipeline(transaction=False)
         for jid in acked:
             pipe.xrange(broker.keys.events(jid))
-        for jid, entries in zip(acked, await pipe.execute()):
+        for jid, entries in zip(acked, await pipe.execute(), strict=True):
             types = [fields["t"] for _, fields in entries]
             assert types.count("done") == 1 and types[0] == "queued" and types[-1] == "done", (jid, types)
-        log.info("redis restart survived", jobs=N_JOBS, completed_by_worker=len(done), transient_errors=dict(errors),
-                 **restart)  # fmt: skip
+        log.info(
+            "redis restart survived",
+            jobs=N_JOBS,
+            completed_by_worker=len(done),
+            transient_errors=dict(errors),
+            **restart,
+        )
         assert (await broker.queue_stats("m")).total_depth == 0
         assert int(await broker.redis.hget(broker.keys.global_, "queued")) == 0

@@ -53,9 +53,12 @@ class BrokerMachine(RuleBasedStateMachine):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.settings = BrokerSettings(
-            redis_url=REDIS_URL, queue="sm" + secrets.token_hex(6), models=["m"],
-            max_attempts=MAX_ATTEMPTS, lease_ms=60_000,
-        )  # fmt: skip
+            redis_url=REDIS_URL,
+            queue="sm" + secrets.token_hex(6),
+            models=["m"],
+            max_attempts=MAX_ATTEMPTS,
+            lease_ms=60_000,
+        )
         self.broker = Broker.from_settings(self.settings)
         self.run(self.broker.register_model("m", 4096))
         self.jobs: dict[str, MJob] = {}
@@ -104,11 +107,21 @@ class BrokerMachine(RuleBasedStateMachine):
         for t in tenants:
             self.admit(t, 5, None)
 
-    @rule(tenant=st.sampled_from(TENANTS), priority=st.sampled_from([0, 1, 5, 9]),
-          key=st.none() | st.sampled_from(["k1", "k2"]))  # fmt: skip
+    @rule(
+        tenant=st.sampled_from(TENANTS),
+        priority=st.sampled_from([0, 1, 5, 9]),
+        key=st.none() | st.sampled_from(["k1", "k2"]),
+    )
     def admit(self, tenant: str, priority: int, key: str | None) -> None:
-        spec = JobSpec(tenant=tenant, model="m", kind="completion", prompt="x", max_tokens=16,
-                       priority=priority, idempotency_key=key)  # fmt: skip
+        spec = JobSpec(
+            tenant=tenant,
+            model="m",
+            kind="completion",
+            prompt="x",
+            max_tokens=16,
+            priority=priority,
+            idempotency_key=key,
+        )
         adm = self.run(self.broker.admit(spec))
         if key is not None and (tenant, key) in self.idem:
             assert adm.duplicate and adm.job_id == self.idem[(tenant, key)]
@@ -129,8 +142,9 @@ class BrokerMachine(RuleBasedStateMachine):
             j = queued.pop(lease.id)
             # strict priority, FIFO inside one tenant
             assert j.priority == min([j.priority] + [q.priority for q in queued.values()])
-            assert j.seq == min([j.seq] + [q.seq for q in queued.values()
-                                           if (q.tenant, q.priority) == (j.tenant, j.priority)])  # fmt: skip
+            assert j.seq == min(
+                [j.seq] + [q.seq for q in queued.values() if (q.tenant, q.priority) == (j.tenant, j.priority)]
+            )
             assert lease.fence > self.last_fence
             self.last_fence = lease.fence
             assert lease.job.attempts == j.attempts + 1
@@ -226,7 +240,7 @@ class BrokerMachine(RuleBasedStateMachine):
 
         replies, stats = self.run(read())
         rows, (leased, queued, global_q), tenant_q = replies[: len(ids)], replies[len(ids) : len(ids) + 3], replies[-3:]
-        for jid, (status, attempts, fence, cancel) in zip(ids, rows):
+        for jid, (status, attempts, fence, cancel) in zip(ids, rows, strict=True):
             j = self.jobs[jid]
             assert status is not None, f"job {jid} lost"
             status = JobStatus(status)
@@ -245,7 +259,7 @@ class BrokerMachine(RuleBasedStateMachine):
         assert stats.running == len(leased)
         for p, d in stats.depth.items():
             assert d == sum(1 for j in self.jobs.values() if j.status == Q and j.priority == p)
-        for t, q in zip(TENANTS, tenant_q):
+        for t, q in zip(TENANTS, tenant_q, strict=True):
             assert int(q or 0) == sum(1 for j in self.jobs.values() if j.status == Q and j.tenant == t)
 
 

@@ -38,7 +38,7 @@ async def collect(eng, req: GenRequest) -> list[Delta]:
 async def eventually(pred: Callable[[], bool], timeout_s: float = 2.0) -> None:
     """Wait until ``pred()`` holds (re-checked on each loop turn), or fail."""
     async with asyncio.timeout(timeout_s):
-        while not pred():
+        while not pred():  # noqa: ASYNC110
             await asyncio.sleep(0.001)
 
 
@@ -90,7 +90,7 @@ async def test_tokens_per_step_and_stop() -> None:
     async with SimulatedEngine(settings) as eng:
         out = await collect(eng, GenRequest("a", prompt="x", max_tokens=10))
         assert [len(d.token_ids) for d in out] == [4, 4, 2]
-        text, ids = joined(out)
+        text, ids = joined(out)  # noqa: RUF059
         # stop at the third token's text: its text is cut before the match
         stop = f" tok{ids[2]}"
         out2 = await collect(eng, GenRequest("b", prompt="x", max_tokens=10, stop=[stop]))
@@ -109,9 +109,7 @@ async def test_resume_continues_the_same_sequence(engine: SimulatedEngine) -> No
     assert first_ids + joined(rest)[1] == full[1]
     assert "".join(f" tok{t}" for t in first_ids) + joined(rest)[0] == full[0]
     assert rest[0].prompt_tokens == 2  # the original prompt, not resume tokens
-    done = await collect(
-        engine, GenRequest("c", prompt="p q", max_tokens=5, resume_token_ids=first_ids)
-    )
+    done = await collect(engine, GenRequest("c", prompt="p q", max_tokens=5, resume_token_ids=first_ids))
     assert [(d.token_ids, d.finish_reason) for d in done] == [([], "length")]
 
 
@@ -210,8 +208,7 @@ async def test_step_latency_grows_with_batch_size() -> None:
         async def timed(n_seqs: int) -> float:
             steps0, t0 = eng.steps, time.perf_counter()
             await asyncio.gather(
-                *(collect(eng, GenRequest(f"{n_seqs}-{i}", prompt="x", max_tokens=10))
-                  for i in range(n_seqs))
+                *(collect(eng, GenRequest(f"{n_seqs}-{i}", prompt="x", max_tokens=10)) for i in range(n_seqs))
             )
             return (time.perf_counter() - t0) / (eng.steps - steps0)
 

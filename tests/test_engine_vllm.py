@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 pytest.importorskip("vllm")
 
-from worker.engine import (  # noqa: E402
+from worker.engine import (
     Delta,
     EngineDeadError,
     EngineSettings,
@@ -23,7 +23,7 @@ from worker.engine import (  # noqa: E402
     PromptTooLongError,
     open_engine,
 )
-from worker.model import DEFAULT_MODEL_NAME  # noqa: E402
+from worker.model import DEFAULT_MODEL_NAME
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
@@ -59,9 +59,7 @@ async def test_identity(engine) -> None:
 
 
 async def test_capital_of_france(engine) -> None:
-    out = await collect(
-        engine, GenRequest("france", messages=FRANCE, temperature=0, max_tokens=32)
-    )
+    out = await collect(engine, GenRequest("france", messages=FRANCE, temperature=0, max_tokens=32))
     text, ids = joined(out)
     assert "Paris" in text
     assert out[-1].finish_reason in ("stop", "length")
@@ -86,9 +84,7 @@ async def test_resume_continues_greedy_sequence(engine) -> None:
     base = dict(prompt=STORY, temperature=0, max_tokens=20, ignore_eos=True)
     full_text, full_ids = joined(await collect(engine, GenRequest("full", **base)))
     assert len(full_ids) == 20
-    rest = await collect(
-        engine, GenRequest("resumed", **base, resume_token_ids=full_ids[:8])
-    )
+    rest = await collect(engine, GenRequest("resumed", **base, resume_token_ids=full_ids[:8]))
     rest_text, rest_ids = joined(rest)
     assert rest_ids == full_ids[8:]
     assert rest[0].prompt_tokens == engine.count_prompt_tokens(STORY, None)
@@ -96,9 +92,7 @@ async def test_resume_continues_greedy_sequence(engine) -> None:
     head = engine._tokenizer.decode(full_ids[:8], skip_special_tokens=True)
     assert head + rest_text == full_text
 
-    spent = await collect(
-        engine, GenRequest("spent", **{**base, "max_tokens": 8}, resume_token_ids=full_ids[:8])
-    )
+    spent = await collect(engine, GenRequest("spent", **{**base, "max_tokens": 8}, resume_token_ids=full_ids[:8]))
     assert [(d.token_ids, d.finish_reason) for d in spent] == [([], "length")]
 
 
@@ -133,8 +127,7 @@ async def test_consumer_going_away_aborts(engine) -> None:
 
 async def test_priority_and_concurrency(engine) -> None:
     reqs = [
-        GenRequest(f"prio-{p}", prompt=STORY, temperature=0, max_tokens=6,
-                   ignore_eos=True, priority=p)
+        GenRequest(f"prio-{p}", prompt=STORY, temperature=0, max_tokens=6, ignore_eos=True, priority=p)
         for p in (0, 5, 9)
     ]
     results = await asyncio.gather(*(collect(engine, r) for r in reqs))
@@ -154,10 +147,7 @@ async def test_invalid_requests(engine) -> None:
 
 
 async def test_stats_running_and_waiting(engine) -> None:
-    reqs = [
-        GenRequest(f"load-{i}", prompt=STORY, max_tokens=40, ignore_eos=True)
-        for i in range(engine.capacity + 2)
-    ]
+    reqs = [GenRequest(f"load-{i}", prompt=STORY, max_tokens=40, ignore_eos=True) for i in range(engine.capacity + 2)]
     tasks = [asyncio.create_task(collect(engine, r)) for r in reqs]
     seen = set()
     async with asyncio.timeout(120):  # wait for the full-batch state itself

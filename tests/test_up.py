@@ -22,8 +22,11 @@ def start_up(data_dir: Path, port: int) -> subprocess.Popen:
     env["GENQ_DATA_DIR"] = str(data_dir)
     return subprocess.Popen(
         [sys.executable, "-m", "genq.cli", "up", "--engine", "simulated", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def wait_ready(url: str, key: Path, proc: subprocess.Popen, timeout_s: float = 60) -> str:
@@ -53,8 +56,12 @@ def test_up_serves_stops_cleanly_and_keeps_its_data(tmp_path: Path) -> None:
     try:
         key = wait_ready(url, tmp_path / "api_key", proc)
         auth = {"Authorization": f"Bearer {key}"}
-        r = httpx.post(f"{url}/v1/chat/completions", headers=auth, timeout=30,
-                       json={"model": "simulated", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            headers=auth,
+            timeout=30,
+            json={"model": "simulated", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        )
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 4
         job_id = r.json()["id"].removeprefix("chatcmpl-")

@@ -48,15 +48,37 @@ class WorkerProc:
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self, worker_id: str) -> None:
-        env = {**os.environ, "GENQ_REDIS_URL": self.settings.redis_url, "GENQ_QUEUE": self.settings.queue,
-               "GENQ_LEASE_MS": str(LEASE_MS), "GENQ_REAP_INTERVAL_MS": str(REAP_MS)}  # fmt: skip
-        log = open(self.logs / f"{worker_id}.log", "wb")  # noqa: SIM115 - the child owns it
+        env = {
+            **os.environ,
+            "GENQ_REDIS_URL": self.settings.redis_url,
+            "GENQ_QUEUE": self.settings.queue,
+            "GENQ_LEASE_MS": str(LEASE_MS),
+            "GENQ_REAP_INTERVAL_MS": str(REAP_MS),
+        }
+        log = open(self.logs / f"{worker_id}.log", "wb")  # noqa: ASYNC230
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "worker.main", "--engine", "simulated", "--served-model-name", MODEL,
-            "--max-num-seqs", "16", "--sim-step-ms", "10", "--sim-step-ms-per-seq", "0.5",
-            "--heartbeat-s", "0.1", "--worker-id", worker_id, "--json-logs",
-            env=env, stdout=log, stderr=log,
-        )  # fmt: skip
+            sys.executable,
+            "-m",
+            "worker.main",
+            "--engine",
+            "simulated",
+            "--served-model-name",
+            MODEL,
+            "--max-num-seqs",
+            "16",
+            "--sim-step-ms",
+            "10",
+            "--sim-step-ms-per-seq",
+            "0.5",
+            "--heartbeat-s",
+            "0.1",
+            "--worker-id",
+            worker_id,
+            "--json-logs",
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
         log.close()
 
     def kill(self) -> None:
@@ -92,10 +114,20 @@ async def test_kill_9_loses_nothing(settings: BrokerSettings, tmp_path: Path) ->
         await broker.register_model(MODEL, 4096)
         specs = []
         for i in range(JOBS):
-            body = ({"kind": "completion", "prompt": f"chaos prompt {i}"} if i % 2
-                    else {"kind": "chat", "messages": [{"role": "user", "content": f"chaos {i}"}]})  # fmt: skip
-            specs.append(JobSpec(tenant=f"t{i % 4}", model=MODEL, priority=rng.choice([2, 5, 5, 9]),
-                                 max_tokens=rng.randint(20, 80), **body))  # fmt: skip
+            body = (
+                {"kind": "completion", "prompt": f"chaos prompt {i}"}
+                if i % 2
+                else {"kind": "chat", "messages": [{"role": "user", "content": f"chaos {i}"}]}
+            )
+            specs.append(
+                JobSpec(
+                    tenant=f"t{i % 4}",
+                    model=MODEL,
+                    priority=rng.choice([2, 5, 5, 9]),
+                    max_tokens=rng.randint(20, 80),
+                    **body,
+                )
+            )
         ids = [a.job_id for a in await broker.admit_many(specs)]  # type: ignore[union-attr]
         survivor = WorkerProc(settings, tmp_path, "survivor")
         victim = WorkerProc(settings, tmp_path, "victim")
@@ -153,5 +185,7 @@ async def test_kill_9_loses_nothing(settings: BrokerSettings, tmp_path: Path) ->
                     nxt = next(e for e in events[i + 1 :] if e.type == "started")
                     assert event_ms(nxt) - event_ms(ev) <= 3000
         assert lost_retries >= KILLS  # every kill hit running jobs
-        print(f"{JOBS} jobs, {KILLS} kills, {lost_retries} jobs requeued after a kill, "
-              f"worst kill->requeue {worst_requeue_ms} ms, run {elapsed:.1f} s")  # fmt: skip
+        print(
+            f"{JOBS} jobs, {KILLS} kills, {lost_retries} jobs requeued after a kill, "
+            f"worst kill->requeue {worst_requeue_ms} ms, run {elapsed:.1f} s"
+        )

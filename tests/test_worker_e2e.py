@@ -21,12 +21,12 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 pytest.importorskip("vllm")
 
-from broker import Broker, BrokerSettings, JobSpec, JobStatus  # noqa: E402
-from broker.events import EventHub  # noqa: E402
-from worker.engine import EngineSettings, open_engine  # noqa: E402
-from worker.loop import Worker  # noqa: E402
-from worker.model import DEFAULT_MODEL_NAME, default_cache_dir  # noqa: E402
-from worker.settings import WorkerSettings  # noqa: E402
+from broker import Broker, BrokerSettings, JobSpec, JobStatus
+from broker.events import EventHub
+from worker.engine import EngineSettings, open_engine
+from worker.loop import Worker
+from worker.model import DEFAULT_MODEL_NAME, default_cache_dir
+from worker.settings import WorkerSettings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(600)]
 
@@ -87,7 +87,7 @@ async def run_jobs(stack: Stack, specs: list[JobSpec], timeout_s: float = 300) -
             return last.data, "".join(text)
 
         results = await asyncio.wait_for(asyncio.gather(*(follow(j) for j in ids)), timeout_s)
-    return [(done, text, await stack.broker.get_job(j)) for j, (done, text) in zip(ids, results)]  # type: ignore[misc]
+    return [(done, text, await stack.broker.get_job(j)) for j, (done, text) in zip(ids, results, strict=True)]  # type: ignore[misc]
 
 
 async def test_worker_registers_the_default_model(stack: Stack) -> None:
@@ -99,8 +99,14 @@ async def test_worker_registers_the_default_model(stack: Stack) -> None:
 
 
 async def test_capital_of_france(stack: Stack) -> None:
-    spec = JobSpec(tenant="e2e", model=DEFAULT_MODEL_NAME, messages=FRANCE, temperature=0, max_tokens=32,
-                   prompt_tokens=stack.prompt_tokens(FRANCE))  # fmt: skip
+    spec = JobSpec(
+        tenant="e2e",
+        model=DEFAULT_MODEL_NAME,
+        messages=FRANCE,
+        temperature=0,
+        max_tokens=32,
+        prompt_tokens=stack.prompt_tokens(FRANCE),
+    )
     ((done, streamed, job),) = await run_jobs(stack, [spec])
     assert "Paris" in job.output
     assert streamed == job.output
@@ -112,12 +118,21 @@ async def test_sixteen_mixed_priority_chats(stack: Stack) -> None:
     specs = []
     for i in range(16):
         messages = [{"role": "user", "content": f"Write one sentence about {topics[i % 8]}."}]
-        specs.append(JobSpec(tenant=f"tenant{i % 3}", model=DEFAULT_MODEL_NAME, messages=messages,
-                             priority=[0, 5, 9, 3][i % 4], max_tokens=24, temperature=0.7, seed=i,
-                             prompt_tokens=stack.prompt_tokens(messages)))  # fmt: skip
+        specs.append(
+            JobSpec(
+                tenant=f"tenant{i % 3}",
+                model=DEFAULT_MODEL_NAME,
+                messages=messages,
+                priority=[0, 5, 9, 3][i % 4],
+                max_tokens=24,
+                temperature=0.7,
+                seed=i,
+                prompt_tokens=stack.prompt_tokens(messages),
+            )
+        )
     results = await run_jobs(stack, specs)
     engine = stack.worker.engine
-    for spec, (done, streamed, job) in zip(specs, results):
+    for spec, (done, streamed, job) in zip(specs, results, strict=True):
         assert job.status is JobStatus.SUCCEEDED
         assert job.output and streamed == job.output  # the stream is the output
         usage = done["usage"]

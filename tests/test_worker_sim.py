@@ -43,8 +43,15 @@ class ProbedEngine(SimulatedEngine):
 
 
 def sim_engine(capacity: int = 8, step_ms: float = 2.0, per_seq_ms: float = 0.0) -> ProbedEngine:
-    return ProbedEngine(EngineSettings(kind="simulated", served_model_name=MODEL, max_num_seqs=capacity,
-                                       sim_step_ms=step_ms, sim_step_ms_per_seq=per_seq_ms))  # fmt: skip
+    return ProbedEngine(
+        EngineSettings(
+            kind="simulated",
+            served_model_name=MODEL,
+            max_num_seqs=capacity,
+            sim_step_ms=step_ms,
+            sim_step_ms_per_seq=per_seq_ms,
+        )
+    )
 
 
 def worker_settings(**kw: object) -> WorkerSettings:
@@ -130,7 +137,7 @@ async def follow(hub: EventHub, job_id: str, until: str | None = None) -> Follow
 async def follow_all(broker: Broker, job_ids: list[str], timeout_s: float = 30.0) -> dict[str, Followed]:
     async with EventHub(broker.redis, broker.keys) as hub:
         results = await asyncio.wait_for(asyncio.gather(*(follow(hub, j) for j in job_ids)), timeout_s)
-    return dict(zip(job_ids, results))
+    return dict(zip(job_ids, results, strict=True))
 
 
 async def check_succeeded(broker: Broker, job_id: str, f: Followed) -> Job:
@@ -224,8 +231,10 @@ async def test_claim_sizing_and_second_worker(broker: Broker) -> None:
         assert max(s.running + s.waiting for s in eng.samples) <= capacity + margin
     assert r1.worker.jobs_claimed + r2.worker.jobs_claimed == 100
     assert r2.worker.jobs_claimed >= 10
-    print(f"second worker first claim {second_claim_ms:.1f} ms after start; "
-          f"claims w1={r1.worker.jobs_claimed} w2={r2.worker.jobs_claimed}")  # fmt: skip
+    print(
+        f"second worker first claim {second_claim_ms:.1f} ms after start; "
+        f"claims w1={r1.worker.jobs_claimed} w2={r2.worker.jobs_claimed}"
+    )
 
 
 async def test_drain_on_stop_then_resume_elsewhere(broker: Broker) -> None:
@@ -259,7 +268,9 @@ async def test_drain_on_stop_then_resume_elsewhere(broker: Broker) -> None:
     assert 0.9 < stopped_s < 2.0  # waited the grace, not more
     assert checked_s < 1.0
     assert [j.status for j in jobs[:2]] == [JobStatus.SUCCEEDED] * 2
-    assert [j.status for j in jobs[2:]] == [JobStatus.QUEUED] * 6 and {j.attempts for j in jobs[2:]} == {0}  # a shutdown hand-back spends no attempt
+    assert [j.status for j in jobs[2:]] == [JobStatus.QUEUED] * 6 and {j.attempts for j in jobs[2:]} == {
+        0
+    }  # a shutdown hand-back spends no attempt
     assert stats.running == 0 and stats.total_depth == 6
     # the four that ran kept their output, for the next attempt to continue after it
     with_output = {j.id for j in jobs[2:] if j.output_token_ids}
@@ -329,10 +340,8 @@ async def test_engine_death_hands_back_all_jobs(broker: Broker) -> None:
 
 
 async def test_invalid_request_fails_without_retry(broker: Broker) -> None:
-    engine = ProbedEngine(EngineSettings(kind="simulated", served_model_name=MODEL, max_model_len=32,
-                                         sim_step_ms=1))  # fmt: skip
-    (jid,) = await admit(broker, [JobSpec(tenant="t", model=MODEL, kind="completion", prompt="w " * 40,
-                                          max_tokens=5)])  # fmt: skip
+    engine = ProbedEngine(EngineSettings(kind="simulated", served_model_name=MODEL, max_model_len=32, sim_step_ms=1))
+    (jid,) = await admit(broker, [JobSpec(tenant="t", model=MODEL, kind="completion", prompt="w " * 40, max_tokens=5)])
     async with running(broker, engine):
         followed = (await follow_all(broker, [jid]))[jid]
     job = await broker.get_job(jid)
@@ -344,6 +353,8 @@ def test_worker_never_imports_fastapi_or_vllm_eagerly() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, worker.loop, worker.main, worker.cli; "
-            "bad = [m for m in ('fastapi', 'starlette', 'vllm') if m in sys.modules]; assert not bad, bad")  # fmt: skip
+    code = (
+        "import sys, worker.loop, worker.main, worker.cli; "
+        "bad = [m for m in ('fastapi', 'starlette', 'vllm') if m in sys.modules]; assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -6,7 +6,7 @@ Only typer is imported here, so ``genq --help`` stays fast; the worker itself
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,42 +16,55 @@ _BROKER = "Broker (also GENQ_* env)"
 
 
 def worker_command(
-    engine: Annotated[Optional[str], typer.Option(help="vllm | simulated [env GENQ_WORKER_ENGINE; default vllm]",
-                                                  rich_help_panel=_ENGINE)] = None,
-    model: Annotated[Optional[str], typer.Option(help="Model path or id; default: the built-in default model.",
-                                                 rich_help_panel=_ENGINE)] = None,
-    served_model_name: Annotated[Optional[str], typer.Option(help="Queue (model) name clients use.",
-                                                             rich_help_panel=_ENGINE)] = None,
-    max_num_seqs: Annotated[Optional[int], typer.Option(help="Concurrent sequences in the engine.",
-                                                        rich_help_panel=_ENGINE)] = None,
-    max_num_batched_tokens: Annotated[Optional[int], typer.Option(rich_help_panel=_ENGINE)] = None,
-    max_model_len: Annotated[Optional[int], typer.Option(rich_help_panel=_ENGINE)] = None,
-    dtype: Annotated[Optional[str], typer.Option(rich_help_panel=_ENGINE)] = None,
-    gpu_memory_utilization: Annotated[Optional[float], typer.Option(
-        help="Share of GPU memory (of host RAM on CPU) for the KV cache.", rich_help_panel=_ENGINE)] = None,
-    tensor_parallel_size: Annotated[Optional[int], typer.Option(rich_help_panel=_ENGINE)] = None,
-    enforce_eager: Annotated[Optional[bool], typer.Option("--enforce-eager/--no-enforce-eager",
-                                                          rich_help_panel=_ENGINE, show_default=False)] = None,
-    sim_step_ms: Annotated[Optional[float], typer.Option(help="Simulated engine: ms per step.",
-                                                         rich_help_panel=_ENGINE)] = None,
-    sim_step_ms_per_seq: Annotated[Optional[float], typer.Option(rich_help_panel=_ENGINE)] = None,
-    sim_tokens_per_step: Annotated[Optional[int], typer.Option(rich_help_panel=_ENGINE)] = None,
-    flush_interval_ms: Annotated[Optional[int], typer.Option(help="Delta coalescing window [20].",
-                                                             rich_help_panel=_FEED)] = None,
-    drain_grace_s: Annotated[Optional[float], typer.Option(help="On SIGTERM, time for running jobs [30].",
-                                                           rich_help_panel=_FEED)] = None,
-    claim_token_budget: Annotated[Optional[int], typer.Option(help="Max prompt+max_tokens held at once.",
-                                                              rich_help_panel=_FEED)] = None,
-    waiting_margin: Annotated[Optional[int], typer.Option(help="Jobs held beyond the engine's slots [2].",
-                                                          rich_help_panel=_FEED)] = None,
-    heartbeat_s: Annotated[Optional[float], typer.Option(rich_help_panel=_FEED)] = None,
-    worker_id: Annotated[Optional[str], typer.Option(help="Default: host-pid-random.",
-                                                     rich_help_panel=_FEED)] = None,
-    redis_url: Annotated[Optional[str], typer.Option(help="[env GENQ_REDIS_URL]", rich_help_panel=_BROKER)] = None,
-    queue: Annotated[Optional[str], typer.Option(help="[env GENQ_QUEUE]", rich_help_panel=_BROKER)] = None,
-    lease_ms: Annotated[Optional[int], typer.Option(help="[env GENQ_LEASE_MS]", rich_help_panel=_BROKER)] = None,
-    log_level: Annotated[Optional[str], typer.Option(help="[INFO]")] = None,
-    json_logs: Annotated[Optional[bool], typer.Option("--json-logs/--console-logs", show_default=False)] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(help="vllm | simulated [env GENQ_WORKER_ENGINE; default vllm]", rich_help_panel=_ENGINE),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Model path or id; default: the built-in default model.", rich_help_panel=_ENGINE),
+    ] = None,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="Queue (model) name clients use.", rich_help_panel=_ENGINE)
+    ] = None,
+    max_num_seqs: Annotated[
+        int | None, typer.Option(help="Concurrent sequences in the engine.", rich_help_panel=_ENGINE)
+    ] = None,
+    max_num_batched_tokens: Annotated[int | None, typer.Option(rich_help_panel=_ENGINE)] = None,
+    max_model_len: Annotated[int | None, typer.Option(rich_help_panel=_ENGINE)] = None,
+    dtype: Annotated[str | None, typer.Option(rich_help_panel=_ENGINE)] = None,
+    gpu_memory_utilization: Annotated[
+        float | None,
+        typer.Option(help="Share of GPU memory (of host RAM on CPU) for the KV cache.", rich_help_panel=_ENGINE),
+    ] = None,
+    tensor_parallel_size: Annotated[int | None, typer.Option(rich_help_panel=_ENGINE)] = None,
+    enforce_eager: Annotated[
+        bool | None, typer.Option("--enforce-eager/--no-enforce-eager", rich_help_panel=_ENGINE, show_default=False)
+    ] = None,
+    sim_step_ms: Annotated[
+        float | None, typer.Option(help="Simulated engine: ms per step.", rich_help_panel=_ENGINE)
+    ] = None,
+    sim_step_ms_per_seq: Annotated[float | None, typer.Option(rich_help_panel=_ENGINE)] = None,
+    sim_tokens_per_step: Annotated[int | None, typer.Option(rich_help_panel=_ENGINE)] = None,
+    flush_interval_ms: Annotated[
+        int | None, typer.Option(help="Delta coalescing window [20].", rich_help_panel=_FEED)
+    ] = None,
+    drain_grace_s: Annotated[
+        float | None, typer.Option(help="On SIGTERM, time for running jobs [30].", rich_help_panel=_FEED)
+    ] = None,
+    claim_token_budget: Annotated[
+        int | None, typer.Option(help="Max prompt+max_tokens held at once.", rich_help_panel=_FEED)
+    ] = None,
+    waiting_margin: Annotated[
+        int | None, typer.Option(help="Jobs held beyond the engine's slots [2].", rich_help_panel=_FEED)
+    ] = None,
+    heartbeat_s: Annotated[float | None, typer.Option(rich_help_panel=_FEED)] = None,
+    worker_id: Annotated[str | None, typer.Option(help="Default: host-pid-random.", rich_help_panel=_FEED)] = None,
+    redis_url: Annotated[str | None, typer.Option(help="[env GENQ_REDIS_URL]", rich_help_panel=_BROKER)] = None,
+    queue: Annotated[str | None, typer.Option(help="[env GENQ_QUEUE]", rich_help_panel=_BROKER)] = None,
+    lease_ms: Annotated[int | None, typer.Option(help="[env GENQ_LEASE_MS]", rich_help_panel=_BROKER)] = None,
+    log_level: Annotated[str | None, typer.Option(help="[INFO]")] = None,
+    json_logs: Annotated[bool | None, typer.Option("--json-logs/--console-logs", show_default=False)] = None,
 ) -> None:
     """Run one worker: one engine, fed from the queue of the model it serves."""
     flags = {k: v for k, v in locals().items() if v is not None}  # first: only the parameters

@@ -77,7 +77,7 @@ class LeaseKeeper:
         while await self._tick(self.renew_s):
             try:
                 await self.renew_once()
-            except Exception:  # noqa: BLE001 - Redis away: leases may lapse; jobs then retry elsewhere
+            except Exception:
                 log.exception("lease renewal failed")
 
     # -- cancel notices --------------------------------------------------------
@@ -101,5 +101,5 @@ class LeaseKeeper:
         while await self._tick(self.reap_s):
             try:
                 await self.broker.reap(self.worker.model)
-            except Exception:  # noqa: BLE001 - another worker will reap meanwhile
+            except Exception:
                 log.exception("reap failed")

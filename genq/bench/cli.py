@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,11 +14,11 @@ def queue_command(
     redis_url: Annotated[str, typer.Option(help="Redis to measure on (a random namespace, removed after).")] = (
         "redis://127.0.0.1:6379"
     ),
-    samples: Annotated[Optional[int], typer.Option(help="genq latency samples [200].")] = None,
-    jobs: Annotated[Optional[int], typer.Option(help="genq drain jobs [20000].")] = None,
-    arq_samples: Annotated[Optional[int], typer.Option(help="arq latency samples [40].")] = None,
-    arq_jobs: Annotated[Optional[int], typer.Option(help="arq drain jobs [3000].")] = None,
-    consumers: Annotated[Optional[int], typer.Option(help="genq drain claim loops [4].")] = None,
+    samples: Annotated[int | None, typer.Option(help="genq latency samples [200].")] = None,
+    jobs: Annotated[int | None, typer.Option(help="genq drain jobs [20000].")] = None,
+    arq_samples: Annotated[int | None, typer.Option(help="arq latency samples [40].")] = None,
+    arq_jobs: Annotated[int | None, typer.Option(help="arq drain jobs [3000].")] = None,
+    consumers: Annotated[int | None, typer.Option(help="genq drain claim loops [4].")] = None,
     quick: Annotated[bool, typer.Option(help="Small numbers, for tests.")] = False,
 ) -> None:
     import dataclasses
@@ -28,8 +28,7 @@ def queue_command(
 
     configure_logging()
     cfg = queue.Config.quick(redis_url) if quick else queue.Config(redis_url=redis_url)
-    given = {"samples": samples, "jobs": jobs, "arq_samples": arq_samples, "arq_jobs": arq_jobs,
-             "consumers": consumers}  # fmt: skip
+    given = {"samples": samples, "jobs": jobs, "arq_samples": arq_samples, "arq_jobs": arq_jobs, "consumers": consumers}
     queue.main(dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None}))
 
 
@@ -38,10 +37,10 @@ def sse_command(
     redis_url: Annotated[str, typer.Option(help="Redis to measure on (a random namespace, removed after).")] = (
         "redis://127.0.0.1:6379"
     ),
-    followers: Annotated[Optional[int], typer.Option(help="Concurrent SSE followers, one job each [200].")] = None,
-    rate: Annotated[Optional[int], typer.Option(help="Target tokens/s published in total [50000].")] = None,
-    duration_s: Annotated[Optional[float], typer.Option(help="Seconds of streaming per rate [10].")] = None,
-    client_procs: Annotated[Optional[int], typer.Option(help="Client processes sharing the followers [2].")] = None,
+    followers: Annotated[int | None, typer.Option(help="Concurrent SSE followers, one job each [200].")] = None,
+    rate: Annotated[int | None, typer.Option(help="Target tokens/s published in total [50000].")] = None,
+    duration_s: Annotated[float | None, typer.Option(help="Seconds of streaming per rate [10].")] = None,
+    client_procs: Annotated[int | None, typer.Option(help="Client processes sharing the followers [2].")] = None,
     skip_vllm: Annotated[bool, typer.Option(help="Skip the chat TTFT comparison with vLLM's server.")] = False,
     quick: Annotated[bool, typer.Option(help="Few followers, short, no vLLM: for tests.")] = False,
 ) -> None:
@@ -68,7 +67,7 @@ def e2e_command(
     ttft_samples: Annotated[int, typer.Option(help="Sequential single requests for the TTFT figure.")] = 20,
     max_tokens: Annotated[int, typer.Option(help="New tokens per request (ignore_eos).")] = 128,
     max_num_seqs: Annotated[int, typer.Option(help="Engine sequence slots, the same for both paths.")] = 64,
-    model: Annotated[Optional[str], typer.Option(help="Model path (default: the bundled SmolLM2-135M).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model path (default: the bundled SmolLM2-135M).")] = None,
     quick: Annotated[bool, typer.Option(help="Small numbers, for tests.")] = False,
 ) -> None:
     from rich.console import Console

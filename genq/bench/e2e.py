@@ -33,13 +33,31 @@ from genq.bench.common import percentile
 
 log = structlog.get_logger(__name__)
 
-TOPICS = ["a lighthouse", "a robot chef", "the ocean", "a lost key", "mountains", "a city at night", "a dragon",
-          "a library", "winter", "a train journey", "a garden", "the moon", "a violin", "a desert", "rain", "a fox"]
+TOPICS = [
+    "a lighthouse",
+    "a robot chef",
+    "the ocean",
+    "a lost key",
+    "mountains",
+    "a city at night",
+    "a dragon",
+    "a library",
+    "winter",
+    "a train journey",
+    "a garden",
+    "the moon",
+    "a violin",
+    "a desert",
+    "rain",
+    "a fox",
+]
 
 
 def prompts(n: int) -> list[list[dict]]:
-    return [[{"role": "user", "content": f"Write a long story about {TOPICS[i % len(TOPICS)]} (story {i})."}]
-            for i in range(n)]  # fmt: skip
+    return [
+        [{"role": "user", "content": f"Write a long story about {TOPICS[i % len(TOPICS)]} (story {i})."}]
+        for i in range(n)
+    ]
 
 
 @dataclass(slots=True)
@@ -56,10 +74,8 @@ class Sample:
 @dataclass(slots=True)
 class Phase:
     throughput_tps: float = 0.0
-    ttft: list[float] | None = None       # sequential single requests
+    ttft: list[float] | None = None  # sequential single requests
     per_user: dict[int, float] | None = None  # users -> mean tokens/s per request
-
-
 
 
 async def measure(one, n_prompts: int, levels: list[int], ttft_samples: int) -> Phase:
@@ -93,14 +109,17 @@ async def direct_phase(engine_kw: dict, n_prompts: int, levels: list[int], ttft_
     path = str(prepare_default_model()) if settings.model is None else settings.model
     llm = AsyncLLM.from_engine_args(VllmEngine(settings).engine_args(path))
     tok = llm.get_tokenizer()
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0,
-                            output_kind=RequestOutputKind.DELTA)  # fmt: skip
+    params = SamplingParams(
+        max_tokens=max_tokens, ignore_eos=True, temperature=0.0, output_kind=RequestOutputKind.DELTA
+    )
 
     async def one(i: int, messages: list[dict]) -> Sample:
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = tok.encode(text, add_special_tokens=False)
         t0, first, n = time.perf_counter(), None, 0
-        async for out in llm.generate(TokensPrompt(prompt_token_ids=ids), params, request_id=f"d{i}-{uuid.uuid4().hex}"):
+        async for out in llm.generate(
+            TokensPrompt(prompt_token_ids=ids), params, request_id=f"d{i}-{uuid.uuid4().hex}"
+        ):
             n += len(out.outputs[0].token_ids)
             if first is None and n:
                 first = time.perf_counter()
@@ -121,12 +140,13 @@ def worker_command(engine_kw: dict) -> list[str]:
     return cmd
 
 
-async def genq_phase(redis_url: str, engine_kw: dict, n_prompts: int, levels: list[int], ttft_samples: int,
-                     max_tokens: int) -> Phase:  # fmt: skip
+async def genq_phase(
+    redis_url: str, engine_kw: dict, n_prompts: int, levels: list[int], ttft_samples: int, max_tokens: int
+) -> Phase:
     queue = "bench" + secrets.token_hex(4)
     settings = BrokerSettings(redis_url=redis_url, queue=queue)
     env = {**os.environ, "GENQ_REDIS_URL": redis_url, "GENQ_QUEUE": queue, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(worker_command(engine_kw), env=env)
+    proc = subprocess.Popen(worker_command(engine_kw), env=env)  # noqa: ASYNC220
     broker = Broker.from_settings(settings)
     hub = EventHub(broker.redis, broker.keys)
     try:
@@ -139,8 +159,9 @@ async def genq_phase(redis_url: str, engine_kw: dict, n_prompts: int, levels: li
         log.info("worker ready", model=model)
 
         async def one(i: int, messages: list[dict]) -> Sample:
-            spec = JobSpec(tenant="bench", model=model, messages=messages, max_tokens=max_tokens,
-                           ignore_eos=True, temperature=0.0)  # fmt: skip
+            spec = JobSpec(
+                tenant="bench", model=model, messages=messages, max_tokens=max_tokens, ignore_eos=True, temperature=0.0
+            )
             t0, first, n = time.perf_counter(), None, 0
             adm = await broker.admit(spec)
             async for ev in hub.follow(adm.job_id):
@@ -171,23 +192,28 @@ def report(direct: Phase, via: Phase, n_prompts: int) -> list[str]:
     ratio = via.throughput_tps / direct.throughput_tps
     added50 = (percentile(via.ttft, 50) - percentile(direct.ttft, 50)) * 1000
     added99 = (percentile(via.ttft, 99) - percentile(direct.ttft, 99)) * 1000
-    lines = [f"{'':>28}{'direct AsyncLLM':>18}{'through genq':>16}{'ratio':>8}",
-             f"{f'{n_prompts} in flight, tokens/s':>28}{direct.throughput_tps:>18.1f}{via.throughput_tps:>16.1f}"
-             f"{ratio:>8.3f}",
-             f"{'TTFT p50 / p99, ms':>28}{percentile(direct.ttft, 50) * 1000:>9.1f} /{percentile(direct.ttft, 99) * 1000:>6.1f}"
-             f"{percentile(via.ttft, 50) * 1000:>9.1f} /{percentile(via.ttft, 99) * 1000:>6.1f}"]  # fmt: skip
+    lines = [
+        f"{'':>28}{'direct AsyncLLM':>18}{'through genq':>16}{'ratio':>8}",
+        f"{f'{n_prompts} in flight, tokens/s':>28}{direct.throughput_tps:>18.1f}{via.throughput_tps:>16.1f}"
+        f"{ratio:>8.3f}",
+        f"{'TTFT p50 / p99, ms':>28}{percentile(direct.ttft, 50) * 1000:>9.1f} /{percentile(direct.ttft, 99) * 1000:>6.1f}"  # noqa: E501
+        f"{percentile(via.ttft, 50) * 1000:>9.1f} /{percentile(via.ttft, 99) * 1000:>6.1f}",
+    ]
     for users in direct.per_user:
         d, g = direct.per_user[users], via.per_user[users]
         lines.append(f"{f'{users} users, tok/s per request':>28}{d:>18.1f}{g:>16.1f}{g / d:>8.3f}")
     per_user = ", ".join(f"{u}: {via.per_user[u] / direct.per_user[u]:.2f}" for u in direct.per_user)
-    lines.append(f"genq bench e2e: {via.throughput_tps:.1f} vs {direct.throughput_tps:.1f} tokens/s direct "
-                 f"(ratio {ratio:.3f}); TTFT added p50 {added50:.1f} ms, p99 {added99:.1f} ms; "
-                 f"per-request rate ratio by users {{{per_user}}}")  # fmt: skip
+    lines.append(
+        f"genq bench e2e: {via.throughput_tps:.1f} vs {direct.throughput_tps:.1f} tokens/s direct "
+        f"(ratio {ratio:.3f}); TTFT added p50 {added50:.1f} ms, p99 {added99:.1f} ms; "
+        f"per-request rate ratio by users {{{per_user}}}"
+    )
     return lines
 
 
-def run(redis_url: str, n_prompts: int, levels: list[int], ttft_samples: int, max_tokens: int,
-        engine_kw: dict) -> list[str]:  # fmt: skip
+def run(
+    redis_url: str, n_prompts: int, levels: list[int], ttft_samples: int, max_tokens: int, engine_kw: dict
+) -> list[str]:
     direct = asyncio.run(direct_phase(engine_kw, n_prompts, levels, ttft_samples, max_tokens))
     via = asyncio.run(genq_phase(redis_url, engine_kw, n_prompts, levels, ttft_samples, max_tokens))
     return report(direct, via, n_prompts)

@@ -71,10 +71,14 @@ class Result:
     def figures(self) -> dict[str, float]:
         rate = lambda d: d[0] / d[1]  # noqa: E731
         return {
-            "g50": percentile(self.genq_latency_ms, 50), "g99": percentile(self.genq_latency_ms, 99),
-            "a50": percentile(self.arq_latency_ms, 50), "a99": percentile(self.arq_latency_ms, 99),
-            "g_rate": rate(self.genq_drain), "a_rate": rate(self.arq_drain), "u_rate": rate(self.arq_drain_uncapped),
-        }  # fmt: skip
+            "g50": percentile(self.genq_latency_ms, 50),
+            "g99": percentile(self.genq_latency_ms, 99),
+            "a50": percentile(self.arq_latency_ms, 50),
+            "a99": percentile(self.arq_latency_ms, 99),
+            "g_rate": rate(self.genq_drain),
+            "a_rate": rate(self.arq_drain),
+            "u_rate": rate(self.arq_drain_uncapped),
+        }
 
 
 # -- plumbing between the benchmark and its child processes -----------------------
@@ -229,16 +233,18 @@ async def _arq_noop(ctx: dict[str, Any]) -> None:
     return None
 
 
-def _arq_worker_main(conn: Connection, redis_url: str, queue_name: str, max_jobs: int, expect: int,
-                     read_limit: int | None) -> None:  # fmt: skip
+def _arq_worker_main(
+    conn: Connection, redis_url: str, queue_name: str, max_jobs: int, expect: int, read_limit: int | None
+) -> None:
     global _report
     _report = conn
     configure_logging(level="WARNING")  # arq logs two INFO lines per job; a quiet deployment drops them
     asyncio.run(_arq_worker(conn, redis_url, queue_name, max_jobs, expect, read_limit))
 
 
-async def _arq_worker(conn: Connection, redis_url: str, queue_name: str, max_jobs: int, expect: int,
-                      read_limit: int | None) -> None:  # fmt: skip
+async def _arq_worker(
+    conn: Connection, redis_url: str, queue_name: str, max_jobs: int, expect: int, read_limit: int | None
+) -> None:
     """A stock arq Worker (poll_delay 0.5 s); reports the time its ``expect``-th job has finished.
 
     ``read_limit`` overrides arq's ``queue_read_limit`` (default max(5 * max_jobs, 100) job ids per
@@ -261,10 +267,14 @@ async def _arq_worker(conn: Connection, redis_url: str, queue_name: str, max_job
     stop = _stop_event(conn)
     worker = Worker(
         [func(_arq_probe, name="probe"), func(_arq_noop, name="noop")],
-        queue_name=queue_name, redis_settings=RedisSettings.from_dsn(redis_url), max_jobs=max_jobs,
-        handle_signals=False, on_startup=on_startup, after_job_end=after_job_end if expect else None,
+        queue_name=queue_name,
+        redis_settings=RedisSettings.from_dsn(redis_url),
+        max_jobs=max_jobs,
+        handle_signals=False,
+        on_startup=on_startup,
+        after_job_end=after_job_end if expect else None,
         queue_read_limit=read_limit,
-    )  # fmt: skip
+    )
     run = asyncio.create_task(worker.async_run())
     await asyncio.wait([run, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     run.cancel()
@@ -388,17 +398,42 @@ def report(r: Result, cfg: Config) -> None:
     f = r.figures
     ok = lambda met: "[green]met[/]" if met else "[red]missed[/]"  # noqa: E731
     t = Table("measure", "genq", "arq 0.28", "ratio", "goal", title=f"genq bench queue on {cfg.redis_url}")
-    t.add_row("latency p50", f"{f['g50']:.2f} ms", f"{f['a50']:.0f} ms", f"{f['a50'] / f['g50']:.0f}x",
-              f"≤ 2 ms: {ok(f['g50'] <= 2)}")  # fmt: skip
-    t.add_row("latency p99", f"{f['g99']:.2f} ms", f"{f['a99']:.0f} ms", f"{f['a99'] / f['g99']:.0f}x",
-              f"≤ 10 ms: {ok(f['g99'] <= 10)}")  # fmt: skip
+    t.add_row(
+        "latency p50",
+        f"{f['g50']:.2f} ms",
+        f"{f['a50']:.0f} ms",
+        f"{f['a50'] / f['g50']:.0f}x",
+        f"≤ 2 ms: {ok(f['g50'] <= 2)}",
+    )
+    t.add_row(
+        "latency p99",
+        f"{f['g99']:.2f} ms",
+        f"{f['a99']:.0f} ms",
+        f"{f['a99'] / f['g99']:.0f}x",
+        f"≤ 10 ms: {ok(f['g99'] <= 10)}",
+    )
     t.add_row("  samples", str(len(r.genq_latency_ms)), str(len(r.arq_latency_ms)), "", "")
-    t.add_row("  PING, same gaps", f"{percentile(r.ping_ms, 50):.2f} / {percentile(r.ping_ms, 99):.2f} ms",
-              "", "", "p50 / p99")  # fmt: skip
-    t.add_row("drain jobs/s", f"{f['g_rate']:,.0f}", f"{f['a_rate']:,.0f}", f"{f['g_rate'] / f['a_rate']:.1f}x",
-              f"≥ 10x: {ok(f['g_rate'] >= 10 * f['a_rate'])}")  # fmt: skip
-    t.add_row("  jobs in seconds", f"{r.genq_drain[0]:,} in {r.genq_drain[1]:.2f}",
-              f"{r.arq_drain[0]:,} in {r.arq_drain[1]:.2f}", "", "")  # fmt: skip
+    t.add_row(
+        "  PING, same gaps",
+        f"{percentile(r.ping_ms, 50):.2f} / {percentile(r.ping_ms, 99):.2f} ms",
+        "",
+        "",
+        "p50 / p99",
+    )
+    t.add_row(
+        "drain jobs/s",
+        f"{f['g_rate']:,.0f}",
+        f"{f['a_rate']:,.0f}",
+        f"{f['g_rate'] / f['a_rate']:.1f}x",
+        f"≥ 10x: {ok(f['g_rate'] >= 10 * f['a_rate'])}",
+    )
+    t.add_row(
+        "  jobs in seconds",
+        f"{r.genq_drain[0]:,} in {r.genq_drain[1]:.2f}",
+        f"{r.arq_drain[0]:,} in {r.arq_drain[1]:.2f}",
+        "",
+        "",
+    )
     t.add_row("  arq, no read cap", "", f"{f['u_rate']:,.0f}", f"{f['g_rate'] / f['u_rate']:.1f}x", "")
     console = Console()
     console.print(t)

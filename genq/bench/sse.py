@@ -57,8 +57,24 @@ SUBMIT_MODEL, CHAT_MODEL = "bench-submit", "SmolLM2-135M-Instruct"
 TENANT = "bench"
 PROBES = 10  # jobs also followed in-process on the EventHub, for the latency floor without the API
 ENGINE_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", "16"]
-TOPICS = ["a lighthouse", "a robot chef", "the ocean", "a lost key", "mountains", "a city at night", "a dragon",
-          "a library", "winter", "a train journey", "a garden", "the moon", "a violin", "a desert", "rain", "a fox"]
+TOPICS = [
+    "a lighthouse",
+    "a robot chef",
+    "the ocean",
+    "a lost key",
+    "mountains",
+    "a city at night",
+    "a dragon",
+    "a library",
+    "winter",
+    "a train journey",
+    "a garden",
+    "the moon",
+    "a violin",
+    "a desert",
+    "rain",
+    "a fox",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +99,16 @@ class Config:
 
     @classmethod
     def quick(cls, redis_url: str) -> Config:
-        return cls(redis_url=redis_url, followers=20, rate=2_000, curve=(1.0,), duration_s=2.0, submit_s=1.0,
-                   submit_clients=8, skip_vllm=True)  # fmt: skip
+        return cls(
+            redis_url=redis_url,
+            followers=20,
+            rate=2_000,
+            curve=(1.0,),
+            duration_s=2.0,
+            submit_s=1.0,
+            submit_clients=8,
+            skip_vllm=True,
+        )
 
 
 @dataclass(slots=True)
@@ -256,8 +280,9 @@ class Bench:
         self.key = await create_key(self.broker, TENANT, "genq bench sse")
         self.hub = EventHub(self.broker.redis, self.broker.keys)
         port = free_port()
-        self.api = Child.start("api", [sys.executable, "-m", "genq.cli", "api", "--port", str(port)], self.env,
-                               self.log_dir)  # fmt: skip
+        self.api = Child.start(
+            "api", [sys.executable, "-m", "genq.cli", "api", "--port", str(port)], self.env, self.log_dir
+        )
         self.url = f"http://127.0.0.1:{port}"
         await wait_http(self.api, self.url + "/healthz", 60)
         self.pids["api"] = self.api.proc.pid
@@ -321,8 +346,9 @@ class Bench:
         pconn.send(("go", (rate, cfg.duration_s, cfg.flush_ms)))
         prod = await expect(pconn, "produced", cfg.duration_s * 5 + 60)
         outs = [await expect(conn, "followed", 120) for conn in conns]
-        result = FanOut(rate, published=prod["published"], flush_ms=prod["flush_ms"], cpu=meter.shares(),
-                        direct_ms=direct)  # fmt: skip
+        result = FanOut(
+            rate, published=prod["published"], flush_ms=prod["flush_ms"], cpu=meter.shares(), direct_ms=direct
+        )
         await asyncio.wait_for(asyncio.gather(*probes), 30)
         for out in outs:
             result.received += out["tokens"]
@@ -332,8 +358,12 @@ class Bench:
         last_recv = max(out["last_ns"] for out in outs)
         result.window_s = max(0.0, (last_recv - prod["first_ns"]) / 1e9)
         result.publish_s = (prod["last_ns"] - prod["first_ns"]) / 1e9 + cfg.flush_ms / 1000
-        log.info("fan-out measured", rate=rate, delivered_tps=round(result.delivered_tps),
-                 p99_ms=round(percentile(list(result.latency_ms), 99), 1) if result.latency_ms else None)  # fmt: skip
+        log.info(
+            "fan-out measured",
+            rate=rate,
+            delivered_tps=round(result.delivered_tps),
+            p99_ms=round(percentile(list(result.latency_ms), 99), 1) if result.latency_ms else None,
+        )
         return result
 
     async def _probes(self, job_ids: list[str], out: array) -> list[asyncio.Task[None]]:
@@ -347,7 +377,7 @@ class Bench:
                 if ev is not None and ev.type == "token":
                     out.append((time.time_ns() - int(ev.data["text"].partition("|")[0])) / 1e6)
 
-        tasks = [asyncio.create_task(probe(j, e)) for j, e in zip(job_ids, subscribed)]
+        tasks = [asyncio.create_task(probe(j, e)) for j, e in zip(job_ids, subscribed, strict=True)]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in subscribed)), 30)
         return tasks
 
@@ -355,7 +385,7 @@ class Bench:
     async def submit(self, result: Result) -> None:
         cfg, conns = self.cfg, [conn for _, conn in self.clients]
         shares = [cfg.submit_clients // len(conns) + (i < cfg.submit_clients % len(conns)) for i in range(len(conns))]
-        for conn, share in zip(conns, shares):
+        for conn, share in zip(conns, shares, strict=True):
             conn.send(("submit", (SUBMIT_MODEL, share)))
         for conn in conns:
             await expect(conn, "warm", 60)
@@ -377,16 +407,37 @@ class Bench:
 
         folder = await asyncio.to_thread(prepare_default_model)
         port = free_port()
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), *ENGINE_ARGS,
-               "--served-model-name", CHAT_MODEL, "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(folder),
+            *ENGINE_ARGS,
+            "--served-model-name",
+            CHAT_MODEL,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
         server = Child.start("vllm-server", cmd, self.env, self.log_dir)
         try:
             await wait_http(server, f"http://127.0.0.1:{port}/v1/models", 900)
             result.ttft_ms["vllm"] = await measure_ttft(f"http://127.0.0.1:{port}/v1", "unused", self.cfg)
         finally:
             server.stop(60)
-        cmd = [sys.executable, "-m", "genq.cli", "worker", "--engine", "vllm", *ENGINE_ARGS,
-               "--served-model-name", CHAT_MODEL]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "genq.cli",
+            "worker",
+            "--engine",
+            "vllm",
+            *ENGINE_ARGS,
+            "--served-model-name",
+            CHAT_MODEL,
+        ]
         worker = Child.start("worker", cmd, self.env, self.log_dir)
         try:
             deadline = time.monotonic() + 900
@@ -410,7 +461,10 @@ async def measure_ttft(base_url: str, key: str, cfg: Config) -> dict[int, list[f
         messages = [{"role": "user", "content": f"Write a short story about {TOPICS[i % len(TOPICS)]} (story {i})."}]
         t0, first = time.perf_counter(), None
         stream = await client.chat.completions.create(
-            model=CHAT_MODEL, messages=messages, max_tokens=cfg.max_tokens, temperature=0.0,  # type: ignore[arg-type]
+            model=CHAT_MODEL,
+            messages=messages,
+            max_tokens=cfg.max_tokens,
+            temperature=0.0,  # type: ignore[arg-type]
             stream=True,
         )
         async for chunk in stream:  # read to the end: concurrent users keep the engine busy
@@ -427,8 +481,12 @@ async def measure_ttft(base_url: str, key: str, cfg: Config) -> dict[int, list[f
         out: dict[int, list[float]] = {1: [await one(100 + i) for i in range(cfg.ttft_sequential)], 16: []}
         for r in range(cfg.ttft_rounds):
             out[16] += await asyncio.gather(*(one(1000 * (r + 1) + i) for i in range(16)))
-        log.info("ttft measured", url=base_url, p50_1_ms=round(percentile(out[1], 50)),
-                 p50_16_ms=round(percentile(out[16], 50)))  # fmt: skip
+        log.info(
+            "ttft measured",
+            url=base_url,
+            p50_1_ms=round(percentile(out[1], 50)),
+            p50_16_ms=round(percentile(out[16], 50)),
+        )
         return out
     finally:
         await client.close()
@@ -437,9 +495,15 @@ async def measure_ttft(base_url: str, key: str, cfg: Config) -> dict[int, list[f
 async def run(cfg: Config) -> Result:
     queue = "benchsse" + secrets.token_hex(5)
     settings = BrokerSettings(redis_url=cfg.redis_url, queue=queue, models=[SSE_MODEL, SUBMIT_MODEL, CHAT_MODEL])
-    env = {**os.environ, "GENQ_REDIS_URL": cfg.redis_url, "GENQ_QUEUE": queue, "HF_HUB_OFFLINE": "1",
-           "GENQ_MODELS": json.dumps(settings.models), "GENQ_SSE_PER_TENANT": str(cfg.followers + 64),
-           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}  # fmt: skip
+    env = {
+        **os.environ,
+        "GENQ_REDIS_URL": cfg.redis_url,
+        "GENQ_QUEUE": queue,
+        "HF_HUB_OFFLINE": "1",
+        "GENQ_MODELS": json.dumps(settings.models),
+        "GENQ_SSE_PER_TENANT": str(cfg.followers + 64),
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+    }
     load_before = os.getloadavg()[0]
     lock = contextlib.nullcontext() if cfg.skip_vllm else vllm_lock(cfg.lock_path)
     with lock, tempfile.TemporaryDirectory(prefix="genq-bench-sse-") as tmp:
@@ -467,15 +531,19 @@ def _ms(values: Any, p: float) -> float:
 
 def summary(r: Result, cfg: Config) -> str:
     top = r.fanout[-1]
-    line = (f"genq bench sse: {cfg.followers} followers, {top.delivered_tps:,.0f} tokens/s delivered "
-            f"(target {top.rate:,}), latency p50 {_ms(top.latency_ms, 50):.1f} ms / "
-            f"p99 {_ms(top.latency_ms, 99):.1f} ms; "
-            f"submit {r.submit_rate:,.0f} jobs/s; ")  # fmt: skip
+    line = (
+        f"genq bench sse: {cfg.followers} followers, {top.delivered_tps:,.0f} tokens/s delivered "
+        f"(target {top.rate:,}), latency p50 {_ms(top.latency_ms, 50):.1f} ms / "
+        f"p99 {_ms(top.latency_ms, 99):.1f} ms; "
+        f"submit {r.submit_rate:,.0f} jobs/s; "
+    )
     if not r.ttft_ms:
         return line + "chat TTFT skipped"
     g, v = r.ttft_ms["genq"], r.ttft_ms["vllm"]
-    return line + (f"chat TTFT 1 user genq {_ms(g[1], 50):.0f} ms vs vLLM server {_ms(v[1], 50):.0f} ms, "
-                   f"16 users genq {_ms(g[16], 50):.0f} ms vs vLLM {_ms(v[16], 50):.0f} ms")  # fmt: skip
+    return line + (
+        f"chat TTFT 1 user genq {_ms(g[1], 50):.0f} ms vs vLLM server {_ms(v[1], 50):.0f} ms, "
+        f"16 users genq {_ms(g[16], 50):.0f} ms vs vLLM {_ms(v[16], 50):.0f} ms"
+    )
 
 
 def _cpu(shares: dict[str, float]) -> str:
@@ -492,17 +560,33 @@ def report(r: Result, cfg: Config) -> None:
     from rich.table import Table
 
     console = Console(width=max(Console().width, 150))
-    t = Table("target tok/s", "published tok/s", "delivered tok/s", "SSE events/s", "flush every",
-              "append_many p50/p99", "latency p50 / p99 / max", "no-API floor p50 / p99", "API cores", "API CPU/event",
-              title=f"SSE fan-out: one API process, {cfg.followers} followers, SIMULATED PRODUCER")  # fmt: skip
+    t = Table(
+        "target tok/s",
+        "published tok/s",
+        "delivered tok/s",
+        "SSE events/s",
+        "flush every",
+        "append_many p50/p99",
+        "latency p50 / p99 / max",
+        "no-API floor p50 / p99",
+        "API cores",
+        "API CPU/event",
+        title=f"SSE fan-out: one API process, {cfg.followers} followers, SIMULATED PRODUCER",
+    )
     for f in r.fanout:
         lost = f" ({f.published - f.received:,} lost)" if f.received != f.published else ""
-        t.add_row(f"{f.rate:,}", f"{f.published / f.publish_s:,.0f}", f"{f.delivered_tps:,.0f}{lost}",
-                  f"{f.events_per_s:,.0f}", f"{f.publish_s / max(1, len(f.flush_ms)) * 1000:.0f} ms",
-                  f"{_ms(f.flush_ms, 50):.1f} / {_ms(f.flush_ms, 99):.1f} ms",
-                  f"{_ms(f.latency_ms, 50):.1f} / {_ms(f.latency_ms, 99):.1f} / {max(f.latency_ms, default=0):.1f} ms",
-                  f"{_ms(f.direct_ms, 50):.1f} / {_ms(f.direct_ms, 99):.1f} ms",
-                  f"{f.cpu.get('api', 0):.2f}", f"{f.api_us_per_event:.0f} µs")  # fmt: skip
+        t.add_row(
+            f"{f.rate:,}",
+            f"{f.published / f.publish_s:,.0f}",
+            f"{f.delivered_tps:,.0f}{lost}",
+            f"{f.events_per_s:,.0f}",
+            f"{f.publish_s / max(1, len(f.flush_ms)) * 1000:.0f} ms",
+            f"{_ms(f.flush_ms, 50):.1f} / {_ms(f.flush_ms, 99):.1f} ms",
+            f"{_ms(f.latency_ms, 50):.1f} / {_ms(f.latency_ms, 99):.1f} / {max(f.latency_ms, default=0):.1f} ms",
+            f"{_ms(f.direct_ms, 50):.1f} / {_ms(f.direct_ms, 99):.1f} ms",
+            f"{f.cpu.get('api', 0):.2f}",
+            f"{f.api_us_per_event:.0f} µs",
+        )
     console.print(t)
     top = r.fanout[-1]
     met = top.delivered_tps >= 0.98 * top.rate and _ms(top.latency_ms, 99) <= 50
@@ -512,18 +596,29 @@ def report(r: Result, cfg: Config) -> None:
         console.print(f"  cpu (cores) at {f.rate:,} tok/s: {_cpu(f.cpu)}")
         for e in f.errors[:5]:
             console.print(f"  [red]error[/]: {e}")
-    console.print(f"Submit: {r.submit_ok:,} jobs accepted (202) in {r.submit_s:.1f} s = {r.submit_rate:,.0f} jobs/s "
-                  f"by {cfg.submit_clients} concurrent clients; latency p50 {_ms(r.submit_latency_ms, 50):.1f} ms, "
-                  f"p99 {_ms(r.submit_latency_ms, 99):.1f} ms; other answers {r.submit_other}; API CPU "
-                  f"{r.submit_cpu.get('api', 0) / max(r.submit_rate, 1e-9) * 1000:.2f} ms/job; "
-                  f"cpu (cores): {_cpu(r.submit_cpu)}")  # fmt: skip
+    console.print(
+        f"Submit: {r.submit_ok:,} jobs accepted (202) in {r.submit_s:.1f} s = {r.submit_rate:,.0f} jobs/s "
+        f"by {cfg.submit_clients} concurrent clients; latency p50 {_ms(r.submit_latency_ms, 50):.1f} ms, "
+        f"p99 {_ms(r.submit_latency_ms, 99):.1f} ms; other answers {r.submit_other}; API CPU "
+        f"{r.submit_cpu.get('api', 0) / max(r.submit_rate, 1e-9) * 1000:.2f} ms/job; "
+        f"cpu (cores): {_cpu(r.submit_cpu)}"
+    )
     if r.ttft_ms:
-        t = Table("users", "genq p50 / p99", "vLLM server p50 / p99", "samples",
-                  title=f"Chat TTFT, openai client, stream=True, max_tokens {cfg.max_tokens}")  # fmt: skip
+        t = Table(
+            "users",
+            "genq p50 / p99",
+            "vLLM server p50 / p99",
+            "samples",
+            title=f"Chat TTFT, openai client, stream=True, max_tokens {cfg.max_tokens}",
+        )
         for users in (1, 16):
             g, v = r.ttft_ms["genq"][users], r.ttft_ms["vllm"][users]
-            t.add_row(str(users), f"{_ms(g, 50):.0f} / {_ms(g, 99):.0f} ms", f"{_ms(v, 50):.0f} / {_ms(v, 99):.0f} ms",
-                      f"{len(g)} / {len(v)}")  # fmt: skip
+            t.add_row(
+                str(users),
+                f"{_ms(g, 50):.0f} / {_ms(g, 99):.0f} ms",
+                f"{_ms(v, 50):.0f} / {_ms(v, 99):.0f} ms",
+                f"{len(g)} / {len(v)}",
+            )
         console.print(t)
     console.print(
         f"Latency = client receive - the producer's time.time_ns() embedded in each delta (one clock, one machine). "
@@ -545,4 +640,3 @@ def main(cfg: Config) -> None:
     result = asyncio.run(run(cfg))
     report(result, cfg)
     typer.echo(summary(result, cfg))
-

@@ -20,6 +20,8 @@ from broker.logs import configure_logging
 from genq.bench.common import expect, recv
 
 SSE_MODEL = "bench-sse"  # the queue the fan-out jobs live in
+
+
 def _child(conn: Connection, serve: Any, *args: Any) -> None:
     configure_logging(level="WARNING")
     try:  # the clients and the producer are measuring tools: the cheaper their loop, the less they disturb
@@ -106,13 +108,15 @@ async def _follow_all(conn: Connection, client: Any, job_ids: list[str]) -> dict
     if not all_subscribed.is_set():
         for t in [waiter, *tasks]:
             t.cancel()
-        raise RuntimeError(f"only {subscribed} of {len(job_ids)} followers got their first event: "
-                           f"{[repr(t.exception()) for t in tasks if t.done() and not t.cancelled()][:3]}")  # fmt: skip
+        raise RuntimeError(
+            f"only {subscribed} of {len(job_ids)} followers got their first event: "
+            f"{[repr(t.exception()) for t in tasks if t.done() and not t.cancelled()][:3]}"
+        )
     conn.send(("subscribed", len(job_ids)))
     for t in asyncio.as_completed(tasks):
         try:
             await t
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             out["errors"].append(repr(e)[:300])
     return out
 

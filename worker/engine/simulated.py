@@ -55,9 +55,7 @@ SIM_MODEL_NAME = "simulated"
 
 def sim_token_id(key: bytes, position: int) -> int:
     """The deterministic token at ``position`` of the completion for ``key``."""
-    digest = hashlib.blake2b(
-        key + position.to_bytes(8, "little"), digest_size=8
-    ).digest()
+    digest = hashlib.blake2b(key + position.to_bytes(8, "little"), digest_size=8).digest()
     return int.from_bytes(digest, "little") % VOCAB_SIZE
 
 
@@ -78,9 +76,7 @@ def count_words(prompt: str | None, messages: list[dict] | None) -> int:
     for message in messages or []:
         content = message.get("content") or ""
         if isinstance(content, list):  # OpenAI content parts
-            content = " ".join(
-                p.get("text", "") for p in content if isinstance(p, dict)
-            )
+            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
         total += len(str(content).split())
     return total
 
@@ -116,9 +112,7 @@ class SimulatedEngine(EngineBase):
     # -- lifecycle -------------------------------------------------------
     async def start(self) -> None:
         if self._loop_task is None and self._dead is None:
-            self._loop_task = asyncio.create_task(
-                self._step_loop(), name="sim-engine-steps"
-            )
+            self._loop_task = asyncio.create_task(self._step_loop(), name="sim-engine-steps")
             log.info("engine.started", kind="simulated", capacity=self.capacity)
 
     async def close(self) -> None:
@@ -155,9 +149,7 @@ class SimulatedEngine(EngineBase):
             kv_cache_usage=min(1.0, used / (self.capacity * self.max_model_len)),
         )
 
-    def count_prompt_tokens(
-        self, prompt: str | None, messages: list[dict] | None
-    ) -> int:
+    def count_prompt_tokens(self, prompt: str | None, messages: list[dict] | None) -> int:
         return count_words(prompt, messages)
 
     async def abort(self, request_id: str) -> None:
@@ -175,10 +167,7 @@ class SimulatedEngine(EngineBase):
             raise InvalidRequestError(f"duplicate request_id {req.request_id!r}")
         prompt_tokens = self.count_prompt_tokens(req.prompt, req.messages)
         if prompt_tokens >= self.max_model_len:
-            raise PromptTooLongError(
-                f"prompt has {prompt_tokens} tokens, max_model_len is "
-                f"{self.max_model_len}"
-            )
+            raise PromptTooLongError(f"prompt has {prompt_tokens} tokens, max_model_len is {self.max_model_len}")
         start = len(req.resume_token_ids)
         seq = _Seq(
             req=req,

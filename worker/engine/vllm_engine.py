@@ -39,7 +39,6 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -48,17 +47,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-from vllm import AsyncEngineArgs, SamplingParams, TokensPrompt  # noqa: E402
-from vllm.exceptions import VLLMClientError  # noqa: E402
-from vllm.platforms import current_platform  # noqa: E402
-from vllm.sampling_params import RequestOutputKind  # noqa: E402
-from vllm.v1.engine.async_llm import AsyncLLM  # noqa: E402
-from vllm.v1.engine.exceptions import (  # noqa: E402
+from vllm import AsyncEngineArgs, SamplingParams, TokensPrompt
+from vllm.exceptions import VLLMClientError
+from vllm.platforms import current_platform
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import (
     EngineDeadError as VllmEngineDeadError,
 )
-from vllm.v1.metrics.loggers import StatLoggerBase  # noqa: E402
+from vllm.v1.metrics.loggers import StatLoggerBase
 
-from worker.engine.base import (  # noqa: E402
+from worker.engine.base import (
     Delta,
     EngineBase,
     EngineDeadError,
@@ -70,7 +69,7 @@ from worker.engine.base import (  # noqa: E402
     PromptTooLongError,
     check_request,
 )
-from worker.model import DEFAULT_MODEL_NAME, prepare_default_model  # noqa: E402
+from worker.model import DEFAULT_MODEL_NAME, prepare_default_model
 
 log = structlog.get_logger(__name__)
 
@@ -196,16 +195,12 @@ class VllmEngine(EngineBase):
         if tok is None:
             raise RuntimeError("engine not started")
         if messages is not None:
-            text = tok.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False
-            )
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             # the template already wrote the special tokens
             return list(tok.encode(text, add_special_tokens=False))
         return list(tok.encode(prompt or ""))
 
-    def count_prompt_tokens(
-        self, prompt: str | None, messages: list[dict] | None
-    ) -> int:
+    def count_prompt_tokens(self, prompt: str | None, messages: list[dict] | None) -> int:
         return len(self._prompt_ids(prompt, messages))
 
     # -- requests --------------------------------------------------------
@@ -242,9 +237,7 @@ class VllmEngine(EngineBase):
         prompt_ids = self._prompt_ids(req.prompt, req.messages)
         n_prompt = len(prompt_ids)
         if n_prompt >= self.max_model_len:
-            raise PromptTooLongError(
-                f"prompt has {n_prompt} tokens, max_model_len is {self.max_model_len}"
-            )
+            raise PromptTooLongError(f"prompt has {n_prompt} tokens, max_model_len is {self.max_model_len}")
         all_ids = prompt_ids + list(req.resume_token_ids)
         remaining = min(
             req.max_tokens - len(req.resume_token_ids),
