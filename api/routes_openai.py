@@ -30,6 +30,7 @@ from api.runtime import Runtime, get_runtime
 from api.service import accepted_view, admit, priority_header
 from api.streams import SlotEventSourceResponse, follow, open_slot, shielded
 from broker import errors as be
+from broker.contract import EventType
 from broker.events import Event
 
 log = structlog.get_logger(__name__)
@@ -51,7 +52,7 @@ async def _cancel_quietly(rt: Runtime, job_id: str, tenant: str) -> None:
 async def _terminal_event(rt: Runtime, job_id: str, model: str) -> Event:
     async with contextlib.aclosing(follow(rt, job_id)) as events:
         async for ev in events:
-            if ev is not None and ev.type == "retry":
+            if ev is not None and ev.type is EventType.RETRY:
                 rt.metrics.retry_seen(model, job_id, ev.id)
             if ev is not None and ev.terminal:
                 return ev
@@ -84,7 +85,7 @@ async def _complete(
             return client_closed().response()
         raise sync_timeout(rt.settings.sync_timeout_s)
     ev = waiter.result()
-    if ev.type != "done":
+    if ev.type is not EventType.DONE:
         raise from_job_end(ev.type, ev.data)
     job = await rt.broker.get_job(job_id)
     rt.metrics.job_finished(job)
@@ -101,11 +102,11 @@ async def _chunks(rt: Runtime, who: Principal, job_id: str, model: str, fmt: For
             async for ev in events:
                 if ev is None:
                     continue
-                if ev.type == "token" and ev.data.get("text"):
+                if ev.type is EventType.TOKEN and ev.data.get("text"):
                     yield json.dumps(fmt.delta(ev.data["text"]))
-                elif ev.type == "retry":
+                elif ev.type is EventType.RETRY:
                     rt.metrics.retry_seen(model, job_id, ev.id)
-                elif ev.type == "done":
+                elif ev.type is EventType.DONE:
                     finished = True
                     yield json.dumps(fmt.finish(ev.data.get("finish_reason") or "stop"))
                     if fmt.include_usage:
@@ -181,5 +182,5 @@ async def list_models(who: Auth, rt: RT) -> dict[str, Any]:
 @router.get("/models/{model_id:path}", responses=openapi_errors(401, 404))
 async def get_model(model_id: str, who: Auth, rt: RT) -> dict[str, Any]:
     if model_id not in await _model_ids(rt):
-        raise from_broker(be.UnknownModel(f"The model `{model_id[:128]}` does not exist.", param="model"))
+        raise from_broker(be.UnknownModel(model_id))
     return _model_obj(model_id)
