@@ -1,4 +1,4 @@
-"""``genq bench sse``: what one API process delivers, measured in one run.
+"""``python -m benchmarks sse``: what one API process delivers, measured in one run.
 
 1. SSE fan-out: one ``genq api`` subprocess (uvicorn) on a fresh queue namespace;
    ``followers`` SSE clients (httpx, spread over ``client_procs`` child processes)
@@ -45,11 +45,11 @@ from typing import Any
 
 import structlog
 
+from benchmarks.common import expect, percentile, spawn
+from benchmarks.sse_children import SSE_MODEL, client_main, producer_main
 from broker import Broker, BrokerSettings, JobSpec
 from broker.events import EventHub
 from broker.models import Admission, TenantLimits
-from genq.bench.common import expect, percentile, spawn
-from genq.bench.sse_children import SSE_MODEL, client_main, producer_main
 
 log = structlog.get_logger(__name__)
 
