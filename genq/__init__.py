@@ -1,1 +1,1 @@
-"""genq: the command line and the tools that span packages (``genq up``, benchmarks)."""
+"""genq: the command line and the tools that span packages (``genq up``)."""

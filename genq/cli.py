@@ -6,7 +6,6 @@ from __future__ import annotations
 import typer
 
 from api.cli import api_command, keys_app
-from genq.bench.cli import bench_app
 from genq.ops import status_command, submit_command, up_command
 from worker.cli import worker_command
 
@@ -17,7 +16,6 @@ app.command("worker", help="Run one worker (one engine).")(worker_command)
 app.command("status", help="Show workers and queues.")(status_command)
 app.command("submit", help="Submit one job and stream its output.")(submit_command)
 app.add_typer(keys_app, name="keys", help="Manage API keys.")
-app.add_typer(bench_app, name="bench", help="Benchmarks against peers measured in the same run.")
 
 if __name__ == "__main__":
     app()

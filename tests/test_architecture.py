@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-OTHER_PACKAGES = ("api", "worker", "genq")
+OTHER_PACKAGES = ("api", "worker", "genq", "benchmarks")
 
 
 def imported_modules(*modules: str, run: str = "") -> set[str]:

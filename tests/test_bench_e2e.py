@@ -1,4 +1,4 @@
-"""`genq bench e2e --quick` runs both paths on the real vLLM CPU engine and reports figures."""
+"""`python -m benchmarks e2e --quick` runs both paths on the real vLLM CPU engine and reports figures."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import SHARED_REDIS
+
+ROOT = Path(__file__).resolve().parent.parent  # benchmarks/ runs from the checkout, not the installed package
 
 LAST = re.compile(
     r"genq bench e2e: (?P<genq>[\d.]+) vs (?P<direct>[\d.]+) tokens/s direct \(ratio (?P<ratio>[\d.]+)\); "
@@ -25,8 +28,7 @@ def test_bench_e2e_quick_reports_both_paths() -> None:
         [
             sys.executable,
             "-m",
-            "genq.cli",
-            "bench",
+            "benchmarks",
             "e2e",
             "--quick",
             "--max-num-seqs",
@@ -35,6 +37,7 @@ def test_bench_e2e_quick_reports_both_paths() -> None:
             SHARED_REDIS,
         ],
         env=env,
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=880,

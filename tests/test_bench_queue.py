@@ -1,4 +1,4 @@
-"""``genq bench queue --quick`` runs end to end against the real Redis and prints a parseable summary.
+"""``python -m benchmarks queue --quick`` runs end to end against the real Redis and prints a parseable summary.
 
 Not a timing test: it checks that both systems were measured and every figure is positive.
 """
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import redis as redis_sync
 
-from genq.bench.queue import percentile
+from benchmarks.common import percentile
 
+ROOT = Path(__file__).resolve().parent.parent  # benchmarks/ runs from the checkout, not the installed package
 REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 SUMMARY = re.compile(
@@ -25,9 +26,9 @@ SUMMARY = re.compile(
 
 
 def test_quick_run_prints_a_parseable_last_line() -> None:
-    genq = Path(sys.executable).with_name("genq")
     proc = subprocess.run(
-        [str(genq), "bench", "queue", "--quick", "--redis-url", REDIS_URL],
+        [sys.executable, "-m", "benchmarks", "queue", "--quick", "--redis-url", REDIS_URL],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,

@@ -1,4 +1,4 @@
-"""``genq bench sse --quick`` runs end to end (a real ``genq api`` subprocess, real Redis, httpx
+"""``python -m benchmarks sse --quick`` runs end to end (a real ``genq api`` subprocess, real Redis, httpx
 SSE clients, the simulated producer) and prints a parseable summary as its last line.
 
 Not a timing test: it checks that every part was measured and every figure is positive.
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import redis as redis_sync
 
+ROOT = Path(__file__).resolve().parent.parent  # benchmarks/ runs from the checkout, not the installed package
 REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 NUMBER = r"[\d,]+(?:\.\d+)?"
@@ -34,9 +35,9 @@ def figures(line: str) -> dict[str, float] | None:
 
 
 def test_quick_run_prints_a_parseable_last_line() -> None:
-    genq = Path(sys.executable).with_name("genq")
     proc = subprocess.run(
-        [str(genq), "bench", "sse", "--quick", "--redis-url", REDIS_URL],
+        [sys.executable, "-m", "benchmarks", "sse", "--quick", "--redis-url", REDIS_URL],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,

@@ -17,6 +17,7 @@ pytest.importorskip("vllm")
 from broker.contract import Sampling
 from worker.engine import (
     Delta,
+    EngineArgsError,
     EngineDeadError,
     EngineSettings,
     GenRequest,
@@ -34,7 +35,14 @@ STORY = "Once upon a time, in a small village by the sea, there lived"
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine() -> AsyncIterator:
-    settings = EngineSettings(kind="vllm", max_num_seqs=8, max_model_len=1024, scheduler_stats=True)
+    settings = EngineSettings(
+        kind="vllm",
+        max_num_seqs=8,
+        max_model_len=1024,
+        scheduler_stats=True,
+        # engine arguments read by vLLM's parser (test_engine_arguments_reach_vllm); the CPU default block is 128
+        engine_args={"block_size": "64", "max_logprobs": "7"},
+    )
     eng = await open_engine(settings)
     try:
         yield eng
@@ -57,6 +65,26 @@ async def test_identity(engine) -> None:
     assert engine.model_name == DEFAULT_MODEL_NAME
     assert engine.capacity == 8
     assert engine.max_model_len == 1024
+
+
+async def test_engine_arguments_reach_vllm(engine) -> None:
+    config = engine._llm.vllm_config
+    assert config.cache_config.block_size == 64
+    assert config.model_config.max_logprobs == 7
+    assert config.scheduler_config.policy == "priority"  # genq's own, kept
+    assert config.scheduler_config.max_num_seqs == 8
+
+
+async def test_engine_configuration_refused_before_any_load(engine) -> None:
+    from worker.engine.vllm_engine import VllmEngine
+
+    # valid for the parser, refused by vLLM's config check (more active sequences than slots)
+    doomed = VllmEngine(EngineSettings(kind="vllm", max_num_seqs=8, engine_args={"max_num_active_seqs": "16"}))
+    with pytest.raises(
+        EngineArgsError, match=r"configuration: SchedulerConfig: .*max_num_active_seqs \(16\) cannot be greater than"
+    ):
+        await doomed.start()
+    assert doomed._llm is None  # refused while building the configuration: no engine core was started
 
 
 async def test_capital_of_france(engine) -> None:

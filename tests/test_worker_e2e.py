@@ -22,7 +22,6 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 pytest.importorskip("vllm")
 
 from broker import Broker, BrokerSettings, JobSpec, JobStatus
-from broker.events import EventHub
 from worker.engine import EngineSettings, open_engine
 from worker.loop import Worker
 from worker.model import DEFAULT_MODEL_NAME, default_cache_dir
@@ -75,7 +74,7 @@ async def run_jobs(stack: Stack, specs: list[JobSpec], timeout_s: float = 300) -
     admitted = await stack.broker.admit_many(specs)
     ids = [a.job_id for a in admitted]  # type: ignore[union-attr]
 
-    async with EventHub(stack.broker._redis, stack.broker._keys) as hub:
+    async with stack.broker.event_hub() as hub:
 
         async def follow(jid: str) -> tuple[dict, str]:
             text, last = [], None

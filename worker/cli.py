@@ -41,6 +41,19 @@ def worker_command(
     enforce_eager: Annotated[
         bool | None, typer.Option("--enforce-eager/--no-enforce-eager", rich_help_panel=_ENGINE, show_default=False)
     ] = None,
+    engine_arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--engine-arg",
+            metavar="KEY=VALUE",
+            help=(
+                "Any vLLM engine argument (AsyncEngineArgs field), read by vLLM's parser; repeatable. "
+                "A genq setting's name (max_num_seqs, dtype, ...) sets that setting, and must agree with its flag. "
+                "[env GENQ_WORKER_ENGINE_ARGS: a JSON object; a flag's key wins]"
+            ),
+            rich_help_panel=_ENGINE,
+        ),
+    ] = None,
     sim_step_ms: Annotated[
         float | None, typer.Option(help="Simulated engine: ms per step.", rich_help_panel=_ENGINE)
     ] = None,
@@ -70,16 +83,24 @@ def worker_command(
     flags = {k: v for k, v in locals().items() if v is not None}  # first: only the parameters
 
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from broker.settings import BrokerSettings
+    from worker.engine.base import EngineArgsError
     from worker.main import run
-    from worker.settings import WorkerSettings
+    from worker.settings import WorkerSettings, parse_engine_arg
 
     broker_flags = {k: flags.pop(k) for k in ("redis_url", "queue", "lease_ms") if k in flags}
     try:
+        if given := [parse_engine_arg(a) for a in flags.pop("engine_arg", [])]:
+            flags["engine_args"] = WorkerSettings(**flags).engine_args | dict(given)  # over the env's
         settings = WorkerSettings(**flags)
         broker_settings = BrokerSettings(**broker_flags)
+        settings.engine_settings()  # vLLM's parser reads the engine arguments now, before anything starts
     except ValidationError as e:
         typer.echo(f"genq worker: invalid settings\n{e}", err=True)
+        raise typer.Exit(2) from None
+    except (EngineArgsError, SettingsError) as e:
+        typer.echo(f"genq worker: {e}", err=True)
         raise typer.Exit(2) from None
     raise typer.Exit(run(settings, broker_settings))

@@ -5,8 +5,9 @@ same flags (see :mod:`worker.cli`).  SIGTERM or SIGINT stops claiming and drains
 for ``drain_grace_s``; a second signal hands the running jobs back at once.
 
 Exit codes: 0 drained and stopped; 1 the engine died (its jobs were handed
-back) or the worker crashed; 2 start-up failed (bad settings, Redis unreachable or misconfigured,
-engine would not load).
+back) or the worker crashed; 2 start-up failed (bad settings or engine arguments, Redis
+unreachable or misconfigured, engine would not load).  Engine arguments are checked first,
+before Redis is contacted or an engine is built.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import asyncio
 import signal
 
 import structlog
+from pydantic import ValidationError
 
 from broker.client import Broker
 from broker.errors import RedisMisconfigured
 from broker.logs import configure_logging
 from broker.settings import BrokerSettings
-from worker.engine import open_engine
+from worker.engine import EngineArgsError, open_engine
 from worker.loop import Worker
 from worker.settings import WorkerSettings
 
@@ -47,6 +49,12 @@ async def serve(settings: WorkerSettings, broker_settings: BrokerSettings) -> in
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
 
+    try:
+        engine_settings = settings.engine_settings()
+    except (EngineArgsError, ValidationError) as e:
+        log.error("worker.bad_engine_settings", error=str(e))
+        return EXIT_STARTUP
+
     broker = Broker.from_settings(broker_settings)
     try:
         try:
@@ -57,10 +65,12 @@ async def serve(settings: WorkerSettings, broker_settings: BrokerSettings) -> in
         except Exception as e:  # noqa: BLE001 - connection refused, auth, DNS...
             log.error("worker.redis_unreachable", url=broker_settings.redis_url, error=str(e))
             return EXIT_STARTUP
-        engine_settings = settings.engine_settings()
         log.info("worker.engine_opening", engine=engine_settings.kind, model=engine_settings.model)
         try:
             engine = await open_engine(engine_settings)
+        except EngineArgsError as e:  # vLLM refused the configuration: no traceback needed
+            log.error("worker.engine_refused_configuration", engine=engine_settings.kind, error=str(e))
+            return EXIT_STARTUP
         except Exception:
             log.exception("worker.engine_failed_to_start", engine=engine_settings.kind)
             return EXIT_STARTUP

@@ -5,6 +5,20 @@ reap interval) is the shared :class:`broker.settings.BrokerSettings` read from
 ``GENQ_*``; this object holds only what is the worker's own: the engine it runs
 and how it feeds that engine.  Engine fields left at ``None`` keep the defaults
 of :class:`worker.engine.base.EngineSettings`, so those live in one place.
+
+vLLM engine arguments beyond genq's own settings: ``--engine-arg key=value``
+(repeatable) and ``GENQ_WORKER_ENGINE_ARGS``, a JSON object
+(``{"enable_prefix_caching": true, "kv_cache_dtype": "fp8"}``); a flag's key wins
+over the same key in the variable.  They are checked by vLLM's own parser (see
+:mod:`worker.engine.vllm_args`).  Precedence, so the two never fight silently:
+
+- an engine argument that is also a genq setting (``max_num_seqs``, ``max_model_len``,
+  ``dtype``, ``gpu_memory_utilization``, ``enforce_eager``, ``model``, ...) *is* that
+  setting: it applies when the flag / ``GENQ_WORKER_*`` variable is not given, and the
+  same value in both is fine; different values stop the worker at start-up;
+- every other engine argument overrides genq's defaults for vLLM (``disable_log_stats``,
+  ``enable_log_requests``); ``scheduling_policy`` and ``skip_tokenizer_init`` are refused
+  (genq needs the priority scheduler and the tokenizer).
 """
 
 from __future__ import annotations
@@ -13,12 +27,12 @@ import os
 import secrets
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from worker.engine.base import EngineSettings
+from worker.engine.base import EngineArgsError, EngineSettings, engine_arg_key, engine_args_text
 
 # Fields passed through to EngineSettings when set (None = the engine's default).
 ENGINE_FIELDS = (
@@ -35,6 +49,14 @@ ENGINE_FIELDS = (
     "sim_step_ms_per_seq",
     "sim_tokens_per_step",
 )
+
+
+def parse_engine_arg(text: str) -> tuple[str, str]:
+    """``"key=value"`` (one ``--engine-arg``) -> ``(key, value)``; a bare ``key`` is ``(key, "")``."""
+    key, _, value = text.partition("=")
+    if not key.strip().lstrip("-"):
+        raise EngineArgsError(f"--engine-arg {text!r}: expected key=value, e.g. enable_prefix_caching=true")
+    return engine_arg_key(key), value
 
 
 def default_worker_id() -> str:
@@ -61,6 +83,8 @@ class WorkerSettings(BaseSettings):
     sim_step_ms: float | None = Field(None, ge=0)
     sim_step_ms_per_seq: float | None = Field(None, ge=0)
     sim_tokens_per_step: int | None = Field(None, ge=1)
+    # Any other vLLM engine argument: field name -> text (env: a JSON object). See the module docstring.
+    engine_args: dict[str, str] = Field(default_factory=dict)
 
     # -- feeding the engine -------------------------------------------------
     # Deltas of each job are coalesced this long, then written for all jobs in one pipeline.
@@ -79,9 +103,33 @@ class WorkerSettings(BaseSettings):
     log_level: str = "INFO"
     json_logs: bool | None = None  # None = JSON unless stderr is a terminal
 
+    @field_validator("engine_args", mode="before")
+    @classmethod
+    def normalise_engine_args(cls, value: Any) -> Any:
+        return engine_args_text(value)
+
     def engine_settings(self) -> EngineSettings:
-        chosen = {name: getattr(self, name) for name in ENGINE_FIELDS if getattr(self, name) is not None}
-        return EngineSettings(kind=self.engine, **chosen)
+        """The engine's settings, engine arguments checked (raises EngineArgsError or ValidationError).
+
+        With engine arguments this imports vLLM (its parser reads them), and is still fast next to
+        loading an engine, so a bad argument stops the worker before anything slow starts.
+        """
+        chosen: dict[str, Any] = {n: getattr(self, n) for n in ENGINE_FIELDS if getattr(self, n) is not None}
+        rest: dict[str, str] = {}
+        if self.engine_args:
+            if self.engine != "vllm":
+                raise EngineArgsError(f"engine arguments ({', '.join(self.engine_args)}) need --engine vllm")
+            from worker.engine.vllm_args import split_engine_args
+
+            from_args, rest = split_engine_args(self.engine_args)
+            for name, value in from_args.items():
+                if name in chosen and chosen[name] != value:
+                    raise EngineArgsError(
+                        f"{name} is given twice: --{name.replace('_', '-')} / GENQ_WORKER_{name.upper()} "
+                        f"= {chosen[name]!r} and engine argument {name} = {value!r}; give it once"
+                    )
+                chosen[name] = value
+        return EngineSettings(kind=self.engine, **chosen, engine_args=rest)
 
     def tokenizer_folder(self) -> str | None:
         """A local folder the API may load this model's tokenizer from, if there is one."""

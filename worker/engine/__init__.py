@@ -9,6 +9,7 @@ from __future__ import annotations
 from worker.engine.base import (
     Delta,
     Engine,
+    EngineArgsError,
     EngineDeadError,
     EngineError,
     EngineSettings,
@@ -21,6 +22,7 @@ from worker.engine.base import (
 __all__ = [
     "Delta",
     "Engine",
+    "EngineArgsError",
     "EngineDeadError",
     "EngineError",
     "EngineSettings",

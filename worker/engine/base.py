@@ -27,11 +27,12 @@ Stream contract for ``generate()``:
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, Self, runtime_checkable
+from typing import Any, Literal, Protocol, Self, runtime_checkable
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from broker.contract import Sampling
 from broker.models import Job
@@ -96,6 +97,36 @@ class PromptTooLongError(InvalidRequestError):
     """The original prompt leaves no room for a completion in max_model_len."""
 
 
+class EngineArgsError(ValueError):
+    """An engine argument (``--engine-arg``) that vLLM's parser or genq refuses; the message names it."""
+
+
+def engine_arg_key(key: str) -> str:
+    """``--enable-prefix-caching`` -> ``enable_prefix_caching``; vLLM's dotted sub-keys stay as given."""
+    head, dot, rest = key.strip().lstrip("-").partition(".")
+    return head.replace("-", "_") + dot + rest
+
+
+def engine_arg_text(value: Any) -> str:
+    """A value as vLLM's command line takes it: JSON true/false/null, numbers, lists and objects."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "None"  # vLLM's optional types read "None" as None
+    if isinstance(value, int | float):
+        return str(value)
+    return json.dumps(value)
+
+
+def engine_args_text(value: Any) -> Any:
+    """Normalise a mapping of engine arguments (keys and values); anything else is left to pydantic."""
+    if isinstance(value, dict):
+        return {engine_arg_key(str(k)): engine_arg_text(v) for k, v in value.items()}
+    return value
+
+
 class EngineSettings(BaseModel):
     """How to build an engine.  ``None`` fields are resolved per platform."""
 
@@ -115,10 +146,20 @@ class EngineSettings(BaseModel):
     sim_step_ms: float = Field(5.0, ge=0)
     sim_step_ms_per_seq: float = Field(0.5, ge=0)
     sim_tokens_per_step: int = Field(1, ge=1)
+    # vLLM engine arguments beyond the fields above: AsyncEngineArgs field name (or vLLM's dotted
+    # form, ``compilation_config.mode``) -> the text vLLM's command line takes.  Read by vLLM's own
+    # parser when the engine is built (worker.engine.vllm_args); the fields above are genq's and
+    # may not be repeated here (WorkerSettings.engine_settings folds such arguments into them).
+    engine_args: dict[str, str] = Field(default_factory=dict)
     # vLLM: collect scheduler stats every step (exact running/waiting, KV-cache use). Off by
     # default: the per-step bookkeeping slows generation measurably on a small CPU box, and
     # the worker's own in-flight count sizes claims well enough.
     scheduler_stats: bool = False
+
+    @field_validator("engine_args", mode="before")
+    @classmethod
+    def normalise_engine_args(cls, value: Any) -> Any:
+        return engine_args_text(value)
 
 
 @runtime_checkable

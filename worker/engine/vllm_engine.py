@@ -22,6 +22,10 @@ What this module does on top of vLLM, and why:
   waiting = in flight - running (requests still being tokenized or in transit
   count as waiting).  Before the first scheduler stats arrive, running is the
   number of in-flight requests that produced a token, capped at capacity.
+- Engine arguments (``EngineSettings.engine_args``) are read by vLLM's own parser
+  (:mod:`worker.engine.vllm_args`) and override genq's defaults here; the engine
+  configuration is built before the engine core starts, so vLLM refusing it is an
+  :class:`EngineArgsError` (a start-up error), not a failed load.
 - vLLM's ``EngineDeadError`` becomes genq's; its request-validation errors
   become :class:`InvalidRequestError`; anything else from vLLM becomes
   :class:`EngineError` (vLLM calls those recoverable).
@@ -42,12 +46,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from pydantic import ValidationError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 from vllm import AsyncEngineArgs, SamplingParams, TokensPrompt
+from vllm.config import VllmConfig
 from vllm.exceptions import VLLMClientError
 from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
@@ -60,6 +66,7 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 from broker.contract import Sampling
 from worker.engine.base import (
     Delta,
+    EngineArgsError,
     EngineBase,
     EngineDeadError,
     EngineError,
@@ -70,6 +77,7 @@ from worker.engine.base import (
     PromptTooLongError,
     check_request,
 )
+from worker.engine.vllm_args import GENQ_SETTINGS, read_engine_args
 from worker.model import DEFAULT_MODEL_NAME, prepare_default_model
 
 log = structlog.get_logger(__name__)
@@ -82,6 +90,14 @@ GPU_MEMORY_UTILIZATION = 0.9
 class _InFlight:
     started: bool = False  # produced at least one output
     abort_requested: bool = False
+
+
+def _reason(exc: Exception) -> str:
+    """vLLM's configs are pydantic dataclasses: say what their validators said, on one line."""
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    said = [(".".join(map(str, err["loc"])) + ": " if err["loc"] else "") + err["msg"] for err in exc.errors()]
+    return f"{exc.title}: " + "; ".join(said)
 
 
 class _SchedulerStatsTap(StatLoggerBase):
@@ -130,7 +146,11 @@ class VllmEngine(EngineBase):
 
     # -- lifecycle -------------------------------------------------------
     def engine_args(self, model_path: str) -> AsyncEngineArgs:
+        """genq's settings and defaults, then ``settings.engine_args`` over them (EngineArgsError if refused)."""
         s = self.settings
+        extra = read_engine_args(s.engine_args)
+        if doubled := sorted(GENQ_SETTINGS & extra.keys()):
+            raise EngineArgsError(f"engine arguments {', '.join(doubled)} are EngineSettings fields: set them there")
         dtype = s.dtype
         if self.on_cpu and s.model is None and dtype == "auto":
             dtype = "float32"  # bfloat16 gave fluent nonsense on CPU
@@ -138,20 +158,32 @@ class VllmEngine(EngineBase):
         if gpu_mem is None:
             gpu_mem = CPU_GPU_MEMORY_UTILIZATION if self.on_cpu else GPU_MEMORY_UTILIZATION
         eager = s.enforce_eager if s.enforce_eager is not None else self.on_cpu
-        return AsyncEngineArgs(
-            model=model_path,
-            served_model_name=self.model_name,
-            dtype=dtype,
-            max_model_len=s.max_model_len,
-            max_num_seqs=s.max_num_seqs,
-            max_num_batched_tokens=s.max_num_batched_tokens,
-            gpu_memory_utilization=gpu_mem,
-            tensor_parallel_size=s.tensor_parallel_size,
-            enforce_eager=eager,
-            scheduling_policy="priority",
-            disable_log_stats=True,  # our tap still enables scheduler stats
-            enable_log_requests=False,
-        )
+        genq: dict[str, Any] = {
+            "model": model_path,
+            "served_model_name": self.model_name,
+            "dtype": dtype,
+            "max_model_len": s.max_model_len,
+            "max_num_seqs": s.max_num_seqs,
+            "max_num_batched_tokens": s.max_num_batched_tokens,
+            "gpu_memory_utilization": gpu_mem,
+            "tensor_parallel_size": s.tensor_parallel_size,
+            "enforce_eager": eager,
+            "scheduling_policy": "priority",
+            "disable_log_stats": True,  # our tap still enables scheduler stats
+            "enable_log_requests": False,
+        }
+        try:
+            return AsyncEngineArgs(**(genq | extra))
+        except (ValueError, TypeError) as e:
+            raise EngineArgsError(f"vLLM refused the engine arguments: {_reason(e)}") from e
+
+    @staticmethod
+    def engine_config(args: AsyncEngineArgs) -> VllmConfig:
+        """vLLM's whole configuration (reads the model's config, not its weights): blocking, a second or so."""
+        try:
+            return args.create_engine_config()
+        except (ValueError, TypeError, NotImplementedError) as e:
+            raise EngineArgsError(f"vLLM refused the engine configuration: {_reason(e)}") from e
 
     async def start(self) -> None:
         if self._llm is not None:
@@ -171,13 +203,17 @@ class VllmEngine(EngineBase):
             dtype=args.dtype,
             enforce_eager=args.enforce_eager,
             gpu_memory_utilization=args.gpu_memory_utilization,
+            engine_args=self.settings.engine_args,
         )
+        config = await asyncio.to_thread(self.engine_config, args)
         # Blocking for tens of seconds; AsyncLLM tolerates being built outside
         # the loop and starts its background tasks lazily in this loop.
         llm = await asyncio.to_thread(
-            AsyncLLM.from_engine_args,
-            args,
+            AsyncLLM.from_vllm_config,
+            config,
             stat_loggers=[lambda _config, _idx: _SchedulerStatsTap(self)] if self.settings.scheduler_stats else None,
+            enable_log_requests=args.enable_log_requests,
+            disable_log_stats=args.disable_log_stats,
         )
         self._llm = llm
         try:

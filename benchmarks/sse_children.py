@@ -1,7 +1,7 @@
-"""The child processes of ``genq bench sse``: SSE clients and the SIMULATED PRODUCER.
+"""The child processes of ``python -m benchmarks sse``: SSE clients and the SIMULATED PRODUCER.
 
 Each runs its own event loop (uvloop where installed) and talks to the benchmark over a
-pipe: ``(tag, value)`` messages, see :mod:`genq.bench.common`.
+pipe: ``(tag, value)`` messages, see :mod:`benchmarks.common`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from array import array
 from multiprocessing.connection import Connection
 from typing import Any
 
+from benchmarks.common import expect, recv
 from broker import Broker, BrokerSettings
 from broker.client import OutputWrite as Delta
 from broker.logs import configure_logging
-from genq.bench.common import expect, recv
 
 SSE_MODEL = "bench-sse"  # the queue the fan-out jobs live in
 

@@ -1,4 +1,4 @@
-"""``genq bench e2e``: genq (broker client → Redis → one worker process) against vLLM's
+"""``python -m benchmarks e2e``: genq (broker client → Redis → one worker process) against vLLM's
 ``AsyncLLM`` called directly, on the same engine arguments, in one run.
 
 Phase 1 loads ``AsyncLLM`` in this process and measures it; phase 2 shuts it down,
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import structlog
 
+from benchmarks.common import percentile
 from broker import Broker, BrokerSettings, JobSpec
-from genq.bench.common import percentile
 
 log = structlog.get_logger(__name__)
 

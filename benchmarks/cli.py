@@ -1,4 +1,4 @@
-"""``genq bench ...`` sub-commands; each imports its benchmark lazily."""
+"""The ``python -m benchmarks ...`` sub-commands; each imports its benchmark lazily."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from typing import Annotated
 
 import typer
 
-bench_app = typer.Typer(no_args_is_help=True)
+bench_app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="genq benchmarks against peers measured in the same run."
+)
 
 
 @bench_app.command("queue", help="Queue latency and drain throughput: genq against arq, same Redis, same run.")
@@ -23,8 +25,8 @@ def queue_command(
 ) -> None:
     import dataclasses
 
+    from benchmarks import queue
     from broker.logs import configure_logging
-    from genq.bench import queue
 
     configure_logging()
     cfg = queue.Config.quick(redis_url) if quick else queue.Config(redis_url=redis_url)
@@ -46,8 +48,8 @@ def sse_command(
 ) -> None:
     import dataclasses
 
+    from benchmarks import sse
     from broker.logs import configure_logging
-    from genq.bench import sse
 
     configure_logging()
     cfg = sse.Config.quick(redis_url) if quick else sse.Config(redis_url=redis_url, skip_vllm=skip_vllm)
@@ -72,8 +74,8 @@ def e2e_command(
 ) -> None:
     from rich.console import Console
 
+    from benchmarks import e2e
     from broker.logs import configure_logging
-    from genq.bench import e2e
 
     configure_logging()
     levels = [int(u) for u in users.split(",") if u]

@@ -1,4 +1,4 @@
-"""``genq bench sse``: what one API process delivers, measured in one run.
+"""``python -m benchmarks sse``: what one API process delivers, measured in one run.
 
 1. SSE fan-out: one ``genq api`` subprocess (uvicorn) on a fresh queue namespace;
    ``followers`` SSE clients (httpx, spread over ``client_procs`` child processes)
@@ -45,11 +45,11 @@ from typing import Any
 
 import structlog
 
+from benchmarks.common import expect, percentile, spawn
+from benchmarks.sse_children import SSE_MODEL, client_main, producer_main
 from broker import Broker, BrokerSettings, JobSpec
 from broker.events import EventHub
 from broker.models import Admission, TenantLimits
-from genq.bench.common import expect, percentile, spawn
-from genq.bench.sse_children import SSE_MODEL, client_main, producer_main
 
 log = structlog.get_logger(__name__)
 
@@ -278,7 +278,7 @@ class Bench:
             await self.broker.register_model(model, 0)
         await self.broker.set_tenant(TENANT, TenantLimits())  # no limits
         self.key = await create_key(self.broker, TENANT, "genq bench sse")
-        self.hub = EventHub(self.broker._redis, self.broker._keys)
+        self.hub = self.broker.event_hub()
         port = free_port()
         self.api = Child.start(
             "api", [sys.executable, "-m", "genq.cli", "api", "--port", str(port)], self.env, self.log_dir

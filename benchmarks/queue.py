@@ -1,4 +1,4 @@
-"""``genq bench queue``: genq's Redis queue against arq 0.28, in one run, on one Redis.
+"""``python -m benchmarks queue``: genq's Redis queue against arq 0.28, in one run, on one Redis.
 
 Two figures, each measured for both systems back to back:
 
@@ -30,10 +30,10 @@ from typing import Any
 
 import structlog
 
+from benchmarks.common import expect, percentile, recv, spawn
 from broker import Broker, BrokerSettings, JobSpec
 from broker.logs import configure_logging
 from broker.models import Admission
-from genq.bench.common import expect, percentile, recv, spawn
 
 log = structlog.get_logger(__name__)
 
@@ -158,7 +158,7 @@ async def ping_latency(broker: Broker, cfg: Config) -> list[float]:
     for _ in range(cfg.samples):
         await asyncio.sleep(random.uniform(0.005, 0.010))
         t0 = time.time_ns()
-        await broker._redis.ping()
+        await broker.ping()
         out.append((time.time_ns() - t0) / 1e6)
     return out
 

@@ -1,0 +1,6 @@
+"""``python -m benchmarks queue|sse|e2e`` (see :mod:`benchmarks`)."""
+
+from benchmarks.cli import bench_app
+
+if __name__ == "__main__":
+    bench_app(prog_name="python -m benchmarks")
