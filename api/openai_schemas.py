@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from api.errors import bad_request
-from api.service import Submission
+from api.service import MAX_QUEUE_TIME_S, Submission
 from broker.contract import SAMPLING_FIELDS, Sampling
 
 SEED = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -64,6 +64,8 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False  # vLLM extension
     priority: int | None = Field(None, ge=0, le=9)  # vLLM extension; X-Priority wins
     metadata: Metadata | None = Field(None, max_length=16)
+    # genq: a job still queued this long after admission is expired (X-Max-Queue-Time wins)
+    max_time_in_queue_s: float | None = Field(None, gt=0, le=MAX_QUEUE_TIME_S)
 
     @field_validator("stop")
     @classmethod
@@ -81,7 +83,13 @@ class _Sampling(BaseModel):
         return Sampling(**chosen)
 
     def _common(self, priority: int) -> dict[str, Any]:
-        return {"model": self.model, "sampling": self.sampling(), "priority": priority, "metadata": self.metadata}
+        return {
+            "model": self.model,
+            "sampling": self.sampling(),
+            "priority": priority,
+            "metadata": self.metadata,
+            "max_time_in_queue_s": self.max_time_in_queue_s,
+        }
 
 
 class StreamOptions(BaseModel):

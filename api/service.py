@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,7 @@ from api.auth import Principal
 from api.errors import bad_request, from_broker, ratelimit_headers
 from api.runtime import Runtime, note
 from broker import errors as be
+from broker.client import now_ms
 from broker.models import IDEMPOTENCY_KEY, Admission, Job, JobSpec, JobStatus, Sampling
 
 log = structlog.get_logger(__name__)
@@ -30,15 +32,36 @@ class Submission:
     sampling: Sampling = field(default_factory=Sampling)
     priority: int = 5
     metadata: dict[str, str] | None = None
+    max_time_in_queue_s: float | None = None
 
 
 def priority_header(request: Request, default: int) -> int:
     raw = request.headers.get("x-priority")
     if raw is None:
         return default
-    if not raw.strip().isdigit() or not 0 <= int(raw) <= 9:
+    if raw.strip() not in {str(p) for p in range(10)}:  # str.isdigit() would pass "²"
         raise bad_request(f"X-Priority must be an integer from 0 (first) to 9 (last), got {raw!r}.", "X-Priority")
     return int(raw)
+
+
+MAX_QUEUE_TIME_S = 7 * 24 * 3600.0
+
+
+def max_queue_time(request: Request, body_value: float | None) -> float | None:
+    """``X-Max-Queue-Time`` (seconds) wins over the body's ``max_time_in_queue_s``."""
+    raw = request.headers.get("x-max-queue-time")
+    if raw is None:
+        return body_value
+    try:
+        value = float(raw.strip()) if raw.strip().isascii() else math.nan
+    except ValueError:
+        value = math.nan
+    if not (0 < value <= MAX_QUEUE_TIME_S):  # NaN and inf fail this too
+        raise bad_request(
+            f"X-Max-Queue-Time must be a number of seconds in (0, {MAX_QUEUE_TIME_S:g}], got {raw[:40]!r}.",
+            "X-Max-Queue-Time",
+        )
+    return value
 
 
 def idempotency_header(request: Request) -> str | None:
@@ -74,6 +97,7 @@ async def admit(rt: Runtime, request: Request, who: Principal, sub: Submission) 
     if max_len and prompt_tokens >= max_len:
         rt.metrics.rejected("context_length_exceeded")
         raise from_broker(be.ContextTooLong(max_len, prompt_tokens, 0), sub.kind)
+    queue_time_s = max_queue_time(request, sub.max_time_in_queue_s)
     max_tokens = sub.max_tokens
     if max_tokens is None:  # like vLLM: what the context leaves, capped by a default
         max_tokens = min(rt.settings.default_max_tokens, rt.settings.max_tokens_limit)
@@ -91,6 +115,7 @@ async def admit(rt: Runtime, request: Request, who: Principal, sub: Submission) 
         prompt_tokens=prompt_tokens,
         idempotency_key=idempotency_header(request),
         metadata=sub.metadata,
+        deadline_ms=None if queue_time_s is None else now_ms() + math.ceil(queue_time_s * 1000),
     )
     try:
         adm = await rt.broker.admit(spec)
