@@ -16,7 +16,7 @@ from typing import TypedDict
 import structlog
 from fastapi import FastAPI
 
-from api import errors
+from api import docs, errors
 from api.metrics import ApiMetrics
 from api.middleware import AccessMiddleware
 from api.routes_jobs import router as jobs_router
@@ -83,8 +83,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         version="0.1.0",
         summary="An asynchronous request broker for LLM serving: native jobs, SSE, OpenAI-compatible endpoints.",
         lifespan=lifespan,
+        docs_url=None,  # served by api.docs without a CDN
+        redoc_url=None,
     )
     errors.install(app)
+    docs.install(app)
     app.add_middleware(AccessMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     for router in (ops_router, admin_router, jobs_router, openai_router):
         app.include_router(router)
