@@ -73,7 +73,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             async with EventHub(broker.redis, broker.keys) as hub, reaper(broker, settings):
                 rt = Runtime(settings, broker, hub, metrics=metrics, streams=StreamSlots(settings.sse_per_tenant))
                 log.info("api started", queue=settings.queue, models=settings.models)
-                yield {"rt": rt}
+                try:
+                    yield {"rt": rt}
+                finally:
+                    await rt.orphans.aclose()
         finally:
             await broker.close()
             log.info("api stopped")

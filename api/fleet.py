@@ -1,0 +1,48 @@
+"""What one API process knows of the workers and queues, cached for a second.
+
+Every submit asks "does a live worker serve this model?" and every view of a
+queued job asks "how deep is each priority?"; a cache of ``TTL_S`` makes either
+cost no Redis call most of the time (a position tick of thousands of followers
+included). Callers that must not act on a stale answer pass ``fresh=True``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from broker.client import Broker
+
+TTL_S = 1.0
+
+
+class Fleet:
+    def __init__(self, broker: Broker, worker_max_age_ms: int) -> None:
+        self._broker, self._max_age_ms = broker, worker_max_age_ms
+        self._workers: Counter[str] = Counter()
+        self._workers_at = -TTL_S
+        self._depths: dict[str, tuple[float, dict[int, int]]] = {}
+
+    async def workers(self, model: str, *, fresh: bool = False) -> int:
+        """Live workers taking new jobs of ``model`` (a draining worker takes none)."""
+        return (await self.counts(fresh=fresh))[model]
+
+    async def counts(self, *, fresh: bool = False) -> Counter[str]:
+        """Live workers per model."""
+        now = time.monotonic()
+        if fresh or now - self._workers_at >= TTL_S:
+            records = await self._broker.workers(self._max_age_ms)
+            self._workers = Counter(str(w["model"]) for w in records if w.get("model") and w.get("state") != "draining")
+            self._workers_at = now
+        return self._workers
+
+    async def depths(self, model: str) -> dict[int, int]:
+        """Queued jobs of ``model`` per priority."""
+        now = time.monotonic()
+        cached = self._depths.get(model)
+        if cached is None or now - cached[0] >= TTL_S:
+            depth = (await self._broker.queue_stats(model)).depth
+            if len(self._depths) > 1024:  # models come and go: keep the cache bounded
+                self._depths.clear()
+            self._depths[model] = cached = (now, dict(depth))
+        return cached[1]
