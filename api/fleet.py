@@ -1,9 +1,9 @@
-"""What one API process knows of the workers and queues, cached for a second.
+"""What one API process knows of the live workers, cached for a second.
 
-Every submit asks "does a live worker serve this model?" and every view of a
-queued job asks "how deep is each priority?"; a cache of ``TTL_S`` makes either
-cost no Redis call most of the time (a position tick of thousands of followers
-included). Callers that must not act on a stale answer pass ``fresh=True``.
+Every submit and every view of a queued job (a position tick of thousands of
+followers included) asks "does a live worker serve this model?"; a cache of
+``TTL_S`` makes that cost no Redis call most of the time. Callers that must not
+act on a stale answer pass ``fresh=True``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ class Fleet:
         self._broker, self._max_age_ms = broker, worker_max_age_ms
         self._workers: Counter[str] = Counter()
         self._workers_at = -TTL_S
-        self._depths: dict[str, tuple[float, dict[int, int]]] = {}
 
     async def workers(self, model: str, *, fresh: bool = False) -> int:
         """Live workers taking new jobs of ``model`` (a draining worker takes none)."""
@@ -35,14 +34,3 @@ class Fleet:
             self._workers = Counter(str(w["model"]) for w in records if w.get("model") and w.get("state") != "draining")
             self._workers_at = now
         return self._workers
-
-    async def depths(self, model: str) -> dict[int, int]:
-        """Queued jobs of ``model`` per priority."""
-        now = time.monotonic()
-        cached = self._depths.get(model)
-        if cached is None or now - cached[0] >= TTL_S:
-            depth = (await self._broker.queue_stats(model)).depth
-            if len(self._depths) > 1024:  # models come and go: keep the cache bounded
-                self._depths.clear()
-            self._depths[model] = cached = (now, dict(depth))
-        return cached[1]

@@ -174,11 +174,12 @@ EMPTY_PLACE = {
 
 
 async def place(rt: Runtime, job: Job) -> Place | None:
-    """The job's place in its queue (None once claimed). Two Redis reads; depths are cached."""
+    """The job's place in its queue (None once claimed): two pipelined reads."""
     rank, eta = await rt.broker.position(job)
     if rank is None:
         return None
-    depth = await rt.fleet.depths(job.model)
+    # Read after the rank: a claim or an arrival in between widens the bounds (errs towards `estimate`).
+    depth = (await rt.broker.queue_stats(job.model)).depth
     higher = sum(depth.get(p, 0) for p in range(job.priority))
     others = higher + depth.get(job.priority, 0) - 1
     drain = (rank + 1) / eta if eta else 0.0
