@@ -122,6 +122,7 @@ class Caller:
         if progress in done or await rt.fleet.workers(self.model, fresh=True) > 0:
             return None
         await self.abandon()
+        rt.metrics.rejected("no_worker")
         log.info("no live worker for the model", model=self.model, job_id=self.job_id)
         grace = rt.settings.reattach_grace_s
         # A keyed retry should come while the job is kept for it.
