@@ -26,8 +26,6 @@ from api.routes_ops import router as ops_router
 from api.runtime import Runtime, StreamSlots
 from api.settings import ApiSettings
 from broker.client import Broker
-from broker.events import EventHub
-from broker.redis_check import check_redis
 
 log = structlog.get_logger(__name__)
 
@@ -67,10 +65,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
         broker = Broker.from_settings(settings)
         try:
-            await check_redis(broker.redis, settings)
+            await broker.check_server()
             for model in settings.models:  # a worker's record (max_model_len, tokenizer) wins
                 await broker.register_model(model, 0, only_if_absent=True)
-            async with EventHub(broker.redis, broker.keys) as hub, reaper(broker, settings):
+            async with broker.event_hub() as hub, reaper(broker, settings):
                 rt = Runtime(settings, broker, hub, metrics=metrics, streams=StreamSlots(settings.sse_per_tenant))
                 log.info("api started", queue=settings.queue, models=settings.models)
                 try:

@@ -12,6 +12,7 @@ not an admin key           403     permission_error           insufficient_permi
 unknown job / other tenant 404     invalid_request_error      not_found
 unknown model              404     invalid_request_error      model_not_found
 job already finished       409     invalid_request_error      already_terminal
+Idempotency-Key reused     422     invalid_request_error      idempotency_key_reused (another body)
 body too large             413     invalid_request_error      request_too_large
 tenant rate limits         429     requests / tokens          rate_limit_exceeded (+ Retry-After)
 tenant queue / SSE limit   429     rate_limit_error           tenant_queue_full / too_many_streams
@@ -19,6 +20,8 @@ global queue full          503     overloaded_error           queue_full (+ Retr
 no live worker (OpenAI)    503     overloaded_error           no_worker (+ Retry-After)
 Redis unreachable          503     overloaded_error           redis_unavailable (+ Retry-After)
 sync OpenAI call too long  504     server_error               timeout (the job is cancelled)
+job still queued at its    504     server_error               deadline_exceeded
+deadline
 job failed on its worker   500     server_error               the job's error code (OpenAI routes)
 client went away           499     invalid_request_error      client_closed (nobody reads it)
 anything else              500     server_error               internal_error (no details)
@@ -35,11 +38,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from broker import errors as be
+from broker.contract import CLIENT_ERRORS, EventType, JobErrorCode
 
 log = structlog.get_logger(__name__)
 
@@ -112,18 +114,19 @@ def too_many_streams(limit: int) -> ApiError:
     )
 
 
-CLIENT_JOB_ERRORS = frozenset({"context_length_exceeded", "invalid_request", "prompt_too_long"})
-
-
-def from_job_end(event_type: str, data: dict[str, Any]) -> ApiError:
-    """A job that ended without output (``failed`` / ``cancelled`` event), for the OpenAI routes."""
+def from_job_end(event_type: EventType, data: dict[str, Any]) -> ApiError:
+    """A job that ended without output (``failed`` / ``cancelled`` / ``expired``), for the OpenAI routes."""
     # The job already had its attempts: the openai client must not resubmit it as a new job.
     final = {"x-should-retry": "false"}
-    if event_type == "cancelled":
+    if event_type is EventType.CANCELLED:
         return ApiError(409, "The job was cancelled before it finished.", code="job_cancelled", headers=final)
     code = str(data.get("code") or "job_failed")
     message = str(data.get("message") or "The job failed.")
-    if code in CLIENT_JOB_ERRORS:
+    if event_type is EventType.EXPIRED:
+        return ApiError(
+            504, f"The job expired: {message}.", type="server_error", code=JobErrorCode.DEADLINE_EXCEEDED.value
+        )
+    if code in CLIENT_ERRORS:
         return ApiError(400, message, code=code, headers=final)
     return ApiError(500, f"The job failed: {message}", type="server_error", code=code, headers=final)
 
@@ -158,25 +161,80 @@ def client_closed() -> ApiError:
     return ApiError(499, "Client closed the request.", code="client_closed")
 
 
-def from_broker(e: be.BrokerError) -> ApiError:
-    """Translate a broker error at the boundary."""
+def _field_param(e: be.BrokerError, kind: str = "chat") -> str | None:
+    """The OpenAI request field a broker error's JobSpec field corresponds to."""
+    if e.field == "input":
+        return "messages" if kind == "chat" else "prompt"
+    if e.field in ("tokens", "request_bytes"):
+        return "max_tokens" if e.field == "tokens" else ("messages" if kind == "chat" else "prompt")
+    if e.field == "idempotency_key":
+        return "Idempotency-Key"
+    return e.field
+
+
+def from_broker(e: be.BrokerError, kind: str = "chat") -> ApiError:
+    """Translate a broker error at the boundary: every word a client reads is written here."""
     if isinstance(e, be.AdmissionRefused):
         headers = {"Retry-After": str(retry_after_s(e.retry_after_ms)), **ratelimit_headers(e.limits)}
         if isinstance(e, be.QueueFull):
-            return ApiError(503, e.message, type="overloaded_error", code="queue_full", headers=headers)
+            return ApiError(
+                503, "The queue is full; try again later.", type="overloaded_error", code="queue_full", headers=headers
+            )
         if e.reason in ("requests", "tokens"):
-            return ApiError(429, e.message, type=e.reason, code="rate_limit_exceeded", headers=headers)
-        return ApiError(429, e.message, type="rate_limit_error", code=e.reason, headers=headers)
+            message = f"Rate limit reached for {e.reason} per minute."
+            return ApiError(429, message, type=e.reason, code="rate_limit_exceeded", headers=headers)
+        return ApiError(
+            429, "Too many queued jobs for this tenant.", type="rate_limit_error", code=e.reason, headers=headers
+        )
+    if isinstance(e, be.Unavailable):
+        log.error("redis unavailable", error=e.message)
+        return ApiError(
+            503,
+            "The queue is temporarily unavailable.",
+            type="overloaded_error",
+            code="redis_unavailable",
+            headers={"Retry-After": "1"},
+        )
     if isinstance(e, be.UnknownModel):
-        return ApiError(404, e.message, code="model_not_found", param=e.param or "model")
+        return ApiError(404, f"The model `{e.model[:128]}` does not exist.", code="model_not_found", param="model")
     if isinstance(e, be.ContextTooLong):
-        return ApiError(400, e.message, code="context_length_exceeded", param=e.param or "messages")
+        message = (
+            f"This model's maximum context length is {e.max_model_len} tokens. However, you requested "
+            f"{e.prompt_tokens + e.max_tokens} tokens ({e.prompt_tokens} in the "
+            f"{'messages' if kind == 'chat' else 'prompt'}, {e.max_tokens} in the completion)."
+        )
+        if e.max_tokens == 0:
+            message = (
+                f"This model's maximum context length is {e.max_model_len} tokens. However, your prompt has "
+                f"{e.prompt_tokens} tokens, which leaves no room for a completion."
+            )
+        return ApiError(400, message, code="context_length_exceeded", param=_field_param(e, kind))
+    if isinstance(e, be.LimitExceeded):
+        if e.field == "tokens":
+            message = f"Request needs {e.value} tokens, more than this tenant's token burst of {e.limit}."
+        elif e.field == "request_bytes":
+            message = f"The request is {e.value} bytes; the limit is {e.limit}."
+        else:
+            message = f"{e.field} must be at most {e.limit}, got {e.value}."
+        return ApiError(400, message, code="invalid_request", param=_field_param(e, kind))
+    if isinstance(e, be.PriorityNotAllowed):
+        return ApiError(
+            400, f"Priority {e.priority} is not allowed for this key.", code="invalid_request", param="priority"
+        )
+    if isinstance(e, be.IdempotencyConflict):
+        return ApiError(
+            422,
+            f"This Idempotency-Key was already used for a different request (job {e.job_id}); "
+            "use a new key for a new request.",
+            code="idempotency_key_reused",
+            param="Idempotency-Key",
+        )
     if isinstance(e, be.InvalidRequest):
-        return ApiError(400, e.message, code="invalid_request", param=e.param)
+        return ApiError(400, e.message, code="invalid_request", param=_field_param(e, kind))
     if isinstance(e, be.NotFound):
-        return ApiError(404, e.message, code="not_found", param=e.param)
+        return ApiError(404, f"No job found with id '{e.job_id[:80]}'.", code="not_found", param="job_id")
     if isinstance(e, be.AlreadyTerminal):
-        return ApiError(409, e.message, code="already_terminal")
+        return ApiError(409, f"Job '{e.job_id}' is already {e.status}.", code="already_terminal")
     log.error("unmapped broker error", error=repr(e))
     return ApiError(
         500, "The server had an error while processing your request.", type="server_error", code="internal_error"
@@ -245,23 +303,11 @@ def install(app: FastAPI) -> None:
         err.headers.update(e.headers or {})
         return err.response()
 
-    async def redis_down(_: Request, e: Exception) -> JSONResponse:
-        log.error("redis unavailable", error=str(e))
-        return ApiError(
-            503,
-            "The queue is temporarily unavailable.",
-            type="overloaded_error",
-            code="redis_unavailable",
-            headers={"Retry-After": "1"},
-        ).response()
-
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(be.BrokerError, broker_error)
     app.add_exception_handler(RequestValidationError, request_validation)
     app.add_exception_handler(ValidationError, request_validation)
     app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(RedisConnectionError, redis_down)
-    app.add_exception_handler(RedisTimeoutError, redis_down)
 
 
 INTERNAL_ERROR = error_body("The server had an error while processing your request.", "server_error", "internal_error")

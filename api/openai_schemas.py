@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from api.errors import bad_request
 from api.service import Submission
+from broker.contract import SAMPLING_FIELDS, Sampling
 
 SEED = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 Metadata = dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]]
@@ -71,17 +72,16 @@ class _Sampling(BaseModel):
             raise ValueError("stop strings must not be empty")
         return v
 
+    def sampling(self) -> Sampling:
+        """The job's sampling, built once here from the request's fields (unset ones keep defaults)."""
+        chosen = {name: getattr(self, name) for name in SAMPLING_FIELDS if name in self.model_fields_set}
+        chosen = {k: v for k, v in chosen.items() if v is not None}
+        if "stop" in chosen:
+            chosen["stop"] = _stop_list(chosen["stop"])
+        return Sampling(**chosen)
+
     def _common(self, priority: int) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "temperature": 1.0 if self.temperature is None else self.temperature,
-            "top_p": 1.0 if self.top_p is None else self.top_p,
-            "seed": self.seed,
-            "stop": _stop_list(self.stop),
-            "ignore_eos": self.ignore_eos,
-            "priority": priority,
-            "metadata": self.metadata,
-        }
+        return {"model": self.model, "sampling": self.sampling(), "priority": priority, "metadata": self.metadata}
 
 
 class StreamOptions(BaseModel):

@@ -20,6 +20,7 @@ from api.runtime import Runtime, get_runtime, note
 from api.service import accepted_view, admit, describe, job_view, priority_header, queue_fields, warning_headers
 from api.streams import SlotEventSourceResponse, follow, open_slot
 from broker import errors as be
+from broker.contract import WAITING_EVENTS, EventType
 from broker.models import Job, JobStatus
 
 log = structlog.get_logger(__name__)
@@ -28,13 +29,12 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 RT = Annotated[Runtime, Depends(get_runtime)]
 JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
 EVENT_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
-QUEUED_EVENTS = frozenset({"queued", "retry"})
 
 
 async def owned_job(rt: Runtime, who: Principal, job_id: str) -> Job:
     """The caller's job; another tenant's job (or a malformed id) is simply not found."""
     if not JOB_ID.match(job_id):
-        raise from_broker(be.NotFound(f"No job found with id '{job_id[:80]}'.", param="job_id"))
+        raise from_broker(be.NotFound(job_id))
     return await rt.broker.get_job(job_id, who.tenant)
 
 
@@ -116,14 +116,14 @@ async def _events(rt: Runtime, job: Job, last_event_id: str | None) -> AsyncIter
                             data = {**fields, "warning": warning} if warning else fields
                             yield ServerSentEvent(json.dumps(data), event="position")
                     continue
-                if ev.type in QUEUED_EVENTS:
+                if ev.type in WAITING_EVENTS:
                     queued = True
-                elif ev.type in ("started", "token") or ev.terminal:
+                elif ev.type in (EventType.STARTED, EventType.TOKEN) or ev.terminal:
                     queued = False
-                if ev.type == "retry":
+                if ev.type is EventType.RETRY:
                     rt.metrics.retry_seen(job.model, job.id, ev.id)
                 yield ServerSentEvent(json.dumps(ev.data), event=ev.type, id=ev.id)
-                if ev.type == "done":
+                if ev.type is EventType.DONE:
                     rt.metrics.job_finished(await rt.broker.get_job(job.id))
     except be.NotFound:  # the job expired between the check and the stream
         yield ServerSentEvent(json.dumps({"code": "not_found", "message": "the job expired"}), event="error")

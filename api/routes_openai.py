@@ -51,6 +51,7 @@ from api.runtime import Runtime, get_runtime, note
 from api.service import accepted_view, admit, describe, priority_header, warning_headers
 from api.streams import SlotEventSourceResponse, follow, open_slot, shielded
 from broker import errors as be
+from broker.contract import WAITING_EVENTS, EventType
 from broker.events import Event
 from broker.models import Job, JobStatus
 
@@ -133,14 +134,14 @@ class Caller:
         """Returns once the job leaves the queue (a worker took it) or ends."""
         async with contextlib.aclosing(follow(self.rt, self.job_id)) as events:
             async for ev in events:
-                if ev is not None and ev.type != "queued":
+                if ev is not None and ev.type not in WAITING_EVENTS:
                     return
 
 
 async def _terminal_event(rt: Runtime, job_id: str, model: str) -> Event:
     async with contextlib.aclosing(follow(rt, job_id)) as events:
         async for ev in events:
-            if ev is not None and ev.type == "retry":
+            if ev is not None and ev.type is EventType.RETRY:
                 rt.metrics.retry_seen(model, job_id, ev.id)
             if ev is not None and ev.terminal:
                 return ev
@@ -168,7 +169,7 @@ async def _complete(caller: Caller, fmt: Formatter, headers: dict[str, str]) -> 
         await cancel_quietly(rt.broker, job_id, caller.who.tenant)  # the answer says it is cancelled
         raise sync_timeout(rt.settings.sync_timeout_s)
     ev = waiter.result()
-    if ev.type != "done":
+    if ev.type is not EventType.DONE:
         raise from_job_end(ev.type, ev.data)
     job = await rt.broker.get_job(job_id)
     rt.metrics.job_finished(job)
@@ -184,15 +185,15 @@ async def _chunks(caller: Caller, fmt: Formatter) -> AsyncIterator[str]:
             async for ev in events:
                 if ev is None:
                     continue
-                if ev.type == "token" and ev.data.get("text"):
+                if ev.type is EventType.TOKEN and ev.data.get("text"):
                     if not opened:  # like vLLM: the role chunk goes out with the first token, not before
                         opened = True
                         for c in fmt.start():
                             yield json.dumps(c)
                     yield json.dumps(fmt.delta(ev.data["text"]))
-                elif ev.type == "retry":
+                elif ev.type is EventType.RETRY:
                     rt.metrics.retry_seen(caller.model, job_id, ev.id)
-                elif ev.type == "done":
+                elif ev.type is EventType.DONE:
                     finished = True
                     if not opened:
                         for c in fmt.start():
@@ -321,5 +322,5 @@ async def list_models(who: Auth, rt: RT) -> dict[str, Any]:
 async def get_model(model_id: str, who: Auth, rt: RT) -> dict[str, Any]:
     models = await _models(rt)
     if model_id not in models:
-        raise from_broker(be.UnknownModel(f"The model `{model_id[:128]}` does not exist.", param="model"))
+        raise from_broker(be.UnknownModel(model_id))
     return _model_obj(model_id, models[model_id])

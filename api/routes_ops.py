@@ -33,7 +33,7 @@ async def readyz(rt: RT) -> JSONResponse:
     reasons: list[str] = []
     try:
         async with asyncio.timeout(2.0):
-            await rt.broker.redis.ping()
+            await rt.broker.ping()
             workers = await rt.broker.workers(rt.settings.worker_max_age_ms)
     except Exception as e:  # any failure to reach Redis means not ready  # noqa: BLE001
         return JSONResponse({"status": "unavailable", "reasons": [f"redis unreachable: {type(e).__name__}"]}, 503)

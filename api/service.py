@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -13,7 +13,7 @@ from api.auth import Principal
 from api.errors import bad_request, from_broker, ratelimit_headers
 from api.runtime import Runtime, note
 from broker import errors as be
-from broker.models import IDEMPOTENCY_KEY, Admission, Job, JobSpec, JobStatus
+from broker.models import IDEMPOTENCY_KEY, Admission, Job, JobSpec, JobStatus, Sampling
 
 log = structlog.get_logger(__name__)
 
@@ -27,11 +27,7 @@ class Submission:
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] | None = None
-    ignore_eos: bool = False
+    sampling: Sampling = field(default_factory=Sampling)
     priority: int = 5
     metadata: dict[str, str] | None = None
 
@@ -55,7 +51,7 @@ def idempotency_header(request: Request) -> str | None:
 def _check_text(sub: Submission) -> None:
     """Lone surrogates (valid in JSON escapes, not in UTF-8) would fail deep inside; refuse them here."""
     try:
-        json.dumps([sub.prompt, sub.messages, sub.stop, sub.metadata], ensure_ascii=False).encode()
+        json.dumps([sub.prompt, sub.messages, sub.sampling.stop, sub.metadata], ensure_ascii=False).encode()
     except UnicodeEncodeError:
         raise bad_request(
             "Text must be valid Unicode (no lone surrogates).", "messages" if sub.kind == "chat" else "prompt"
@@ -65,7 +61,7 @@ def _check_text(sub: Submission) -> None:
 async def model_info(rt: Runtime, model: str) -> dict[str, Any]:
     info = (await rt.broker.models()).get(model)
     if info is None:
-        raise from_broker(be.UnknownModel(f"The model `{model}` does not exist.", param="model"))
+        raise from_broker(be.UnknownModel(model))
     return info
 
 
@@ -77,13 +73,7 @@ async def admit(rt: Runtime, request: Request, who: Principal, sub: Submission) 
     prompt_tokens = await rt.tokens.count(info, sub.prompt, sub.messages)
     if max_len and prompt_tokens >= max_len:
         rt.metrics.rejected("context_length_exceeded")
-        raise from_broker(
-            be.ContextTooLong(
-                f"This model's maximum context length is {max_len} tokens. However, your prompt has "
-                f"{prompt_tokens} tokens, which leaves no room for a completion.",
-                param="messages" if sub.kind == "chat" else "prompt",
-            )
-        )
+        raise from_broker(be.ContextTooLong(max_len, prompt_tokens, 0), sub.kind)
     max_tokens = sub.max_tokens
     if max_tokens is None:  # like vLLM: what the context leaves, capped by a default
         max_tokens = min(rt.settings.default_max_tokens, rt.settings.max_tokens_limit)
@@ -96,11 +86,7 @@ async def admit(rt: Runtime, request: Request, who: Principal, sub: Submission) 
         prompt=sub.prompt,
         messages=sub.messages,  # type: ignore[arg-type]
         max_tokens=max_tokens,
-        temperature=sub.temperature,
-        top_p=sub.top_p,
-        seed=sub.seed,
-        stop=sub.stop,
-        ignore_eos=sub.ignore_eos,
+        sampling=sub.sampling,
         priority=sub.priority,
         prompt_tokens=prompt_tokens,
         idempotency_key=idempotency_header(request),
@@ -111,10 +97,12 @@ async def admit(rt: Runtime, request: Request, who: Principal, sub: Submission) 
     except be.AdmissionRefused as e:
         rt.metrics.rejected(e.reason)
         log.info("admission refused", tenant=who.tenant, reason=e.reason, retry_after_ms=e.retry_after_ms)
-        raise
-    except be.ContextTooLong:
+        raise from_broker(e, sub.kind) from None
+    except be.ContextTooLong as e:
         rt.metrics.rejected("context_length_exceeded")
-        raise
+        raise from_broker(e, sub.kind) from None
+    except be.BrokerError as e:
+        raise from_broker(e, sub.kind) from None
     note(request, job_id=adm.job_id)
     headers = ratelimit_headers(adm.limits)
     if adm.duplicate:
@@ -221,7 +209,7 @@ def job_view(job: Job, queue: dict[str, Any] | None = None, warning: dict[str, s
         },
         "error": job.error,
         **(queue or EMPTY_PLACE),
-        "metadata": job.request.get("metadata"),
+        "metadata": job.request.metadata,
         "links": links(job.id),
     }
     if warning:

@@ -1,8 +1,21 @@
-"""The broker's error tree and the integer codes its Lua scripts return."""
+"""The broker's error tree and the integer codes its Lua scripts return.
+
+Errors carry structured fields (what was asked, what the limit is); the API alone turns
+them into words and HTTP answers (``api/errors.py``). Each has a plain default message
+for logs and for callers that are not the API. redis-py's connection and timeout errors
+never leave the broker: they become :class:`Unavailable`.
+"""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from enum import IntEnum
+from typing import ParamSpec, TypeVar
+
+from redis.exceptions import BusyLoadingError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
 class Code(IntEnum):
@@ -18,6 +31,7 @@ class Code(IntEnum):
     UNKNOWN_MODEL = 15
     CONTEXT_TOO_LONG = 16
     PRIORITY_NOT_ALLOWED = 17
+    IDEMPOTENCY_CONFLICT = 18  # admit: idempotency key already used for another request
     NOT_FOUND = 20
     STALE_LEASE = 21  # fencing token no longer current
     ALREADY_TERMINAL = 22
@@ -25,30 +39,78 @@ class Code(IntEnum):
 
 
 class BrokerError(Exception):
-    """Base of every error the broker raises."""
+    """Base of every error the broker raises. ``field`` names the JobSpec field at fault."""
 
     code: str = "broker_error"
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.param = param
+        self.field = field
+
+
+class Unavailable(BrokerError):
+    """Redis could not be reached (or answered too late); retrying later may work."""
+
+    code = "unavailable"
 
 
 class InvalidRequest(BrokerError):
     code = "invalid_request"
 
 
+class LimitExceeded(InvalidRequest):
+    """A number in the request is above a limit: ``value`` > ``limit`` (``field`` says which)."""
+
+    code = "limit_exceeded"
+
+    def __init__(self, field: str, value: int, limit: int) -> None:
+        super().__init__(f"{field} is {value}; the limit is {limit}", field=field)
+        self.value, self.limit = value, limit
+
+
+class PriorityNotAllowed(InvalidRequest):
+    code = "priority_not_allowed"
+
+    def __init__(self, priority: int) -> None:
+        super().__init__(f"priority {priority} is not allowed for this tenant", field="priority")
+        self.priority = priority
+
+
 class UnknownModel(InvalidRequest):
     code = "model_not_found"
 
+    def __init__(self, model: str) -> None:
+        super().__init__(f"unknown model {model!r}", field="model")
+        self.model = model
+
 
 class ContextTooLong(InvalidRequest):
+    """``prompt_tokens`` + ``max_tokens`` do not fit in ``max_model_len``."""
+
     code = "context_length_exceeded"
+
+    def __init__(self, max_model_len: int, prompt_tokens: int, max_tokens: int) -> None:
+        super().__init__(f"{prompt_tokens} + {max_tokens} tokens > max_model_len {max_model_len}", field="input")
+        self.max_model_len, self.prompt_tokens, self.max_tokens = max_model_len, prompt_tokens, max_tokens
+
+
+class IdempotencyConflict(BrokerError):
+    """The idempotency key was already used for a different request (``job_id``)."""
+
+    code = "idempotency_conflict"
+
+    def __init__(self, key: str, job_id: str) -> None:
+        super().__init__(f"idempotency key {key!r} was used for another request ({job_id})", field="idempotency_key")
+        self.key, self.job_id = key, job_id
 
 
 class NotFound(BrokerError):
     code = "not_found"
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job {job_id!r}", field="job_id")
+        self.job_id = job_id
 
 
 class StaleLease(BrokerError):
@@ -56,9 +118,17 @@ class StaleLease(BrokerError):
 
     code = "stale_lease"
 
+    def __init__(self, job_id: str, fence: int) -> None:
+        super().__init__(f"lease on {job_id} (fence {fence}) is no longer held")
+        self.job_id, self.fence = job_id, fence
+
 
 class AlreadyTerminal(BrokerError):
     code = "already_terminal"
+
+    def __init__(self, job_id: str, status: str) -> None:
+        super().__init__(f"job {job_id} is already {status}")
+        self.job_id, self.status = job_id, status
 
 
 class AdmissionRefused(BrokerError):
@@ -66,8 +136,8 @@ class AdmissionRefused(BrokerError):
 
     code = "rejected"
 
-    def __init__(self, reason: str, message: str, retry_after_ms: int, limits: dict | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, reason: str, retry_after_ms: int, limits: dict[str, int] | None = None) -> None:
+        super().__init__(f"admission refused: {reason}")
         self.reason = reason
         self.retry_after_ms = retry_after_ms
         self.limits = limits or {}
@@ -85,9 +155,29 @@ class RedisMisconfigured(BrokerError):
     code = "redis_misconfigured"
 
 
-REFUSALS: dict[Code, tuple[type[AdmissionRefused], str, str]] = {
-    Code.RATE_REQUESTS: (RateLimited, "requests", "Rate limit reached for requests per minute."),
-    Code.RATE_TOKENS: (RateLimited, "tokens", "Rate limit reached for tokens per minute."),
-    Code.TENANT_QUEUE_FULL: (RateLimited, "tenant_queue_full", "Too many queued jobs for this tenant."),
-    Code.QUEUE_FULL: (QueueFull, "queue_full", "The queue is full; try again later."),
+# Refusal codes -> (exception class, reason).
+REFUSALS: dict[Code, tuple[type[AdmissionRefused], str]] = {
+    Code.RATE_REQUESTS: (RateLimited, "requests"),
+    Code.RATE_TOKENS: (RateLimited, "tokens"),
+    Code.TENANT_QUEUE_FULL: (RateLimited, "tenant_queue_full"),
+    Code.QUEUE_FULL: (QueueFull, "queue_full"),
 }
+
+
+# redis-py errors that mean "Redis is not reachable right now" (after its own retries).
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, BusyLoadingError)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Turn redis-py's connection and timeout errors into :class:`errors.Unavailable`."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except REDIS_DOWN as e:
+            raise Unavailable(f"Redis unavailable: {type(e).__name__}: {e}") from e
+
+    return wrapper

@@ -27,12 +27,12 @@ from typing import Any
 import structlog
 from redis.asyncio import Redis
 
-from broker.errors import NotFound
+from broker.contract import TERMINAL, TERMINAL_EVENTS, EventType
+from broker.errors import REDIS_DOWN, NotFound, Unavailable, translated
 from broker.keys import Keys
 
 log = structlog.get_logger(__name__)
 
-TERMINAL_EVENTS = frozenset({"done", "failed", "cancelled"})
 _WAKE = object()  # a follower's deadline (resync or tick) has passed
 
 
@@ -55,7 +55,7 @@ def _order(event_id: str) -> tuple[int, int]:
 
 def _parse_message(payload: str) -> Event:
     eid, n, etype, data = payload.split("\n", 3)
-    return Event(eid, etype, json.loads(data), int(n))
+    return Event(eid, EventType(etype), json.loads(data), int(n))
 
 
 class EventHub:
@@ -127,7 +127,10 @@ class EventHub:
         q: asyncio.Queue[Any] = asyncio.Queue()
         async with self._lock:
             if not self._subs[channel]:
-                await self._pubsub.subscribe(channel)
+                try:
+                    await self._pubsub.subscribe(channel)
+                except REDIS_DOWN as e:
+                    raise Unavailable(f"Redis unavailable: {type(e).__name__}: {e}") from e
             self._subs[channel].add(q)
             if self._reader is None or self._reader.done():
                 self._reader = asyncio.create_task(self._read(), name="genq-pubsub")
@@ -149,15 +152,21 @@ class EventHub:
                 with contextlib.suppress(Exception):
                     await self._pubsub.unsubscribe(channel)
 
+    @translated
     async def backlog(self, job_id: str, after: str | None = None, count: int = 1000) -> list[Event]:
         start = f"({after}" if after else "-"
         entries = await self.redis.xrange(self.keys.events(job_id), min=start, max="+", count=count)
-        return [Event(eid, f["t"], json.loads(f["d"]), int(f.get("n", 0))) for eid, f in entries]
+        return [Event(eid, EventType(f["t"]), json.loads(f["d"]), int(f.get("n", 0))) for eid, f in entries]
 
+    @translated
+    async def _exists(self, job_id: str) -> bool:
+        return bool(await self.redis.exists(self.keys.events(job_id)))
+
+    @translated
     async def _state(self, job_id: str) -> tuple[bool, int]:
         """(finished, events so far) of a job."""
         status, evn = await self.redis.hmget(self.keys.job(job_id), "status", "evn")
-        return status in (None, "succeeded", "failed", "cancelled", "expired"), int(evn or 0)
+        return status is None or status in TERMINAL, int(evn or 0)
 
     async def follow(
         self, job_id: str, last_event_id: str | None = None, tick_s: float | None = None
@@ -175,8 +184,8 @@ class EventHub:
         loop = asyncio.get_running_loop()
         next_tick = loop.time() + tick_s if tick_s else None
         async with self._subscribe(self.keys.channel(job_id)) as q:
-            if not await self.redis.exists(self.keys.events(job_id)):
-                raise NotFound(f"No job found with id '{job_id}'.", param="job_id")
+            if not await self._exists(job_id):
+                raise NotFound(job_id)
             while True:
                 # Status first, stream second: a terminal status read here means the
                 # terminal event is already in the stream read below (same Lua call).

@@ -16,8 +16,11 @@ P:tenant:<t>                          hash    limits: rpm, rpm_burst, tpm, tpm_b
 P:ts:<t>                              hash    rate buckets (rq, rq_ts, tk, tk_ts), queued none
 P:tjobs:<t>                           zset    job id -> created ms (list own jobs)        pruned at admit
 P:idem:<t>:<key>                      string  job id for an idempotency key               result TTL
-P:job:<id>                            hash    the job record (see models.Job)             result TTL once terminal
+P:job:<id>                            hash    the job record (see models.Job); its `ttl`  result TTL once terminal
+                                              field is the result TTL set at admission
 P:ev:<id>                             stream  job events (status, token, done...)         result TTL once terminal
+P:out:<id>                            string  output text so far (APPEND per write)       result TTL once terminal
+P:oid:<id>                            string  output token ids so far, comma separated    result TTL once terminal
 P:ch:<id>                             pubsub  live copy of each event of the job          -
 P:m:<model>:stats                     hash    d<p>/k<p> depth and queued tokens per       none
                                               priority, drain window, served tokens
@@ -26,6 +29,7 @@ P:m:<model>:p<p>:tenants              zset    backlogged tenant -> virtual token
 P:m:<model>:p<p>:vtc                  hash    counters of idle tenants (reset when idle)  none
 P:m:<model>:p<p>:t:<t>                zset    tenant's queued jobs -> admission seq       none
 P:m:<model>:leases                    zset    running job -> lease expiry ms              none
+P:m:<model>:deadlines                 zset    queued, never-run job -> deadline ms        none
 P:m:<model>:wake                      list    wake-up tokens for blocked claimers         trimmed
 P:m:<model>:ctl                       pubsub  cancel notices (job ids) for workers        -
 ====================================  ======  ==========================================  ===========
@@ -113,6 +117,9 @@ class Keys:
 
     def leases(self, model: str) -> str:
         return f"{self.model_prefix(model)}:leases"
+
+    def deadlines(self, model: str) -> str:
+        return f"{self.model_prefix(model)}:deadlines"
 
     def wake(self, model: str) -> str:
         return f"{self.model_prefix(model)}:wake"

@@ -2,82 +2,47 @@
 
 from __future__ import annotations
 
-import json
-import re
 import secrets
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field
 
+from broker.contract import (
+    ACTIVE,
+    IDEMPOTENCY_KEY,
+    MODEL,
+    TENANT,
+    TERMINAL,
+    JobErrorCode,
+    JobInput,
+    JobSpec,
+    JobStatus,
+    Sampling,
+)
 
-class JobStatus(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    EXPIRED = "expired"
-
-
-TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED})
-ACTIVE = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
-
-IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-TENANT = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
-MODEL = re.compile(r"^[A-Za-z0-9._/:\-]{1,128}$")
+__all__ = [
+    "ACTIVE",
+    "IDEMPOTENCY_KEY",
+    "MODEL",
+    "TENANT",
+    "TERMINAL",
+    "Admission",
+    "Job",
+    "JobErrorCode",
+    "JobInput",
+    "JobSpec",
+    "JobStatus",
+    "Lease",
+    "QueueStats",
+    "Sampling",
+    "TenantLimits",
+    "new_job_id",
+]
 
 
 def new_job_id() -> str:
     """128 random bits, URL-safe."""
     return "job_" + secrets.token_hex(16)
-
-
-class JobSpec(BaseModel):
-    """What a client asks for. Validated before anything touches Redis."""
-
-    tenant: str = Field(pattern=TENANT.pattern)
-    model: str = Field(pattern=MODEL.pattern)
-    kind: Literal["chat", "completion"] = "chat"
-    prompt: str | None = None
-    messages: list[dict[str, Any]] | None = None
-    max_tokens: int = Field(256, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: list[str] | None = None
-    ignore_eos: bool = False
-    priority: int = Field(5, ge=0, le=9)
-    # Counted by the caller (API: the model's tokenizer, or an upper-bound estimate).
-    prompt_tokens: int = Field(0, ge=0)
-    idempotency_key: str | None = None
-    deadline_ms: int | None = Field(None, ge=0)
-    metadata: dict[str, str] | None = None
-
-    @field_validator("idempotency_key")
-    @classmethod
-    def _idem(cls, v: str | None) -> str | None:
-        if v is not None and not IDEMPOTENCY_KEY.match(v):
-            raise ValueError("idempotency key must be 1-128 characters of [A-Za-z0-9._:-]")
-        return v
-
-    @model_validator(mode="after")
-    def _prompt_xor_messages(self) -> JobSpec:
-        if self.kind == "chat":
-            if not self.messages:
-                raise ValueError("a chat job needs non-empty messages")
-        elif self.prompt is None:
-            raise ValueError("a completion job needs a prompt")
-        return self
-
-    def request_json(self) -> str:
-        return json.dumps(
-            self.model_dump(
-                include={"kind", "prompt", "messages", "temperature", "top_p", "seed", "stop", "ignore_eos", "metadata"}
-            ),
-            separators=(",", ":"),
-        )
 
 
 class TenantLimits(BaseModel):
@@ -105,7 +70,7 @@ class Job:
     priority: int
     attempts: int
     max_attempts: int
-    request: dict[str, Any]
+    request: JobInput
     prompt_tokens: int
     max_tokens: int
     completion_tokens: int
@@ -140,7 +105,7 @@ class Job:
             priority=_int(h.get("priority"), 5),
             attempts=_int(h.get("attempts")),
             max_attempts=_int(h.get("max_attempts"), 1),
-            request=json.loads(h.get("request") or "{}"),
+            request=JobInput.model_validate_json(h.get("request") or "{}"),
             prompt_tokens=_int(h.get("prompt_tokens")),
             max_tokens=_int(h.get("max_tokens")),
             completion_tokens=_int(h.get("completion_tokens")),

@@ -159,7 +159,7 @@ async def test_context_length_checked_before_queueing(make_stack) -> None:  # no
         err = assert_error(await h.post("/v1/jobs", json=long_prompt), 400, "context_length_exceeded")
         assert "40 tokens" in err["message"]
         over = await h.post("/v1/jobs", json={"model": "tiny", "prompt": "hi", "max_tokens": 35})
-        assert assert_error(over, 400, "context_length_exceeded")["param"] == "messages"
+        assert assert_error(over, 400, "context_length_exceeded")["param"] == "prompt"
         # max_tokens omitted: what the context leaves after the prompt (9 tokens estimated), like vLLM
         ok = await h.post("/v1/jobs", json={"model": "tiny", "prompt": "hi"})
         assert ok.status_code == 202 and ok.json()["max_tokens"] == 40 - 9

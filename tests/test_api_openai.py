@@ -23,6 +23,7 @@ import structlog
 from test_api_support import Stack, auth, make_stack  # noqa: F401 (fixture)
 
 from api.tokens import estimate_tokens
+from broker.contract import Sampling
 from worker.engine.base import GenRequest
 from worker.engine.simulated import count_words, request_key, sim_token_id, sim_token_text
 
@@ -41,7 +42,7 @@ def expected(
     stop: list[str] | None = None,
 ) -> tuple[str, str]:
     """The simulated engine's answer: (text, finish_reason) for n tokens."""
-    key = request_key(GenRequest("x", prompt=prompt, messages=messages, seed=seed))
+    key = request_key(GenRequest("x", prompt=prompt, messages=messages, sampling=Sampling(seed=seed)))
     out = []
     for i in range(n):
         text = sim_token_text(sim_token_id(key, i))

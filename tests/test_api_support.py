@@ -22,7 +22,7 @@ from api.app import create_app
 from api.auth import create_key
 from api.settings import ApiSettings
 from broker import Broker, BrokerSettings
-from broker.client import Delta
+from broker.client import OutputWrite
 from broker.models import Lease, TenantLimits
 
 ADMIN_KEY = "gq-admin-" + secrets.token_hex(8)
@@ -199,7 +199,7 @@ class HandWorker:
         return self.stack.call(lambda b: b.claim(self.model, self.id, n))
 
     def token(self, lease: Lease, text: str, token_id: int = 1) -> None:
-        ok = self.stack.call(lambda b: b.append_many([Delta(lease.id, lease.fence, text, [token_id])]))
+        ok = self.stack.call(lambda b: b.append_many([OutputWrite(lease.id, lease.fence, text, [token_id])]))
         assert ok == {lease.id: True}
 
     def finish(self, lease: Lease, finish_reason: str = "stop") -> None:

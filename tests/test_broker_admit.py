@@ -13,7 +13,8 @@ from redis.asyncio import Redis
 from broker import Broker, JobSpec, JobStatus
 from broker.errors import (
     ContextTooLong,
-    InvalidRequest,
+    LimitExceeded,
+    PriorityNotAllowed,
     QueueFull,
     RateLimited,
     UnknownModel,
@@ -34,7 +35,7 @@ async def snapshot(broker: Broker) -> dict[bytes, bytes]:
     """Every key of the queue namespace with its serialized value (DUMP)."""
     raw = Redis.from_url(broker.settings.redis_url)  # bytes, not decoded
     try:
-        keys = [k async for k in raw.scan_iter(match=f"{broker.keys.prefix}*", count=1000)]
+        keys = [k async for k in raw.scan_iter(match=f"{broker._keys.prefix}*", count=1000)]
         pipe = raw.pipeline(transaction=False)
         for k in keys:
             pipe.dump(k)
@@ -110,10 +111,10 @@ async def test_invalid_spec_is_rejected_before_redis(broker: Broker, bad: dict) 
     ("bad", "error", "param"),
     [
         (dict(model="no-such-model"), UnknownModel, "model"),
-        (dict(max_tokens=10**9), InvalidRequest, "max_tokens"),
-        (dict(max_tokens=32_769), InvalidRequest, "max_tokens"),
-        (dict(prompt_tokens=4000, max_tokens=97), ContextTooLong, "messages"),
-        (dict(messages=[{"role": "user", "content": "x" * 1_000_001}]), InvalidRequest, "messages"),
+        (dict(max_tokens=10**9), LimitExceeded, "max_tokens"),
+        (dict(max_tokens=32_769), LimitExceeded, "max_tokens"),
+        (dict(prompt_tokens=4000, max_tokens=97), ContextTooLong, "input"),
+        (dict(messages=[{"role": "user", "content": "x" * 1_000_001}]), LimitExceeded, "request_bytes"),
     ],
 )
 async def test_bad_request_raises_typed_error_and_writes_nothing(
@@ -125,24 +126,25 @@ async def test_bad_request_raises_typed_error_and_writes_nothing(
     with pytest.raises(error) as info:
         await broker.admit(spec(**bad))
     assert type(info.value) is error
-    assert info.value.param == param
+    assert info.value.field == param
     assert await snapshot(broker) == before
 
 
 async def test_context_limit_is_inclusive(broker: Broker) -> None:
     # max_model_len is 4096: exactly 4096 fits, 4097 does not.
     await broker.admit(spec(prompt_tokens=4000, max_tokens=96))
-    with pytest.raises(ContextTooLong, match="maximum context length is 4096"):
+    with pytest.raises(ContextTooLong) as info:
         await broker.admit(spec(prompt_tokens=4000, max_tokens=97))
+    assert (info.value.max_model_len, info.value.prompt_tokens, info.value.max_tokens) == (4096, 4000, 97)
 
 
 async def test_priority_not_allowed_for_tenant(broker: Broker) -> None:
     await broker.set_tenant("batchy", TenantLimits(priorities=[5, 9]))
     assert (await broker.get_tenant("batchy")).priorities == [5, 9]
     before = await snapshot(broker)
-    with pytest.raises(InvalidRequest) as info:
+    with pytest.raises(PriorityNotAllowed) as info:
         await broker.admit(spec("batchy", priority=0))
-    assert info.value.param == "priority"
+    assert info.value.field == "priority"
     assert await snapshot(broker) == before
     await broker.admit(spec("batchy", priority=9))
 
@@ -153,7 +155,7 @@ async def test_admit_many_isolates_bad_items(broker: Broker) -> None:
     assert [type(r).__name__ for r in results] == [
         "Admission",
         "UnknownModel",
-        "InvalidRequest",
+        "LimitExceeded",
         "Admission",
         "ContextTooLong",
     ]
@@ -245,9 +247,9 @@ async def test_tokens_refusal_retry_after_is_honoured(broker: Broker) -> None:
 
 async def test_request_larger_than_token_burst_is_invalid(broker: Broker) -> None:
     await broker.set_tenant("acme", TenantLimits(tpm=6_000, tpm_burst=500))
-    with pytest.raises(InvalidRequest, match="token burst of 500") as info:
+    with pytest.raises(LimitExceeded) as info:
         await broker.admit(spec(prompt_tokens=1, max_tokens=500))
-    assert info.value.param == "max_tokens"
+    assert (info.value.field, info.value.value, info.value.limit) == ("tokens", 501, 500)
     await broker.admit(spec(prompt_tokens=0, max_tokens=500))
 
 
@@ -285,7 +287,7 @@ async def test_cancel_of_queued_job_refunds_whole_reservation(broker: Broker) ->
 
 
 async def test_global_queue_full(broker: Broker) -> None:
-    small = Broker(broker.redis, broker.settings.model_copy(update={"max_queued_global": 3}))
+    small = Broker(broker._redis, broker.settings.model_copy(update={"max_queued_global": 3}))
     for i in range(3):
         await small.admit(spec(f"t{i}"))
     before = await snapshot(broker)
@@ -321,18 +323,18 @@ async def test_tenant_max_queued(broker: Broker) -> None:
 
 
 async def test_results_and_events_expire_with_ttl(broker: Broker) -> None:
-    b = Broker(broker.redis, broker.settings.model_copy(update={"result_ttl_s": 1}))
+    b = Broker(broker._redis, broker.settings.model_copy(update={"result_ttl_s": 1}))
     adm = await b.admit(spec())
-    job_key, ev_key = b.keys.job(adm.job_id), b.keys.events(adm.job_id)
-    assert await b.redis.pttl(job_key) == -1  # no TTL while the job is live
-    assert await b.redis.pttl(ev_key) == -1
+    job_key, ev_key = b._keys.job(adm.job_id), b._keys.events(adm.job_id)
+    assert await b._redis.pttl(job_key) == -1  # no TTL while the job is live
+    assert await b._redis.pttl(ev_key) == -1
     [lease] = await b.claim("m", "w", 1)
     await b.complete(lease, "stop", "ok", [1, 2])
     for key in (job_key, ev_key):
-        assert 0 < await b.redis.pttl(key) <= 1000
+        assert 0 < await b._redis.pttl(key) <= 1000
     assert (await b.get_job(adm.job_id)).status == JobStatus.SUCCEEDED
     # No keyspace event to wait on here: poll with a deadline.
     async with asyncio.timeout(3):
-        while await b.redis.exists(job_key, ev_key):  # noqa: ASYNC110
+        while await b._redis.exists(job_key, ev_key):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
     assert await b.list_jobs("acme") == []

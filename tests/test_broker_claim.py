@@ -107,7 +107,7 @@ async def test_job_past_its_deadline_expires_instead_of_running(broker: Broker) 
     assert lease.id == ok.job_id
     job = await broker.get_job(late.job_id)
     assert job.status == JobStatus.EXPIRED
-    assert job.error == {"code": "deadline_exceeded", "message": "deadline passed while queued"}
+    assert job.error == {"code": "deadline_exceeded", "message": "the job was still queued at its deadline"}
 
 
 # -- fairness ---------------------------------------------------------------------

@@ -8,7 +8,8 @@ import contextlib
 import pytest
 
 from broker import Broker, JobSpec
-from broker.client import Delta
+from broker.client import OutputWrite as Delta
+from broker.contract import JobErrorCode
 from broker.errors import NotFound
 from broker.events import Event, EventHub
 from broker.models import Lease
@@ -56,7 +57,7 @@ def check_stream(events: list[Event], n_tokens: int) -> None:
 async def test_follower_resumes_with_exactly_the_remaining_events(broker: Broker) -> None:
     lease = await running_job(broker)
     n, k = 50, 12
-    async with EventHub(broker.redis, broker.keys) as hub:
+    async with broker.event_hub() as hub:
         following, disconnected, gap_made, reconnected = (asyncio.Event() for _ in range(4))
 
         async def produce() -> None:
@@ -93,7 +94,7 @@ async def test_live_events_arrive_by_pubsub(broker: Broker) -> None:
     lease = await running_job(broker)
     loop = asyncio.get_running_loop()
     # resync_s is long: an event that arrives quickly came through pub/sub, not a stream re-read
-    async with EventHub(broker.redis, broker.keys, resync_s=60) as hub:
+    async with broker.event_hub(resync_s=60) as hub:
         got: asyncio.Queue[tuple[Event, float]] = asyncio.Queue()
 
         async def follow() -> None:
@@ -117,8 +118,8 @@ async def test_live_events_arrive_by_pubsub(broker: Broker) -> None:
 
 async def test_two_followers_share_one_subscription(broker: Broker) -> None:
     lease = await running_job(broker)
-    channel = broker.keys.channel(lease.id)
-    async with EventHub(broker.redis, broker.keys) as hub:
+    channel = broker._keys.channel(lease.id)
+    async with broker.event_hub() as hub:
         started = [asyncio.Event(), asyncio.Event()]
         tasks = [asyncio.create_task(take(hub, lease.id, first=e)) for e in started]
         async with asyncio.timeout(5):
@@ -127,7 +128,7 @@ async def test_two_followers_share_one_subscription(broker: Broker) -> None:
             assert list(hub._subs) == [channel]
             assert len(hub._subs[channel]) == 2
             assert hub.followers == 2
-            assert await broker.redis.pubsub_numsub(channel) == [(channel, 1)]  # one connection
+            assert await broker._redis.pubsub_numsub(channel) == [(channel, 1)]  # one connection
             for i in range(10):
                 await append(broker, lease, i)
             await broker.complete(lease, "length")
@@ -136,7 +137,7 @@ async def test_two_followers_share_one_subscription(broker: Broker) -> None:
         check_stream(a, 10)
         assert hub.followers == 0 and not hub._subs
         async with asyncio.timeout(2):  # the UNSUBSCRIBE is already sent; let Redis apply it
-            while await broker.redis.pubsub_numsub(channel) != [(channel, 0)]:  # noqa: ASYNC110
+            while await broker._redis.pubsub_numsub(channel) != [(channel, 0)]:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
 
 
@@ -145,7 +146,7 @@ async def test_follower_of_finished_job_gets_backlog_and_stops(broker: Broker) -
     for i in range(5):
         await append(broker, lease, i)
     await broker.complete(lease, "stop", "t5 ", [5])
-    async with EventHub(broker.redis, broker.keys) as hub:
+    async with broker.event_hub() as hub:
         events = await asyncio.wait_for(take(hub, lease.id), 2)
         check_stream(events, 6)
         # resuming after the fifth event yields the rest only
@@ -154,7 +155,7 @@ async def test_follower_of_finished_job_gets_backlog_and_stops(broker: Broker) -
 
 
 async def test_follow_unknown_job_raises_not_found(broker: Broker) -> None:
-    async with EventHub(broker.redis, broker.keys) as hub:
+    async with broker.event_hub() as hub:
         with pytest.raises(NotFound):
             await take(hub, "job_" + "f" * 32)
         assert hub.followers == 0 and not hub._subs
@@ -163,11 +164,11 @@ async def test_follow_unknown_job_raises_not_found(broker: Broker) -> None:
 async def test_follower_sees_retry_and_continues(broker: Broker) -> None:
     lease = await running_job(broker)
     await append(broker, lease, 0)
-    async with EventHub(broker.redis, broker.keys) as hub:
+    async with broker.event_hub() as hub:
         first = asyncio.Event()
         task = asyncio.create_task(take(hub, lease.id, first=first))
         await asyncio.wait_for(first.wait(), 2)
-        assert await broker.fail(lease, "engine_error", "restart", retry=True) == "queued"
+        assert await broker.fail(lease, JobErrorCode.WORKER_ERROR, "restart", retry=True) == "queued"
         [again] = await broker.claim("m", "w2", 1)
         assert again.job.output == "t0 "  # output so far is kept for the resumed attempt
         await append(broker, again, 1)
@@ -175,7 +176,7 @@ async def test_follower_sees_retry_and_continues(broker: Broker) -> None:
         events = await asyncio.wait_for(task, 2)
     assert [e.type for e in events] == ["queued", "started", "token", "retry", "started", "token", "done"]
     assert [e.data["seq"] for e in events if e.type == "token"] == [1, 2]
-    assert events[3].data == {"attempt": 1, "reason": "engine_error", "message": "restart"}
+    assert events[3].data == {"attempt": 1, "reason": JobErrorCode.WORKER_ERROR, "message": "restart"}
 
 
 async def test_follower_fills_a_missed_live_message_from_the_stream(broker: Broker) -> None:
@@ -183,7 +184,7 @@ async def test_follower_fills_a_missed_live_message_from_the_stream(broker: Brok
     counter on the next live event and read from the stream: no gap, no duplicate."""
     adm = await broker.admit(JobSpec(tenant="t", model="m", kind="completion", prompt="a", max_tokens=8))
     (lease,) = await broker.claim("m", "w", 1)
-    hub = EventHub(broker.redis, broker.keys, resync_s=30.0)  # the safety-net re-read must not be what saves us
+    hub = broker.event_hub(resync_s=30.0)  # the safety-net re-read must not be what saves us
     got: list[Event] = []
     started = asyncio.Event()
 
@@ -197,9 +198,9 @@ async def test_follower_fills_a_missed_live_message_from_the_stream(broker: Brok
     try:
         await asyncio.wait_for(started.wait(), timeout=5)
         # An event that reaches the stream but whose PUBLISH is lost.
-        n = await broker.redis.hincrby(broker.keys.job(adm.job_id), "evn", 1)
-        await broker.redis.xadd(
-            broker.keys.events(adm.job_id), {"n": n, "t": "token", "d": '{"seq": 0, "text": "lost", "n": 0}'}
+        n = await broker._redis.hincrby(broker._keys.job(adm.job_id), "evn", 1)
+        await broker._redis.xadd(
+            broker._keys.events(adm.job_id), {"n": n, "t": "token", "d": '{"seq": 0, "text": "lost", "n": 0}'}
         )
         await broker.append_many([Delta(lease.id, lease.fence, "live", [1])])
         await broker.complete(lease, "stop")

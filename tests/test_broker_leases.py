@@ -8,9 +8,9 @@ import contextlib
 import pytest
 
 from broker import Broker, JobSpec, JobStatus
-from broker.client import Delta
-from broker.errors import AlreadyTerminal, Code, NotFound, StaleLease
-from broker.events import ControlListener, EventHub
+from broker.client import OutputWrite as Delta
+from broker.contract import JobErrorCode, RenewResult
+from broker.errors import AlreadyTerminal, NotFound, StaleLease
 
 pytestmark = pytest.mark.asyncio
 
@@ -27,11 +27,11 @@ def spec(tenant: str = "acme", **kw) -> JobSpec:
 def short(broker: Broker) -> Broker:
     """The same namespace with a 500 ms lease and a 100 ms reap interval."""
     s = broker.settings.model_copy(update={"lease_ms": LEASE_MS, "reap_interval_ms": REAP_MS, "max_attempts": 2})
-    return Broker(broker.redis, s)
+    return Broker(broker._redis, s)
 
 
 async def event_types(broker: Broker, job_id: str) -> list[str]:
-    return [ev.type for ev in await EventHub(broker.redis, broker.keys).backlog(job_id)]
+    return [ev.type for ev in await broker.event_hub().backlog(job_id)]
 
 
 async def reaper(broker: Broker, timeout_s: float) -> list[tuple[str, str]]:
@@ -46,7 +46,7 @@ async def reaper(broker: Broker, timeout_s: float) -> list[tuple[str, str]]:
 
 async def expire_lease(broker: Broker, job_id: str) -> None:
     """Test scaffolding: move a lease's expiry into the past instead of waiting for it."""
-    assert await broker.redis.zadd(broker.keys.leases("m"), {job_id: 0}, xx=True, ch=True) == 1
+    assert await broker._redis.zadd(broker._keys.leases("m"), {job_id: 0}, xx=True, ch=True) == 1
 
 
 # -- expiry, fencing, attempts ----------------------------------------------------------
@@ -75,8 +75,8 @@ async def test_unrenewed_lease_is_requeued_within_lease_plus_reap_interval(short
     with pytest.raises(StaleLease):
         await short.complete(old, "stop", "stale", [9])
     with pytest.raises(StaleLease):
-        await short.fail(old, "engine_error", "boom", retry=True)
-    assert await short.renew("m", [(old.id, old.fence)]) == {old.id: Code.STALE_LEASE}
+        await short.fail(old, JobErrorCode.WORKER_ERROR, "boom", retry=True)
+    assert await short.renew("m", [(old.id, old.fence)]) == {old.id: RenewResult.STALE}
     assert (await short.get_job(adm.job_id)).output == ""
 
     assert await short.append_many([Delta(new.id, new.fence, "hello", [1])]) == {new.id: True}
@@ -113,11 +113,11 @@ async def test_renew_extends_the_lease(short: Broker) -> None:
     [lease] = await short.claim("m", "w", 1)
     t_end = loop.time() + 3 * LEASE_MS / 1000
     while loop.time() < t_end:  # heartbeat every 150 ms for 3 lease periods, reaping as we go
-        assert await short.renew("m", [(lease.id, lease.fence)]) == {lease.id: Code.OK}
+        assert await short.renew("m", [(lease.id, lease.fence)]) == {lease.id: RenewResult.OK}
         assert await short.reap("m") == []
         await asyncio.sleep(0.15)
     assert (await short.get_job(adm.job_id)).status == JobStatus.RUNNING
-    assert await short.renew("m", [(lease.id, lease.fence)]) == {lease.id: Code.OK}
+    assert await short.renew("m", [(lease.id, lease.fence)]) == {lease.id: RenewResult.OK}
     t_last = loop.time()
     assert await reaper(short, timeout_s=3) == [(adm.job_id, "queued")]
     assert loop.time() - t_last >= LEASE_MS / 1000 - 0.05
@@ -127,31 +127,31 @@ async def test_renew_reports_stale_and_unknown(broker: Broker) -> None:
     await broker.admit(spec())
     [lease] = await broker.claim("m", "w", 1)
     got = await broker.renew("m", [(lease.id, lease.fence), ("job_nope", 1)])
-    assert got == {lease.id: Code.OK, "job_nope": Code.STALE_LEASE}
-    assert await broker.renew("m", [(lease.id, lease.fence + 1)]) == {lease.id: Code.STALE_LEASE}
+    assert got == {lease.id: RenewResult.OK, "job_nope": RenewResult.STALE}
+    assert await broker.renew("m", [(lease.id, lease.fence + 1)]) == {lease.id: RenewResult.STALE}
     assert await broker.renew("m", []) == {}
 
 
 async def test_fail_with_retry_requeues_then_fails(short: Broker) -> None:
     adm = await short.admit(spec())
     [lease] = await short.claim("m", "w", 1)
-    assert await short.fail(lease, "engine_error", "oom", retry=True) == "queued"
+    assert await short.fail(lease, JobErrorCode.WORKER_ERROR, "oom", retry=True) == "queued"
     job = await short.get_job(adm.job_id)
     assert (job.status, job.attempts) == (JobStatus.QUEUED, 1)
     [lease2] = await short.claim("m", "w", 1)
     assert lease2.job.attempts == 2
-    assert await short.fail(lease2, "engine_error", "oom again", retry=True) == "failed"  # max_attempts = 2
+    assert await short.fail(lease2, JobErrorCode.WORKER_ERROR, "oom again", retry=True) == "failed"  # max_attempts = 2
     job = await short.get_job(adm.job_id)
     assert job.status == JobStatus.FAILED
-    assert job.error == {"code": "engine_error", "message": "oom again"}
+    assert job.error == {"code": JobErrorCode.WORKER_ERROR, "message": "oom again"}
 
 
 async def test_fail_without_retry_is_final(broker: Broker) -> None:
     adm = await broker.admit(spec())
     [lease] = await broker.claim("m", "w", 1)
-    assert await broker.fail(lease, "bad_request", "prompt rejected", retry=False) == "failed"
+    assert await broker.fail(lease, JobErrorCode.INVALID_REQUEST, "prompt rejected", retry=False) == "failed"
     job = await broker.get_job(adm.job_id)
-    assert (job.status, job.attempts, job.error["code"]) == (JobStatus.FAILED, 1, "bad_request")
+    assert (job.status, job.attempts, job.error["code"]) == (JobStatus.FAILED, 1, JobErrorCode.INVALID_REQUEST)
     assert (await broker.queue_stats("m")).running == 0
     with pytest.raises(AlreadyTerminal):
         await broker.cancel(adm.job_id)
@@ -179,7 +179,7 @@ async def test_cancel_queued_job_removes_it_at_once(broker: Broker) -> None:
 async def test_cancel_running_job_notifies_its_worker(broker: Broker) -> None:
     adm = await broker.admit(spec())
     [lease] = await broker.claim("m", "w", 1)
-    async with ControlListener(broker.redis, broker.keys, "m") as control:
+    async with broker.cancel_notices("m") as control:
         notices = aiter(control)
         assert await broker.cancel(adm.job_id, "acme") == JobStatus.RUNNING
         assert await asyncio.wait_for(anext(notices), timeout=2) == adm.job_id
@@ -187,7 +187,7 @@ async def test_cancel_running_job_notifies_its_worker(broker: Broker) -> None:
             await notices.aclose()
     job = await broker.get_job(adm.job_id)
     assert (job.status, job.cancel_requested) == (JobStatus.RUNNING, True)
-    assert await broker.renew("m", [(lease.id, lease.fence)]) == {lease.id: Code.CANCEL_REQUESTED}
+    assert await broker.renew("m", [(lease.id, lease.fence)]) == {lease.id: RenewResult.CANCEL_REQUESTED}
     # the worker aborts the engine request and completes the job as cancelled
     await broker.complete(lease, "abort", "par", [7], status=JobStatus.CANCELLED)
     job = await broker.get_job(adm.job_id)
@@ -206,7 +206,7 @@ async def test_cancel_requested_job_is_not_retried(short: Broker) -> None:
     assert await short.cancel(b.job_id) == JobStatus.RUNNING
     await expire_lease(short, a.job_id)
     assert await short.reap("m") == [(a.job_id, "cancelled")]
-    assert await short.fail(lb, "engine_error", "x", retry=True) == "cancelled"
+    assert await short.fail(lb, JobErrorCode.WORKER_ERROR, "x", retry=True) == "cancelled"
     for jid in (a.job_id, b.job_id):
         assert (await short.get_job(jid)).status == JobStatus.CANCELLED
     assert await short.claim("m", "w", 2) == []
@@ -240,5 +240,5 @@ async def test_replayed_append_is_written_once(broker) -> None:
     assert job.output == "Hello world!"
     assert job.output_token_ids == [1, 2, 3, 4]
     assert job.completion_tokens == 4
-    events = await broker.redis.xrange(broker.keys.events(adm.job_id))
+    events = await broker._redis.xrange(broker._keys.events(adm.job_id))
     assert [f["t"] for _, f in events].count("token") == 3

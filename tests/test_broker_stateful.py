@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from broker import Broker, BrokerSettings, JobSpec, JobStatus
-from broker.client import Delta
-from broker.errors import AlreadyTerminal, Code, NotFound, StaleLease
+from broker.client import OutputWrite as Delta
+from broker.contract import JobErrorCode, RenewResult
+from broker.errors import AlreadyTerminal, IdempotencyConflict, NotFound, StaleLease
 from broker.models import TERMINAL, Lease
 
 REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -62,7 +63,7 @@ class BrokerMachine(RuleBasedStateMachine):
         self.broker = Broker.from_settings(self.settings)
         self.run(self.broker.register_model("m", 4096))
         self.jobs: dict[str, MJob] = {}
-        self.idem: dict[tuple[str, str], str] = {}
+        self.idem: dict[tuple[str, str], tuple[str, int]] = {}
         self.leases: list[Lease] = []  # every lease ever handed out, stale ones included
         self.seq = 0
         self.last_fence = 0
@@ -77,7 +78,7 @@ class BrokerMachine(RuleBasedStateMachine):
         finally:
             self.loop.close()
             client = redis_sync.Redis.from_url(REDIS_URL)
-            for key in client.scan_iter(match=f"{self.broker.keys.prefix}*", count=1000):
+            for key in client.scan_iter(match=f"{self.broker._keys.prefix}*", count=1000):
                 client.unlink(key)
             client.close()
 
@@ -122,15 +123,21 @@ class BrokerMachine(RuleBasedStateMachine):
             priority=priority,
             idempotency_key=key,
         )
-        adm = self.run(self.broker.admit(spec))
         if key is not None and (tenant, key) in self.idem:
-            assert adm.duplicate and adm.job_id == self.idem[(tenant, key)]
+            earlier, earlier_priority = self.idem[(tenant, key)]
+            if priority != earlier_priority:  # same key, another request: refused, nothing written
+                with pytest.raises(IdempotencyConflict):
+                    self.run(self.broker.admit(spec))
+                return
+            adm = self.run(self.broker.admit(spec))
+            assert adm.duplicate and adm.job_id == earlier
             return
+        adm = self.run(self.broker.admit(spec))
         assert not adm.duplicate and adm.job_id not in self.jobs
         self.seq += 1
         self.jobs[adm.job_id] = MJob(adm.job_id, tenant, priority, self.seq)
         if key is not None:
-            self.idem[(tenant, key)] = adm.job_id
+            self.idem[(tenant, key)] = (adm.job_id, priority)
 
     @rule(worker=st.sampled_from(["w1", "w2"]), n=st.integers(1, 3))
     def claim(self, worker: str, n: int) -> None:
@@ -158,7 +165,9 @@ class BrokerMachine(RuleBasedStateMachine):
         lease = data.draw(st.sampled_from(self.leases))
         got = self.run(self.broker.renew("m", [(lease.id, lease.fence)]))
         j = self.jobs[lease.id]
-        want = (Code.CANCEL_REQUESTED if j.cancel else Code.OK) if self.valid(lease) else Code.STALE_LEASE
+        want = (
+            (RenewResult.CANCEL_REQUESTED if j.cancel else RenewResult.OK) if self.valid(lease) else RenewResult.STALE
+        )
         assert got == {lease.id: want}
 
     @precondition(lambda self: self.leases)
@@ -186,9 +195,9 @@ class BrokerMachine(RuleBasedStateMachine):
         lease = data.draw(st.sampled_from(self.leases))
         if not self.valid(lease):
             with pytest.raises(StaleLease):
-                self.run(self.broker.fail(lease, "engine_error", "boom", retry=retry))
+                self.run(self.broker.fail(lease, JobErrorCode.WORKER_ERROR, "boom", retry=retry))
             return
-        outcome = self.run(self.broker.fail(lease, "engine_error", "boom", retry=retry))
+        outcome = self.run(self.broker.fail(lease, JobErrorCode.WORKER_ERROR, "boom", retry=retry))
         assert outcome == self.settle(self.jobs[lease.id], retry)
 
     @precondition(lambda self: self.jobs)
@@ -217,8 +226,8 @@ class BrokerMachine(RuleBasedStateMachine):
             return
         j = self.jobs[data.draw(st.sampled_from(running))]
         # scaffolding: the lease's expiry moves into the past instead of waiting for it
-        leases_key = self.broker.keys.leases("m")
-        assert self.run(self.broker.redis.zadd(leases_key, {j.id: 0}, xx=True, ch=True)) == 1
+        leases_key = self.broker._keys.leases("m")
+        assert self.run(self.broker._redis.zadd(leases_key, {j.id: 0}, xx=True, ch=True)) == 1
         got = self.run(self.broker.reap("m"))
         assert got == [(j.id, self.settle(j, retry=True))]
 
@@ -228,14 +237,14 @@ class BrokerMachine(RuleBasedStateMachine):
         ids = sorted(self.jobs)
 
         async def read():
-            pipe = self.broker.redis.pipeline(transaction=False)
+            pipe = self.broker._redis.pipeline(transaction=False)
             for jid in ids:
-                pipe.hmget(self.broker.keys.job(jid), "status", "attempts", "fence", "cancel")
-            pipe.zrange(self.broker.keys.leases("m"), 0, -1)
-            pipe.zrange(self.broker.keys.queued("m"), 0, -1)
-            pipe.hget(self.broker.keys.global_, "queued")
+                pipe.hmget(self.broker._keys.job(jid), "status", "attempts", "fence", "cancel")
+            pipe.zrange(self.broker._keys.leases("m"), 0, -1)
+            pipe.zrange(self.broker._keys.queued("m"), 0, -1)
+            pipe.hget(self.broker._keys.global_, "queued")
             for t in TENANTS:
-                pipe.hget(self.broker.keys.tenant_state(t), "q")
+                pipe.hget(self.broker._keys.tenant_state(t), "q")
             return await pipe.execute(), await self.broker.queue_stats("m")
 
         replies, stats = self.run(read())

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import pytest_asyncio
 
+from broker.contract import Sampling
 from worker.engine import (
     Delta,
     EngineDeadError,
@@ -70,7 +71,7 @@ async def test_deterministic_and_stream_shape(engine: SimulatedEngine) -> None:
     assert all(d.prompt_tokens == 4 for d in a)
     other = await collect(engine, GenRequest("c", prompt="another prompt", max_tokens=10))
     assert joined(other)[1] != ids
-    seeded = await collect(engine, GenRequest("d", **req, seed=7))
+    seeded = await collect(engine, GenRequest("d", **req, sampling=Sampling(seed=7)))
     assert joined(seeded)[1] != ids
 
 
@@ -93,7 +94,7 @@ async def test_tokens_per_step_and_stop() -> None:
         text, ids = joined(out)  # noqa: RUF059
         # stop at the third token's text: its text is cut before the match
         stop = f" tok{ids[2]}"
-        out2 = await collect(eng, GenRequest("b", prompt="x", max_tokens=10, stop=[stop]))
+        out2 = await collect(eng, GenRequest("b", prompt="x", max_tokens=10, sampling=Sampling(stop=[stop])))
         assert out2[-1].finish_reason == "stop"
         assert joined(out2) == ("".join(f" tok{t}" for t in ids[:2]), ids[:3])
 

@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 pytest.importorskip("vllm")
 
+from broker.contract import Sampling
 from worker.engine import (
     Delta,
     EngineDeadError,
@@ -59,7 +60,7 @@ async def test_identity(engine) -> None:
 
 
 async def test_capital_of_france(engine) -> None:
-    out = await collect(engine, GenRequest("france", messages=FRANCE, temperature=0, max_tokens=32))
+    out = await collect(engine, GenRequest("france", messages=FRANCE, max_tokens=32, sampling=Sampling(temperature=0)))
     text, ids = joined(out)
     assert "Paris" in text
     assert out[-1].finish_reason in ("stop", "length")
@@ -73,7 +74,7 @@ async def test_capital_of_france(engine) -> None:
 async def test_plain_prompt_token_count_and_length(engine) -> None:
     out = await collect(
         engine,
-        GenRequest("plain", prompt=STORY, temperature=0, max_tokens=7, ignore_eos=True),
+        GenRequest("plain", prompt=STORY, max_tokens=7, sampling=Sampling(temperature=0, ignore_eos=True)),
     )
     assert out[0].prompt_tokens == engine.count_prompt_tokens(STORY, None) > 5
     assert len(joined(out)[1]) == 7
@@ -97,7 +98,7 @@ async def test_resume_continues_greedy_sequence(engine) -> None:
 
 
 async def test_abort_mid_stream(engine) -> None:
-    req = GenRequest("abort-me", prompt=STORY, max_tokens=800, ignore_eos=True)
+    req = GenRequest("abort-me", prompt=STORY, max_tokens=800, sampling=Sampling(ignore_eos=True))
     gen = engine.generate(req)
     first = await asyncio.wait_for(anext(gen), 60)
     assert first.finish_reason is None
@@ -116,18 +117,20 @@ async def test_abort_mid_stream(engine) -> None:
 
 
 async def test_consumer_going_away_aborts(engine) -> None:
-    gen = engine.generate(GenRequest("leave", prompt=STORY, max_tokens=800, ignore_eos=True))
+    gen = engine.generate(GenRequest("leave", prompt=STORY, max_tokens=800, sampling=Sampling(ignore_eos=True)))
     await asyncio.wait_for(anext(gen), 60)
     await gen.aclose()
     assert engine.stats().running == engine.stats().waiting == 0
     # the engine still serves requests afterwards
-    out = await collect(engine, GenRequest("after", prompt=STORY, max_tokens=2, temperature=0))
+    out = await collect(engine, GenRequest("after", prompt=STORY, max_tokens=2, sampling=Sampling(temperature=0)))
     assert out[-1].finish_reason is not None
 
 
 async def test_priority_and_concurrency(engine) -> None:
     reqs = [
-        GenRequest(f"prio-{p}", prompt=STORY, temperature=0, max_tokens=6, ignore_eos=True, priority=p)
+        GenRequest(
+            f"prio-{p}", prompt=STORY, max_tokens=6, priority=p, sampling=Sampling(temperature=0, ignore_eos=True)
+        )
         for p in (0, 5, 9)
     ]
     results = await asyncio.gather(*(collect(engine, r) for r in reqs))
@@ -140,14 +143,17 @@ async def test_invalid_requests(engine) -> None:
     with pytest.raises(PromptTooLongError):
         await collect(engine, GenRequest("long", prompt="word " * 2000, max_tokens=4))
     with pytest.raises(InvalidRequestError):
-        await collect(engine, GenRequest("bad-top-p", prompt="hi", top_p=0))
+        await collect(engine, GenRequest("bad-top-p", prompt="hi", sampling=Sampling.model_construct(top_p=0)))
     with pytest.raises(InvalidRequestError):
         await collect(engine, GenRequest("no-prompt"))
     assert engine.stats().running == engine.stats().waiting == 0
 
 
 async def test_stats_running_and_waiting(engine) -> None:
-    reqs = [GenRequest(f"load-{i}", prompt=STORY, max_tokens=40, ignore_eos=True) for i in range(engine.capacity + 2)]
+    reqs = [
+        GenRequest(f"load-{i}", prompt=STORY, max_tokens=40, sampling=Sampling(ignore_eos=True))
+        for i in range(engine.capacity + 2)
+    ]
     tasks = [asyncio.create_task(collect(engine, r)) for r in reqs]
     seen = set()
     async with asyncio.timeout(120):  # wait for the full-batch state itself
@@ -168,7 +174,7 @@ async def test_zz_engine_death_is_translated(engine) -> None:
     import multiprocessing
     import signal
 
-    gen = engine.generate(GenRequest("doomed", prompt=STORY, max_tokens=800, ignore_eos=True))
+    gen = engine.generate(GenRequest("doomed", prompt=STORY, max_tokens=800, sampling=Sampling(ignore_eos=True)))
     await asyncio.wait_for(anext(gen), 60)
     cores = [p for p in multiprocessing.active_children() if "EngineCore" in p.name]
     assert cores, "engine core process not found"

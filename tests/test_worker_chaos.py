@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from broker import Broker, BrokerSettings, JobSpec, JobStatus
-from broker.events import Event, EventHub
+from broker.events import Event
 from broker.models import Job
+from worker.engine.base import GenRequest
 from worker.engine.simulated import request_key, sim_token_id, sim_token_text
-from worker.loop import build_request
 
 MODEL = "m"
 JOBS = 500
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def expected(job: Job) -> tuple[str, list[int]]:
-    key = request_key(build_request(job, "x"))
+    key = request_key(GenRequest.for_job(job, "x"))
     ids = [sim_token_id(key, i) for i in range(job.max_tokens)]
     return "".join(sim_token_text(t) for t in ids), ids
 
@@ -143,7 +143,7 @@ async def test_kill_9_loses_nothing(settings: BrokerSettings, tmp_path: Path) ->
                 victim.kill()
                 assert await victim.proc.wait() == -signal.SIGKILL  # type: ignore[union-attr]
             await victim.start(f"victim-{KILLS}")
-            async with EventHub(broker.redis, broker.keys) as hub:
+            async with broker.event_hub() as hub:
 
                 async def terminal(jid: str) -> None:
                     async for _ in hub.follow(jid):

@@ -75,7 +75,7 @@ async def run_jobs(stack: Stack, specs: list[JobSpec], timeout_s: float = 300) -
     admitted = await stack.broker.admit_many(specs)
     ids = [a.job_id for a in admitted]  # type: ignore[union-attr]
 
-    async with EventHub(stack.broker.redis, stack.broker.keys) as hub:
+    async with EventHub(stack.broker._redis, stack.broker._keys) as hub:
 
         async def follow(jid: str) -> tuple[dict, str]:
             text, last = [], None

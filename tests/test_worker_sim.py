@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from structlog.testing import capture_logs
 
 from broker import Broker, JobSpec, JobStatus
+from broker.contract import JobErrorCode
 from broker.events import Event, EventHub
 from broker.models import Job, Lease
-from worker.engine.base import EngineSettings, EngineStats
+from worker.engine.base import EngineSettings, EngineStats, GenRequest
 from worker.engine.simulated import SimulatedEngine, request_key, sim_token_id, sim_token_text
-from worker.loop import EXIT_ENGINE_DEAD, EXIT_OK, Worker, build_request
+from worker.loop import EXIT_ENGINE_DEAD, EXIT_OK, Worker
 from worker.settings import WorkerSettings
 
 MODEL = "m"
@@ -103,7 +104,7 @@ async def admit(broker: Broker, specs: list[JobSpec]) -> list[str]:
 
 def expected(job: Job) -> tuple[str, list[int]]:
     """What one uninterrupted run of the simulated engine produces for ``job``."""
-    key = request_key(build_request(job, "x"))
+    key = request_key(GenRequest.for_job(job, "x"))
     ids = [sim_token_id(key, i) for i in range(job.max_tokens)]
     return "".join(sim_token_text(t) for t in ids), ids
 
@@ -135,7 +136,7 @@ async def follow(hub: EventHub, job_id: str, until: str | None = None) -> Follow
 
 
 async def follow_all(broker: Broker, job_ids: list[str], timeout_s: float = 30.0) -> dict[str, Followed]:
-    async with EventHub(broker.redis, broker.keys) as hub:
+    async with broker.event_hub() as hub:
         results = await asyncio.wait_for(asyncio.gather(*(follow(hub, j) for j in job_ids)), timeout_s)
     return dict(zip(job_ids, results, strict=True))
 
@@ -182,10 +183,10 @@ async def test_cancel_running_job(broker: Broker) -> None:
     ids = await admit(broker, [spec(i, max_tokens=2000 if i == 0 else 40, priority=5) for i in range(4)])
     victim = ids[0]
     async with running(broker, engine, flush_interval_ms=20) as r:
-        async with EventHub(broker.redis, broker.keys) as hub:
+        async with broker.event_hub() as hub:
             await asyncio.wait_for(follow(hub, victim, until="token"), 5)
         await asyncio.wait_for(r.worker.leases.subscribed.wait(), 5)
-        async with EventHub(broker.redis, broker.keys) as hub:
+        async with broker.event_hub() as hub:
             victim_done = asyncio.create_task(follow(hub, victim, until="cancelled"))
             await asyncio.sleep(0)  # let it subscribe before the cancel
             t0 = time.monotonic()
@@ -214,7 +215,7 @@ async def test_claim_sizing_and_second_worker(broker: Broker) -> None:
     ids = await admit(broker, [spec(i, max_tokens=60, priority=5) for i in range(100)])
     e1, e2 = sim_engine(capacity, step_ms=3), sim_engine(capacity, step_ms=3)
     async with running(broker, e1, waiting_margin=margin) as r1:
-        async with EventHub(broker.redis, broker.keys) as hub:  # worker 1 is well into the backlog
+        async with broker.event_hub() as hub:  # worker 1 is well into the backlog
             await asyncio.wait_for(asyncio.gather(*(follow(hub, j) for j in ids[:8])), 10)
         before = await broker.queue_stats(MODEL)
         async with running(broker, e2, waiting_margin=margin) as r2:
@@ -244,9 +245,9 @@ async def test_drain_on_stop_then_resume_elsewhere(broker: Broker) -> None:
     ids = await admit(broker, short + long)
     engine = sim_engine(capacity=4, step_ms=5)
     async with running(broker, engine, drain_grace_s=1.0) as r:
-        async with EventHub(broker.redis, broker.keys) as hub:
+        async with broker.event_hub() as hub:
             await asyncio.wait_for(asyncio.gather(*(follow(hub, j) for j in ids[:2])), 5)
-        async with EventHub(broker.redis, broker.keys) as hub:
+        async with broker.event_hub() as hub:
             # all six long jobs get claimed (4 engine slots + waiting_margin 2); four of them run
             started = {asyncio.ensure_future(follow(hub, j, until="token")): j for j in ids[2:]}
             running_now: list[str] = []
@@ -302,7 +303,7 @@ async def test_retried_job_resumes_without_repeating(broker: Broker) -> None:
     (jid,) = await admit(broker, [spec(1, max_tokens=400)])
     engine = sim_engine(capacity=2, step_ms=5)
     async with running(broker, engine) as r:
-        async with EventHub(broker.redis, broker.keys) as hub:
+        async with broker.event_hub() as hub:
             # let a few flushes land, then fail the attempt behind the worker's back
             f = Followed()
             async for ev in hub.follow(jid):
@@ -310,11 +311,14 @@ async def test_retried_job_resumes_without_repeating(broker: Broker) -> None:
                 if len(f.tokens) >= 3:
                     break
         job = await broker.get_job(jid)
-        assert await broker.fail(Lease(job, job.fence), "test_retry", "failed by the test", retry=True) == "queued"
+        assert (
+            await broker.fail(Lease(job, job.fence), JobErrorCode.WORKER_ERROR, "failed by the test", retry=True)
+            == "queued"
+        )
         followed = (await follow_all(broker, [jid]))[jid]
     job = await check_succeeded(broker, jid, followed)
     assert job.attempts == 2
-    assert [e.data["reason"] for e in followed.events if e.type == "retry"] == ["test_retry"]
+    assert [e.data["reason"] for e in followed.events if e.type == "retry"] == ["worker_error"]
     # the first attempt was stopped in the engine once its next write was refused
     final_request = f"{jid}-{job.fence}"
     assert any(rid.startswith(jid) and rid != final_request for rid in engine.aborts)
@@ -325,7 +329,7 @@ async def test_engine_death_hands_back_all_jobs(broker: Broker) -> None:
     ids = await admit(broker, [spec(i, max_tokens=4000, priority=5) for i in range(5)])
     engine = sim_engine(capacity=4, step_ms=5)
     async with running(broker, engine) as r:
-        async with EventHub(broker.redis, broker.keys) as hub:
+        async with broker.event_hub() as hub:
             await asyncio.wait_for(asyncio.gather(*(follow(hub, j, until="token") for j in ids[:4])), 5)
         engine.kill(RuntimeError("simulated crash"))
         code = await asyncio.wait_for(r.task, 5)
@@ -333,7 +337,7 @@ async def test_engine_death_hands_back_all_jobs(broker: Broker) -> None:
     assert code == EXIT_ENGINE_DEAD
     assert all(j.status is JobStatus.QUEUED for j in jobs)
     assert [j.attempts for j in jobs] == [1] * 5  # 4 running + 1 waiting in the engine
-    async with EventHub(broker.redis, broker.keys) as hub:
+    async with broker.event_hub() as hub:
         reasons = [e.data.get("reason") for j in ids for e in await hub.backlog(j) if e.type == "retry"]
     assert reasons == ["engine_dead"] * 5
     assert (await broker.queue_stats(MODEL)).running == 0

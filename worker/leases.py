@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from broker.errors import Code
-from broker.events import ControlListener
+from broker.contract import RenewResult
 from worker.stream import RunState
 
 if TYPE_CHECKING:
@@ -68,9 +67,9 @@ class LeaseKeeper:
         codes = await self.broker.renew(self.worker.model, [(r.job_id, r.lease.fence) for r in held])
         for run in held:
             code = codes.get(run.job_id)
-            if code is Code.STALE_LEASE and run.state is RunState.RUNNING:
+            if code is RenewResult.STALE and run.state is RunState.RUNNING:
                 await self.worker.drop(run, "renew: lease no longer held")
-            elif code is Code.CANCEL_REQUESTED:
+            elif code is RenewResult.CANCEL_REQUESTED:
                 await self.worker.cancel(run.job_id, via="renew")
 
     async def _renew_loop(self) -> None:
@@ -84,7 +83,7 @@ class LeaseKeeper:
     async def _control_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                async with ControlListener(self.broker.redis, self.broker.keys, self.worker.model) as notices:
+                async with self.broker.cancel_notices(self.worker.model) as notices:
                     self.subscribed.set()
                     # Notices sent while we were not subscribed are caught by the next renewal.
                     async for job_id in notices:

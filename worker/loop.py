@@ -23,7 +23,8 @@ from collections.abc import Awaitable
 import structlog
 
 from broker.client import Broker
-from broker.models import Job, JobStatus, Lease
+from broker.contract import JobErrorCode
+from broker.models import JobStatus, Lease
 from worker.engine.base import Engine, EngineDeadError, GenRequest, InvalidRequestError, PromptTooLongError
 from worker.leases import LeaseKeeper
 from worker.settings import WorkerSettings
@@ -36,25 +37,6 @@ EXIT_ENGINE_DEAD = 1
 NO_TOKEN_LIMIT = 1 << 40
 BACKOFF_S = 0.5  # after a failed claim (Redis away)
 HANDBACK_TIMEOUT_S = 10.0
-
-
-def build_request(job: Job, request_id: str) -> GenRequest:
-    """The engine request for (another attempt at) ``job``: continues after its emitted tokens."""
-    r = job.request
-    chat = r.get("kind", "chat") == "chat"
-    return GenRequest(
-        request_id=request_id,
-        prompt=None if chat else (r.get("prompt") or ""),
-        messages=r.get("messages") if chat else None,
-        resume_token_ids=list(job.output_token_ids),
-        max_tokens=job.max_tokens,
-        temperature=float(r.get("temperature", 1.0)),
-        top_p=float(r.get("top_p", 1.0)),
-        seed=r.get("seed"),
-        stop=r.get("stop") or None,
-        ignore_eos=bool(r.get("ignore_eos", False)),
-        priority=job.priority,
-    )
 
 
 async def _first(*aws: Awaitable[object], timeout: float | None = None) -> None:  # noqa: ASYNC109
@@ -106,8 +88,7 @@ class Worker:
 
     async def run(self) -> int:
         tokenizer = self.settings.tokenizer_folder()
-        info = {"tokenizer": tokenizer} if tokenizer else {}
-        await self.broker.register_model(self.model, self.engine.max_model_len, **info)
+        await self.broker.register_model(self.model, self.engine.max_model_len, tokenizer=tokenizer)
         self.started_at = time.monotonic()
         self.streamer.start()
         self.leases.start()
@@ -134,9 +115,9 @@ class Worker:
             if self._dead.is_set():
                 code = EXIT_ENGINE_DEAD
                 log.error("worker.engine_dead", reason=self.dead_reason, jobs=len(self.runs))
-                await self._handback("engine_dead", f"engine died: {self.dead_reason}")
+                await self._handback(JobErrorCode.ENGINE_DEAD, f"engine died: {self.dead_reason}")
             else:
-                await self._handback("worker_shutdown", "worker shut down before the job finished")
+                await self._handback(JobErrorCode.WORKER_SHUTDOWN, "worker shut down before the job finished")
         finally:
             if not claimer.done():  # run() itself was cancelled or failed
                 claimer.cancel()
@@ -250,26 +231,26 @@ class Worker:
             raise
         except EngineDeadError as e:
             self.engine_died(str(e))
-            return await self._fail(run, "engine_dead", f"engine died: {e}", retry=True)
+            return await self._fail(run, JobErrorCode.ENGINE_DEAD, f"engine died: {e}", retry=True)
         except PromptTooLongError as e:
-            return await self._fail(run, "context_length_exceeded", str(e), retry=False)
+            return await self._fail(run, JobErrorCode.CONTEXT_LENGTH_EXCEEDED, str(e), retry=False)
         except InvalidRequestError as e:
-            return await self._fail(run, "invalid_request", str(e), retry=False)
+            return await self._fail(run, JobErrorCode.INVALID_REQUEST, str(e), retry=False)
         except Exception as e:
             run.log.exception("job.error")
-            return await self._fail(run, "worker_error", f"{type(e).__name__}: {e}", retry=True)
+            return await self._fail(run, JobErrorCode.WORKER_ERROR, f"{type(e).__name__}: {e}", retry=True)
         if run.state is RunState.DROPPED:
             run.outcome = "lost_lease"
         elif finish == "abort" and run.cancel_requested:
             await self._complete(run, finish, JobStatus.CANCELLED)
         elif finish == "abort":  # the engine gave up on it without being asked to
-            await self._fail(run, "engine_abort", "the engine aborted the request", retry=True)
+            await self._fail(run, JobErrorCode.ENGINE_ABORT, "the engine aborted the request", retry=True)
         else:
             await self._complete(run, finish, JobStatus.SUCCEEDED)
 
     async def _generate(self, run: JobRun) -> str:
         """Feed the engine's deltas into the run's buffer; return the finish reason."""
-        stream = self.engine.generate(build_request(run.lease.job, run.request_id))
+        stream = self.engine.generate(GenRequest.for_job(run.lease.job, run.request_id))
         try:
             async for delta in stream:
                 first = run.first_token_at is None
@@ -293,7 +274,7 @@ class Worker:
         if run.cancel_at is not None:
             run.log.info("job.cancelled", cancel_to_complete_ms=round((time.monotonic() - run.cancel_at) * 1000, 1))
 
-    async def _fail(self, run: JobRun, code: str, message: str, *, retry: bool) -> None:
+    async def _fail(self, run: JobRun, code: JobErrorCode, message: str, *, retry: bool) -> None:
         result = await self.streamer.fail(run, code, message, retry=retry)
         run.outcome = "lost_lease" if result == "stale" else f"{code}:{result}"
 
@@ -329,7 +310,7 @@ class Worker:
             self.dead_reason = reason
             self._dead.set()
 
-    async def _handback(self, code: str, message: str) -> None:
+    async def _handback(self, code: JobErrorCode, message: str) -> None:
         """Return every job still running to the queue at once (attempts + 1)."""
         running = [r for r in self.runs.values() if r.state is RunState.RUNNING]
         for run in running:

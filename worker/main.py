@@ -19,7 +19,6 @@ import structlog
 from broker.client import Broker
 from broker.errors import RedisMisconfigured
 from broker.logs import configure_logging
-from broker.redis_check import check_redis
 from broker.settings import BrokerSettings
 from worker.engine import open_engine
 from worker.loop import Worker
@@ -51,7 +50,7 @@ async def serve(settings: WorkerSettings, broker_settings: BrokerSettings) -> in
     broker = Broker.from_settings(broker_settings)
     try:
         try:
-            await check_redis(broker.redis, broker_settings)
+            await broker.check_server()
         except RedisMisconfigured as e:
             log.error("worker.redis_misconfigured", error=str(e))
             return EXIT_STARTUP

@@ -18,10 +18,11 @@ from typing import Any
 
 import structlog
 
-from broker.client import Broker, Delta, now_ms
+from broker.client import Broker, OutputWrite, now_ms
+from broker.contract import JobErrorCode
 from broker.errors import StaleLease
 from broker.models import JobStatus, Lease
-from worker.engine.base import Delta as EngineDelta
+from worker.engine.base import Delta
 
 log = structlog.get_logger(__name__)
 
@@ -48,7 +49,7 @@ class JobRun:
     ids: list[int] = field(default_factory=list)
     tokens: int = 0  # generated in this attempt
     written: int = 0  # completion tokens of this job acknowledged by Redis in this attempt
-    resend: list[Delta] = field(default_factory=list)  # writes whose outcome is unknown
+    resend: list[OutputWrite] = field(default_factory=list)  # writes whose outcome is unknown
     prompt_tokens: int | None = None  # as the engine counted them
     first_token_at: float | None = None
     cancel_requested: bool = False
@@ -74,7 +75,7 @@ class JobRun:
     def pending(self) -> bool:
         return bool(self.text or self.ids or self.resend)
 
-    def add(self, d: EngineDelta) -> None:
+    def add(self, d: Delta) -> None:
         if d.token_ids or d.text:
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
@@ -93,14 +94,14 @@ class JobRun:
         self.text, self.ids = [], []
         return text, ids
 
-    def next_deltas(self) -> list[Delta]:
+    def next_deltas(self) -> list[OutputWrite]:
         """Writes for this cycle: unacknowledged ones again (unchanged, so Redis can spot a
         replay by its offset), then the newly buffered output."""
         deltas, self.resend = self.resend, []
         if self.text or self.ids:
             offset = len(self.lease.job.output_token_ids) + self.written + sum(len(d.token_ids) for d in deltas)
             text, ids = self.take()
-            deltas.append(Delta(self.job_id, self.lease.fence, text, ids, offset))
+            deltas.append(OutputWrite(self.job_id, self.lease.fence, text, ids, offset))
         return deltas
 
     def summary(self) -> dict[str, Any]:
@@ -161,7 +162,7 @@ class Streamer:
         """Queue the job's completion; resolves to ``ok`` or ``stale``."""
         return self._final(run, "complete", (finish_reason, status))
 
-    def fail(self, run: JobRun, code: str, message: str, *, retry: bool) -> asyncio.Future[str]:
+    def fail(self, run: JobRun, code: JobErrorCode, message: str, *, retry: bool) -> asyncio.Future[str]:
         """Queue the job's failure (after its buffered output); resolves to the outcome or ``stale``."""
         return self._final(run, "fail", (code, message, retry))
 
@@ -209,7 +210,7 @@ class Streamer:
         """One cycle: all buffered deltas in one pipeline, then the queued finals concurrently."""
         finals, self._finals = self._finals, []
         completing = {f.run for f in finals if f.kind == "complete"}
-        batch: list[tuple[JobRun, Delta]] = []
+        batch: list[tuple[JobRun, OutputWrite]] = []
         for run in self._writers(finals):
             if run not in completing or run.resend:
                 for d in run.next_deltas() if run not in completing else self._resend_only(run):
@@ -233,7 +234,7 @@ class Streamer:
             await asyncio.gather(*(self._write_final(f) for f in finals))
 
     @staticmethod
-    def _resend_only(run: JobRun) -> list[Delta]:
+    def _resend_only(run: JobRun) -> list[OutputWrite]:
         deltas, run.resend = run.resend, []
         return deltas
 
@@ -264,7 +265,7 @@ class Streamer:
             else:
                 code, message, retry = f.args
                 result = await self.broker.fail(
-                    run.lease, code, message, retry=retry, handback=code == "worker_shutdown"
+                    run.lease, code, message, retry=retry, handback=code is JobErrorCode.WORKER_SHUTDOWN
                 )
         except StaleLease:
             result = "stale"

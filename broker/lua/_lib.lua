@@ -1,6 +1,47 @@
 -- Shared helpers, prepended to every script when it is loaded (Redis 6.2 has no
--- FUNCTION LOAD). Key names below are derived from prefixes passed in ARGV; every
--- such key carries the queue's hash tag, so it lives in the same Cluster slot as KEYS.
+-- FUNCTION LOAD).
+--
+-- Names: every status, event type and error code a script writes is taken from the
+-- tables below, which mirror broker/contract.py (tests/test_lua_contract.py checks
+-- both ways). Keys: a key whose job id Python knows reaches a script through KEYS;
+-- a key a script discovers itself (a claimed or expired job, a tenant's queue) is
+-- built by one of the k_* functions below, each tied by a test to its builder in
+-- broker/keys.py. They all carry the queue's hash tag, so they live in the same
+-- Cluster slot as KEYS.
+
+local STATUS = {queued = 'queued', running = 'running', succeeded = 'succeeded', failed = 'failed',
+  cancelled = 'cancelled', expired = 'expired'}
+local EVENT = {queued = 'queued', started = 'started', token = 'token', retry = 'retry', done = 'done',
+  failed = 'failed', cancelled = 'cancelled', expired = 'expired'}
+local ERROR = {worker_lost = 'worker_lost', deadline_exceeded = 'deadline_exceeded'}
+
+-- key builders (P = 'genq:{<queue>}', mp = k_model(P, model))
+local function k_job(P, jid) return P .. ':job:' .. jid end
+local function k_events(P, jid) return P .. ':ev:' .. jid end
+local function k_output(P, jid) return P .. ':out:' .. jid end
+local function k_output_ids(P, jid) return P .. ':oid:' .. jid end
+local function k_channel(P, jid) return P .. ':ch:' .. jid end
+local function k_global(P) return P .. ':global' end
+local function k_tenant_state(P, tenant) return P .. ':ts:' .. tenant end
+local function k_model(P, model) return P .. ':m:' .. model end
+local function k_stats(mp) return mp .. ':stats' end
+local function k_queued(mp) return mp .. ':queued' end
+local function k_leases(mp) return mp .. ':leases' end
+local function k_deadlines(mp) return mp .. ':deadlines' end
+local function k_wake(mp) return mp .. ':wake' end
+local function k_control(mp) return mp .. ':ctl' end
+local function k_tenants(mp, prio) return mp .. ':p' .. prio .. ':tenants' end
+local function k_vtc(mp, prio) return mp .. ':p' .. prio .. ':vtc' end
+local function k_tenant_queue(mp, prio, tenant) return mp .. ':p' .. prio .. ':t:' .. tenant end
+
+-- A job's own keys: {job, ev, out, oid, ch}, from KEYS (first index i) or built here.
+local function job_keys_from(keys, i, channel)
+  return {job = keys[i], ev = keys[i + 1], out = keys[i + 2], oid = keys[i + 3], ch = channel}
+end
+local function job_keys(P, jid)
+  return {job = k_job(P, jid), ev = k_events(P, jid), out = k_output(P, jid), oid = k_output_ids(P, jid),
+    ch = k_channel(P, jid)}
+end
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -14,10 +55,10 @@ end
 
 -- Append one event to the job's stream and publish "<id>\n<n>\n<type>\n<data>" on its
 -- channel; n counts the job's events (1, 2, ...) so a live follower can tell a gap.
-local function emit(jk, ev_key, channel, maxlen, etype, data)
-  local n = redis.call('HINCRBY', jk, 'evn', 1)
-  local id = redis.call('XADD', ev_key, 'MAXLEN', '~', maxlen, '*', 'n', n, 't', etype, 'd', data)
-  redis.call('PUBLISH', channel, id .. '\n' .. n .. '\n' .. etype .. '\n' .. data)
+local function emit(J, maxlen, etype, data)
+  local n = redis.call('HINCRBY', J.job, 'evn', 1)
+  local id = redis.call('XADD', J.ev, 'MAXLEN', '~', maxlen, '*', 'n', n, 't', etype, 'd', data)
+  redis.call('PUBLISH', J.ch, id .. '\n' .. n .. '\n' .. etype .. '\n' .. data)
   return id
 end
 
@@ -42,10 +83,10 @@ end
 -- A tenant stops being backlogged at one priority: remember its virtual counter,
 -- or forget all counters when nobody is backlogged any more.
 local function leave(mp, prio, tenant)
-  local tz = mp .. ':p' .. prio .. ':tenants'
+  local tz = k_tenants(mp, prio)
   local v = redis.call('ZSCORE', tz, tenant)
   redis.call('ZREM', tz, tenant)
-  local vk = mp .. ':p' .. prio .. ':vtc'
+  local vk = k_vtc(mp, prio)
   if redis.call('ZCARD', tz) == 0 then
     redis.call('DEL', vk)
   elseif v then
@@ -56,53 +97,68 @@ end
 -- Put a job (back) into its tenant's FIFO at its priority; a tenant that becomes
 -- backlogged starts at max(own counter, lowest backlogged counter) (VTC "lift").
 local function enqueue(P, mp, jid, tenant, prio, seq, pscore, cost)
-  local tq = mp .. ':p' .. prio .. ':t:' .. tenant
-  local tz = mp .. ':p' .. prio .. ':tenants'
+  local tq = k_tenant_queue(mp, prio, tenant)
+  local tz = k_tenants(mp, prio)
   redis.call('ZADD', tq, seq, jid)
   if not redis.call('ZSCORE', tz, tenant) then
-    local v = num(redis.call('HGET', mp .. ':p' .. prio .. ':vtc', tenant), 0)
+    local v = num(redis.call('HGET', k_vtc(mp, prio), tenant), 0)
     local low = redis.call('ZRANGE', tz, 0, 0, 'WITHSCORES')
     if low[2] and tonumber(low[2]) > v then v = tonumber(low[2]) end
     redis.call('ZADD', tz, v, tenant)
   end
-  redis.call('ZADD', mp .. ':queued', pscore, jid)
-  redis.call('HINCRBY', mp .. ':stats', 'd' .. prio, 1)
-  redis.call('HINCRBY', mp .. ':stats', 'k' .. prio, cost)
-  redis.call('HINCRBY', P .. ':ts:' .. tenant, 'q', 1)
-  redis.call('HINCRBY', P .. ':global', 'queued', 1)
-  local wake = mp .. ':wake'
+  redis.call('ZADD', k_queued(mp), pscore, jid)
+  redis.call('HINCRBY', k_stats(mp), 'd' .. prio, 1)
+  redis.call('HINCRBY', k_stats(mp), 'k' .. prio, cost)
+  redis.call('HINCRBY', k_tenant_state(P, tenant), 'q', 1)
+  redis.call('HINCRBY', k_global(P), 'queued', 1)
+  local wake = k_wake(mp)
   redis.call('RPUSH', wake, 1)
   redis.call('LTRIM', wake, -64, -1)
 end
 
--- Take a queued job out of the queue structures (claim or cancel).
+-- Take a queued job out of the queue structures (claim, cancel, deadline).
 local function unqueue(P, mp, jid, tenant, prio, cost)
-  local tq = mp .. ':p' .. prio .. ':t:' .. tenant
+  local tq = k_tenant_queue(mp, prio, tenant)
   if redis.call('ZREM', tq, jid) == 0 then return false end
   if redis.call('ZCARD', tq) == 0 then leave(mp, prio, tenant) end
-  redis.call('ZREM', mp .. ':queued', jid)
-  redis.call('HINCRBY', mp .. ':stats', 'd' .. prio, -1)
-  redis.call('HINCRBY', mp .. ':stats', 'k' .. prio, -cost)
-  redis.call('HINCRBY', P .. ':ts:' .. tenant, 'q', -1)
-  redis.call('HINCRBY', P .. ':global', 'queued', -1)
+  redis.call('ZREM', k_queued(mp), jid)
+  redis.call('ZREM', k_deadlines(mp), jid)
+  redis.call('HINCRBY', k_stats(mp), 'd' .. prio, -1)
+  redis.call('HINCRBY', k_stats(mp), 'k' .. prio, -cost)
+  redis.call('HINCRBY', k_tenant_state(P, tenant), 'q', -1)
+  redis.call('HINCRBY', k_global(P), 'queued', -1)
   return true
 end
 
--- Move a job to a terminal status, announce it, and start its TTL.
-local function finish(P, jid, status, etype, data, now, ttl, maxlen)
-  local jk = P .. ':job:' .. jid
-  redis.call('HSET', jk, 'status', status, 'finished_ms', now)
-  emit(jk, P .. ':ev:' .. jid, P .. ':ch:' .. jid, maxlen, etype, data)
-  redis.call('PEXPIRE', jk, ttl)
-  redis.call('PEXPIRE', P .. ':ev:' .. jid, ttl)
-  redis.call('PEXPIRE', P .. ':out:' .. jid, ttl)
-  redis.call('PEXPIRE', P .. ':oid:' .. jid, ttl)
+-- Move a job to a terminal status, announce it, and start its TTL (the job's own,
+-- set at admission).
+local function finish(J, status, etype, data, now, maxlen)
+  redis.call('HSET', J.job, 'status', status, 'finished_ms', now)
+  emit(J, maxlen, etype, data)
+  local ttl = num(redis.call('HGET', J.job, 'ttl'), 86400000)
+  redis.call('PEXPIRE', J.job, ttl)
+  redis.call('PEXPIRE', J.ev, ttl)
+  redis.call('PEXPIRE', J.out, ttl)
+  redis.call('PEXPIRE', J.oid, ttl)
+end
+
+-- A queued job that never ran reached its deadline: out of the queue, tokens back, expired.
+local function expire_queued(P, J, jid, now, maxlen)
+  local j = redis.call('HMGET', J.job, 'status', 'model', 'tenant', 'priority', 'cost', 'tpm', 'tpm_burst')
+  if j[1] ~= STATUS.queued then return false end
+  unqueue(P, k_model(P, j[2]), jid, j[3], j[4], num(j[5], 0))
+  refund_tokens(k_tenant_state(P, j[3]), num(j[6], 0), num(j[7], 0), num(j[5], 0), now)
+  local message = 'the job was still queued at its deadline'
+  redis.call('HSET', J.job, 'error_code', ERROR.deadline_exceeded, 'error_message', message)
+  finish(J, STATUS.expired, EVENT.expired, cjson.encode({code = ERROR.deadline_exceeded, message = message}),
+    now, maxlen)
+  return true
 end
 
 -- Append one delta's text and token ids; O(1) in the output's length.
-local function write_output(out_key, ids_key, text, ids)
-  if text ~= '' then redis.call('APPEND', out_key, text) end
-  if ids ~= '' then redis.call('APPEND', ids_key, ',' .. ids) end
+local function write_output(J, text, ids)
+  if text ~= '' then redis.call('APPEND', J.out, text) end
+  if ids ~= '' then redis.call('APPEND', J.oid, ',' .. ids) end
 end
 
 -- Completed-job drain rate over a short window (jobs/s and tokens/s).
@@ -123,41 +179,39 @@ local function drained(stats, now, ntok)
 end
 
 -- A running job lost its worker or failed: requeue it (attempts left), else fail it.
--- A job whose cancel was requested is cancelled instead.
-local function settle(P, jid, code, message, retry, now, ttl, maxlen)
-  local jk = P .. ':job:' .. jid
-  local j = redis.call('HMGET', jk, 'model', 'tenant', 'priority', 'attempts', 'max_attempts',
+-- A job whose cancel was requested is cancelled instead. Returns the outcome (a status).
+local function settle(P, J, jid, code, message, retry, now, maxlen)
+  local j = redis.call('HMGET', J.job, 'model', 'tenant', 'priority', 'attempts', 'max_attempts',
     'seq', 'pscore', 'cost', 'cancel', 'tpm', 'tpm_burst', 'max_tokens', 'completion_tokens')
-  local mp = P .. ':m:' .. j[1]
-  redis.call('ZREM', mp .. ':leases', jid)
-  redis.call('HDEL', jk, 'worker')
+  local mp = k_model(P, j[1])
+  redis.call('ZREM', k_leases(mp), jid)
+  redis.call('HDEL', J.job, 'worker')
   local unused = num(j[12], 0) - num(j[13], 0)
   if j[9] == '1' then
-    refund_tokens(P .. ':ts:' .. j[2], num(j[10], 0), num(j[11], 0), unused, now)
-    finish(P, jid, 'cancelled', 'cancelled', cjson.encode({reason = 'cancelled'}), now, ttl, maxlen)
-    return 'cancelled'
+    refund_tokens(k_tenant_state(P, j[2]), num(j[10], 0), num(j[11], 0), unused, now)
+    finish(J, STATUS.cancelled, EVENT.cancelled, cjson.encode({reason = STATUS.cancelled}), now, maxlen)
+    return STATUS.cancelled
   end
   if retry == 2 then  -- handed back unstarted-by-fault (worker shutdown): the attempt is not spent
-    j[4] = redis.call('HINCRBY', jk, 'attempts', -1)
+    j[4] = redis.call('HINCRBY', J.job, 'attempts', -1)
   end
   if retry >= 1 and num(j[4], 0) < num(j[5], 1) then
-    redis.call('HSET', jk, 'status', 'queued')
-    emit(jk, P .. ':ev:' .. jid, P .. ':ch:' .. jid, maxlen, 'retry',
-      cjson.encode({attempt = num(j[4], 0), reason = code, message = message}))
+    redis.call('HSET', J.job, 'status', STATUS.queued)
+    emit(J, maxlen, EVENT.retry, cjson.encode({attempt = num(j[4], 0), reason = code, message = message}))
     enqueue(P, mp, jid, j[2], j[3], j[6], j[7], num(j[8], 0))
-    return 'queued'
+    return STATUS.queued
   end
-  if code == 'worker_lost' and num(j[4], 0) >= num(j[5], 1) then
+  if code == ERROR.worker_lost and num(j[4], 0) >= num(j[5], 1) then
     message = 'job lost its worker ' .. j[4] .. ' times (max_attempts)'
   end
-  redis.call('HSET', jk, 'error_code', code, 'error_message', message)
-  refund_tokens(P .. ':ts:' .. j[2], num(j[10], 0), num(j[11], 0), unused, now)
-  finish(P, jid, 'failed', 'failed', cjson.encode({code = code, message = message}), now, ttl, maxlen)
-  return 'failed'
+  redis.call('HSET', J.job, 'error_code', code, 'error_message', message)
+  refund_tokens(k_tenant_state(P, j[2]), num(j[10], 0), num(j[11], 0), unused, now)
+  finish(J, STATUS.failed, EVENT.failed, cjson.encode({code = code, message = message}), now, maxlen)
+  return STATUS.failed
 end
 
 -- Fencing: the writer must hold the job's current lease.
 local function fenced(jk, fence)
   local s = redis.call('HMGET', jk, 'status', 'fence')
-  return s[1] == 'running' and s[2] == fence
+  return s[1] == STATUS.running and s[2] == fence
 end

@@ -1,44 +1,52 @@
 -- admit: accept one job into its model's queue, or refuse it, atomically.
 -- KEYS[1] job hash          P:job:<id>
--- KEYS[2] idempotency key   P:idem:<tenant>:<key>   (unused when ARGV[8] == '0')
--- KEYS[3] tenant limits     P:tenant:<t>
--- KEYS[4] tenant state      P:ts:<t>
--- KEYS[5] tenant jobs       P:tjobs:<t>
--- KEYS[6] models            P:models
--- KEYS[7] global            P:global
--- KEYS[8] model stats       P:m:<model>:stats
+-- KEYS[2] events            P:ev:<id>
+-- KEYS[3] output            P:out:<id>
+-- KEYS[4] token ids         P:oid:<id>
+-- KEYS[5] idempotency key   P:idem:<tenant>:<key>   (unused when ARGV[8] == '0')
+-- KEYS[6] tenant limits     P:tenant:<t>
+-- KEYS[7] tenant state      P:ts:<t>
+-- KEYS[8] tenant jobs       P:tjobs:<t>
+-- KEYS[9] models            P:models
+-- KEYS[10] global           P:global
+-- KEYS[11] model stats      P:m:<model>:stats
 -- ARGV: 1 P, 2 job id, 3 tenant, 4 model, 5 priority, 6 prompt_tokens, 7 max_tokens,
---       8 has idempotency key (0/1), 9 request JSON, 10 result ttl ms, 11 max queued (global),
---       12-17 default rpm, rpm_burst, tpm, tpm_burst, max_queued, weight,
---       18 deadline ms (0 = none), 19 max_attempts, 20 events maxlen
+--       8 has idempotency key (0/1), 9 request JSON, 10 result ttl ms (the job's), 11 max queued
+--       (global), 12-17 default rpm, rpm_burst, tpm, tpm_burst, max_queued, weight,
+--       18 deadline ms (0 = none), 19 max_attempts, 20 events maxlen, 21 channel,
+--       22 request fingerprint (a repeated idempotency key must carry the same)
 -- Returns {code, job id, position, rq_limit, rq_remaining, rq_reset_ms,
 --          tk_limit, tk_remaining, tk_reset_ms, retry_after_ms}
 --   code 0 OK, 1 DUPLICATE (job id = the earlier job), 10 RATE_REQUESTS, 11 RATE_TOKENS,
 --   12 TENANT_QUEUE_FULL, 13 QUEUE_FULL, 14 TOO_LARGE_FOR_LIMIT, 15 UNKNOWN_MODEL,
---   16 CONTEXT_TOO_LONG (position = the model's max_model_len), 17 PRIORITY_NOT_ALLOWED;
+--   16 CONTEXT_TOO_LONG (position = the model's max_model_len), 17 PRIORITY_NOT_ALLOWED,
+--   18 IDEMPOTENCY_CONFLICT (job id = the earlier job: same key, another request);
 --   for 14 TOO_LARGE_FOR_LIMIT position = the tenant's token burst
 local P, jid, tenant, model = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local prio, pt, mt = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local mp = P .. ':m:' .. model
+local mp = k_model(P, model)
+local J = job_keys_from(KEYS, 1, ARGV[21])
 
 -- A replay of this very call (client retry after a lost reply) must not enqueue twice.
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {1, jid, num(redis.call('ZRANK', mp .. ':queued', jid), 0), 0, 0, 0, 0, 0, 0, 0}
+if redis.call('EXISTS', J.job) == 1 then
+  return {1, jid, num(redis.call('ZRANK', k_queued(mp), jid), 0), 0, 0, 0, 0, 0, 0, 0}
 end
 
 if ARGV[8] == '1' then
-  local prev = redis.call('GET', KEYS[2])
-  if prev and redis.call('EXISTS', P .. ':job:' .. prev) == 1 then
-    return {1, prev, num(redis.call('ZRANK', mp .. ':queued', prev), 0), 0, 0, 0, 0, 0, 0, 0}
+  local prev = redis.call('GET', KEYS[5])
+  if prev and redis.call('EXISTS', k_job(P, prev)) == 1 then
+    local fp = redis.call('HGET', k_job(P, prev), 'fp')
+    if fp and fp ~= ARGV[22] then return {18, prev, 0, 0, 0, 0, 0, 0, 0, 0} end
+    return {1, prev, num(redis.call('ZRANK', k_queued(mp), prev), 0), 0, 0, 0, 0, 0, 0, 0}
   end
 end
 
-local minfo = redis.call('HGET', KEYS[6], model)
+local minfo = redis.call('HGET', KEYS[9], model)
 if not minfo then return {15, '', 0, 0, 0, 0, 0, 0, 0, 0} end
 local mlen = num(cjson.decode(minfo)['max_model_len'], 0)
 if mlen > 0 and pt + mt > mlen then return {16, '', mlen, 0, 0, 0, 0, 0, 0, 0} end
 
-local L = redis.call('HMGET', KEYS[3], 'rpm', 'rpm_burst', 'tpm', 'tpm_burst', 'max_queued', 'weight', 'priorities')
+local L = redis.call('HMGET', KEYS[6], 'rpm', 'rpm_burst', 'tpm', 'tpm_burst', 'max_queued', 'weight', 'priorities')
 local rpm, rpm_b = num(L[1], tonumber(ARGV[12])), num(L[2], tonumber(ARGV[13]))
 local tpm, tpm_b = num(L[3], tonumber(ARGV[14])), num(L[4], tonumber(ARGV[15]))
 local maxq, weight = num(L[5], tonumber(ARGV[16])), num(L[6], tonumber(ARGV[17]))
@@ -49,7 +57,7 @@ if L[7] and not string.find(L[7], tostring(prio), 1, true) then
 end
 
 local now = now_ms()
-local stats = redis.call('HMGET', KEYS[8], 'dr', 'w_start', 'w_jobs')
+local stats = redis.call('HMGET', KEYS[11], 'dr', 'w_start', 'w_jobs')
 local drain = num(stats[1], 0)
 if drain <= 0 and stats[2] and now > tonumber(stats[2]) then
   drain = num(stats[3], 0) * 1000 / math.max(1000, now - tonumber(stats[2]))
@@ -59,11 +67,11 @@ local function wait_for(excess)
   return math.max(1, math.ceil(excess * 1000 / drain))
 end
 
-local gq = num(redis.call('HGET', KEYS[7], 'queued'), 0)
+local gq = num(redis.call('HGET', KEYS[10], 'queued'), 0)
 if gq >= tonumber(ARGV[11]) then
   return {13, '', 0, 0, 0, 0, 0, 0, 0, wait_for(gq - tonumber(ARGV[11]) + 1)}
 end
-local tq = num(redis.call('HGET', KEYS[4], 'q'), 0)
+local tq = num(redis.call('HGET', KEYS[7], 'q'), 0)
 if maxq > 0 and tq >= maxq then
   return {12, '', 0, 0, 0, 0, 0, 0, 0, wait_for(1)}
 end
@@ -73,14 +81,14 @@ if tpm > 0 and cost > tpm_b then return {14, '', tpm_b, 0, 0, 0, tpm, 0, 0, 0} e
 local rq_left, rq_reset, tk_left, tk_reset = -1, 0, -1, 0
 local rq_level, tk_level
 if rpm > 0 then
-  rq_level = bucket_level(KEYS[4], 'rq', rpm, rpm_b, now)
+  rq_level = bucket_level(KEYS[7], 'rq', rpm, rpm_b, now)
   if rq_level < 1 then
     local wait = math.ceil((1 - rq_level) * 60000 / rpm)
     return {10, '', 0, rpm, 0, wait, tpm, 0, 0, wait}
   end
 end
 if tpm > 0 then
-  tk_level = bucket_level(KEYS[4], 'tk', tpm, tpm_b, now)
+  tk_level = bucket_level(KEYS[7], 'tk', tpm, tpm_b, now)
   if tk_level < cost then
     local wait = math.ceil((cost - tk_level) * 60000 / tpm)
     return {11, '', 0, rpm, math.floor(rq_level or 0), 0, tpm, math.floor(tk_level), wait, wait}
@@ -88,28 +96,29 @@ if tpm > 0 then
 end
 if rpm > 0 then
   rq_level = rq_level - 1
-  redis.call('HSET', KEYS[4], 'rq', rq_level, 'rq_ts', now)
+  redis.call('HSET', KEYS[7], 'rq', rq_level, 'rq_ts', now)
   rq_left, rq_reset = math.floor(rq_level), math.ceil((rpm_b - rq_level) * 60000 / rpm)
 end
 if tpm > 0 then
   tk_level = tk_level - cost
-  redis.call('HSET', KEYS[4], 'tk', tk_level, 'tk_ts', now)
+  redis.call('HSET', KEYS[7], 'tk', tk_level, 'tk_ts', now)
   tk_left, tk_reset = math.floor(tk_level), math.ceil((tpm_b - tk_level) * 60000 / tpm)
 end
 
-local seq = redis.call('HINCRBY', KEYS[7], 'seq', 1)
+local ttl = tonumber(ARGV[10])
+local deadline = tonumber(ARGV[18])
+local seq = redis.call('HINCRBY', KEYS[10], 'seq', 1)
 local pscore = prio * 1e13 + now
-redis.call('HSET', KEYS[1], 'id', jid, 'tenant', tenant, 'model', model, 'status', 'queued',
+redis.call('HSET', J.job, 'id', jid, 'tenant', tenant, 'model', model, 'status', STATUS.queued,
   'priority', prio, 'attempts', 0, 'max_attempts', ARGV[19], 'request', ARGV[9],
   'prompt_tokens', pt, 'max_tokens', mt, 'cost', cost, 'completion_tokens', 0,
   'created_ms', now, 'seq', seq, 'pscore', pscore, 'weight', weight,
-  'tpm', tpm, 'tpm_burst', tpm_b, 'deadline_ms', ARGV[18], 'fence', 0)
+  'tpm', tpm, 'tpm_burst', tpm_b, 'deadline_ms', deadline, 'fence', 0, 'ttl', ttl, 'fp', ARGV[22])
 enqueue(P, mp, jid, tenant, prio, seq, pscore, cost)
-local ttl = tonumber(ARGV[10])
-redis.call('ZADD', KEYS[5], now, jid)
-redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - ttl)
-if ARGV[8] == '1' then redis.call('SET', KEYS[2], jid, 'PX', ttl) end
-emit(KEYS[1], P .. ':ev:' .. jid, P .. ':ch:' .. jid, ARGV[20], 'queued',
-  cjson.encode({priority = prio, model = model}))
-local pos = redis.call('ZCOUNT', mp .. ':queued', '-inf', '(' .. pscore)
+if deadline > 0 then redis.call('ZADD', k_deadlines(mp), deadline, jid) end
+redis.call('ZADD', KEYS[8], now, jid)
+redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', now - ttl)
+if ARGV[8] == '1' then redis.call('SET', KEYS[5], jid, 'PX', ttl) end
+emit(J, ARGV[20], EVENT.queued, cjson.encode({priority = prio, model = model}))
+local pos = redis.call('ZCOUNT', k_queued(mp), '-inf', '(' .. pscore)
 return {0, jid, pos, rpm, rq_left, rq_reset, tpm, tk_left, tk_reset, 0}

@@ -8,16 +8,16 @@
 --       delta (-1 = unchecked). A delta whose tokens are already there (a pipeline replayed
 --       after its reply was lost) is acknowledged without being written twice.
 -- Returns {0, event id} ({0, ''} for a replay) or {21} (STALE_LEASE: nothing written)
-if not fenced(KEYS[1], ARGV[1]) then return {21} end
+local J = job_keys_from(KEYS, 1, ARGV[6])
+if not fenced(J.job, ARGV[1]) then return {21} end
 local offset = tonumber(ARGV[7] or '-1')
-if offset >= 0 and num(redis.call('HGET', KEYS[1], 'completion_tokens'), 0) > offset then
+if offset >= 0 and num(redis.call('HGET', J.job, 'completion_tokens'), 0) > offset then
   return {0, ''}
 end
 local now = now_ms()
-local seq = redis.call('HINCRBY', KEYS[1], 'seq_out', 1)
-redis.call('HSETNX', KEYS[1], 'first_token_ms', now)
-write_output(KEYS[3], KEYS[4], ARGV[2], ARGV[3])
-redis.call('HINCRBY', KEYS[1], 'completion_tokens', tonumber(ARGV[4]))
-local id = emit(KEYS[1], KEYS[2], ARGV[6], ARGV[5], 'token',
-  cjson.encode({seq = seq, text = ARGV[2], n = tonumber(ARGV[4])}))
+local seq = redis.call('HINCRBY', J.job, 'seq_out', 1)
+redis.call('HSETNX', J.job, 'first_token_ms', now)
+write_output(J, ARGV[2], ARGV[3])
+redis.call('HINCRBY', J.job, 'completion_tokens', tonumber(ARGV[4]))
+local id = emit(J, ARGV[5], EVENT.token, cjson.encode({seq = seq, text = ARGV[2], n = tonumber(ARGV[4])}))
 return {0, id}

@@ -8,9 +8,8 @@ local now = now_ms()
 local out = {}
 for i = 3, #ARGV, 2 do
   local jid, fence = ARGV[i], ARGV[i + 1]
-  local jk = P .. ':job:' .. jid
-  local s = redis.call('HMGET', jk, 'status', 'fence', 'cancel')
-  if s[1] ~= 'running' or s[2] ~= fence then
+  local s = redis.call('HMGET', k_job(P, jid), 'status', 'fence', 'cancel')
+  if s[1] ~= STATUS.running or s[2] ~= fence then
     out[#out + 1] = 21
   else
     redis.call('ZADD', KEYS[1], 'XX', now + lease, jid)

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import structlog
 
 from broker import Broker, BrokerSettings, JobSpec
-from broker.events import EventHub
 from genq.bench.common import percentile
 
 log = structlog.get_logger(__name__)
@@ -148,7 +147,7 @@ async def genq_phase(
     env = {**os.environ, "GENQ_REDIS_URL": redis_url, "GENQ_QUEUE": queue, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(worker_command(engine_kw), env=env)  # noqa: ASYNC220
     broker = Broker.from_settings(settings)
-    hub = EventHub(broker.redis, broker.keys)
+    hub = broker.event_hub()
     try:
         deadline = time.monotonic() + 600
         while not (workers := await broker.workers()):

@@ -158,7 +158,7 @@ async def ping_latency(broker: Broker, cfg: Config) -> list[float]:
     for _ in range(cfg.samples):
         await asyncio.sleep(random.uniform(0.005, 0.010))
         t0 = time.time_ns()
-        await broker.redis.ping()
+        await broker._redis.ping()
         out.append((time.time_ns() - t0) / 1e6)
     return out
 
@@ -376,8 +376,8 @@ async def run(cfg: Config) -> Result:
             log.info("arq drain, queue_read_limit lifted", jobs=cfg.arq_jobs, max_jobs=BATCH)
             arq_uncapped = await arq_drain(cfg, ns, read_limit=cfg.arq_jobs)
         finally:
-            gone = await _delete(broker.redis, broker.keys.prefix + "*")
-            gone += await _delete(broker.redis, f"arq:*{ns}*")
+            gone = await _delete(broker._redis, broker._keys.prefix + "*")
+            gone += await _delete(broker._redis, f"arq:*{ns}*")
             log.info("cleaned up", keys=gone)
     return Result(genq_lat, arq_lat, genq_dr, arq_dr, arq_uncapped, ping, (load_before, os.getloadavg()[0]))
 

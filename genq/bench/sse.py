@@ -278,7 +278,7 @@ class Bench:
             await self.broker.register_model(model, 0)
         await self.broker.set_tenant(TENANT, TenantLimits())  # no limits
         self.key = await create_key(self.broker, TENANT, "genq bench sse")
-        self.hub = EventHub(self.broker.redis, self.broker.keys)
+        self.hub = EventHub(self.broker._redis, self.broker._keys)
         port = free_port()
         self.api = Child.start(
             "api", [sys.executable, "-m", "genq.cli", "api", "--port", str(port)], self.env, self.log_dir
@@ -301,7 +301,7 @@ class Bench:
             import psutil
         except ImportError:
             return None
-        info = await self.broker.redis.info("server")
+        info = await self.broker._redis.info("server")
         with contextlib.suppress(psutil.Error, KeyError):
             pid = int(info["process_id"])
             if "redis" in psutil.Process(pid).name():  # the same machine's Redis, not a namesake pid

@@ -15,7 +15,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from broker import Broker, BrokerSettings
-from broker.client import Delta
+from broker.client import OutputWrite as Delta
 from broker.logs import configure_logging
 from genq.bench.common import expect, recv
 

@@ -33,6 +33,9 @@ from typing import Literal, Protocol, Self, runtime_checkable
 
 from pydantic import BaseModel, Field
 
+from broker.contract import Sampling
+from broker.models import Job
+
 
 @dataclass(slots=True)
 class GenRequest:
@@ -44,12 +47,22 @@ class GenRequest:
     # completion tokens already emitted by an earlier attempt
     resume_token_ids: list[int] = field(default_factory=list)
     max_tokens: int = 256  # total completion budget INCLUDING resume_token_ids
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] | None = None
-    ignore_eos: bool = False
+    sampling: Sampling = field(default_factory=Sampling)  # each engine maps it in one function
     priority: int = 5  # 0..9, lower first
+
+    @classmethod
+    def for_job(cls, job: Job, request_id: str) -> GenRequest:
+        """The engine request for (another attempt at) ``job``: continues after its emitted tokens."""
+        chat = job.request.kind == "chat"
+        return cls(
+            request_id=request_id,
+            prompt=None if chat else (job.request.prompt or ""),
+            messages=job.request.messages if chat else None,
+            resume_token_ids=list(job.output_token_ids),
+            max_tokens=job.max_tokens,
+            sampling=job.request.sampling,
+            priority=job.priority,
+        )
 
 
 @dataclass(slots=True)

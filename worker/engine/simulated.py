@@ -66,7 +66,7 @@ def sim_token_text(token_id: int) -> str:
 def request_key(req: GenRequest) -> bytes:
     """What the simulated completion depends on: prompt/messages and seed."""
     body = req.prompt if req.prompt is not None else req.messages
-    return json.dumps([body, req.seed], sort_keys=True).encode()
+    return json.dumps([body, req.sampling.seed], sort_keys=True).encode()
 
 
 def count_words(prompt: str | None, messages: list[dict] | None) -> int:
@@ -230,7 +230,7 @@ class SimulatedEngine(EngineBase):
         ids: list[int] = []
         texts: list[str] = []
         finish: str | None = None
-        stops = seq.req.stop or []
+        stops = seq.req.sampling.stop or []
         for _ in range(n):
             tid = sim_token_id(seq.key, seq.position)
             text = sim_token_text(tid)

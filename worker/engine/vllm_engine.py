@@ -57,6 +57,7 @@ from vllm.v1.engine.exceptions import (
 )
 from vllm.v1.metrics.loggers import StatLoggerBase
 
+from broker.contract import Sampling
 from worker.engine.base import (
     Delta,
     EngineBase,
@@ -95,6 +96,19 @@ class _SchedulerStatsTap(StatLoggerBase):
 
     def log_engine_initialized(self) -> None:
         pass
+
+
+def sampling_params(sampling: Sampling, max_tokens: int) -> SamplingParams:
+    """The one mapping of genq's :class:`~broker.contract.Sampling` onto vLLM's."""
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        seed=sampling.seed,
+        stop=sampling.stop,
+        ignore_eos=sampling.ignore_eos,
+        output_kind=RequestOutputKind.DELTA,
+    )
 
 
 class VllmEngine(EngineBase):
@@ -247,15 +261,7 @@ class VllmEngine(EngineBase):
             yield Delta("", [], n_prompt, "length")
             return
         try:
-            params = SamplingParams(
-                max_tokens=remaining,
-                temperature=req.temperature,
-                top_p=req.top_p,
-                seed=req.seed,
-                stop=req.stop,
-                ignore_eos=req.ignore_eos,
-                output_kind=RequestOutputKind.DELTA,
-            )
+            params = sampling_params(req.sampling, remaining)
         except (VLLMClientError, ValueError) as exc:
             raise InvalidRequestError(str(exc)) from exc
         flight = self._inflight[req.request_id] = _InFlight()
