@@ -203,12 +203,25 @@ class Formatter:
     prefix = ""
     object_full = ""
     object_chunk = ""
+    path = ""  # where a finished object is retrieved: f"{path}/{job id}"
 
-    def __init__(self, job_id: str, model: str, include_usage: bool = False) -> None:
-        self.id = f"{self.prefix}-{job_id}"
+    def __init__(
+        self,
+        job_id: str,
+        model: str,
+        include_usage: bool = False,
+        *,
+        completion_id: str | None = None,
+        created: int | None = None,
+    ) -> None:
+        self.id = completion_id or f"{self.prefix}-{job_id}"
         self.model = model
-        self.created = int(time.time())
+        self.created = int(time.time()) if created is None else created
         self.include_usage = include_usage
+
+    def pending(self) -> dict[str, Any]:
+        """The object of a job without its answer yet (background mode): no choices, no usage."""
+        return {**self._base(self.object_full), "choices": [], "usage": None, "system_fingerprint": None}
 
     def _base(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -237,6 +250,7 @@ class Formatter:
 
 class ChatFormatter(Formatter):
     prefix, object_full, object_chunk = "chatcmpl", "chat.completion", "chat.completion.chunk"
+    path = "/v1/chat/completions"
 
     def start(self) -> list[dict[str, Any]]:
         return [self.chunk({"delta": {"role": "assistant", "content": ""}, "finish_reason": None})]
@@ -259,6 +273,7 @@ class ChatFormatter(Formatter):
 
 class CompletionFormatter(Formatter):
     prefix, object_full, object_chunk = "cmpl", "text_completion", "text_completion"
+    path = "/v1/completions"
 
     def delta(self, text: str) -> dict[str, Any]:
         return self.chunk({"text": text, "finish_reason": None})

@@ -139,13 +139,80 @@ def _ms_between(a: int | None, b: int | None) -> int | None:
     return b - a if a and b else None
 
 
-def job_view(job: Job, position: int | None = None, eta_s: float | None = None) -> dict[str, Any]:
+NO_WORKER_WARNING = "no_worker"
+
+
+@dataclass(slots=True)
+class Place:
+    """Where a queued job stands, honestly: strict priority is known, fairness between tenants is not.
+
+    ``position`` counts the queued jobs ahead in priority + arrival order. Inside a priority
+    tenants share by served tokens, so the real order can differ: every job queued at a higher
+    priority runs first (``ahead_min``), at most every other job queued at this priority or
+    higher does (``ahead_max``). The two are equal, and the position ``exact``, when no other
+    job shares the priority. Later arrivals at a higher priority can still overtake.
+    """
+
+    position: int
+    ahead_min: int
+    ahead_max: int
+    drain_per_s: float  # jobs/s the model's queue drains (0: unknown)
+
+    @property
+    def kind(self) -> str:
+        return "exact" if self.ahead_min == self.ahead_max else "estimate"
+
+    def _eta(self, ahead: int) -> float | None:
+        return round((ahead + 1) / self.drain_per_s, 3) if self.drain_per_s > 0 else None
+
+    def fields(self, live_workers: int) -> dict[str, Any]:
+        """The queue fields of a job view or a ``position`` event; no ETA without a live worker."""
+        eta = live_workers > 0
+        return {
+            "queue_position": self.position,
+            "queue_position_kind": self.kind,
+            "queue_position_range": {"min": self.ahead_min, "max": self.ahead_max},
+            "eta_s": self._eta(self.position) if eta else None,
+            "eta_range_s": {"min": self._eta(self.ahead_min), "max": self._eta(self.ahead_max)} if eta else None,
+        }
+
+
+EMPTY_PLACE = {
+    "queue_position": None,
+    "queue_position_kind": None,
+    "queue_position_range": None,
+    "eta_s": None,
+    "eta_range_s": None,
+}
+
+
+async def place(rt: Runtime, job: Job) -> Place | None:
+    """The job's place in its queue (None once claimed): two pipelined reads."""
+    rank, eta = await rt.broker.position(job)
+    if rank is None:
+        return None
+    # Read after the rank: a claim or an arrival in between widens the bounds (errs towards `estimate`).
+    depth = (await rt.broker.queue_stats(job.model)).depth
+    higher = sum(depth.get(p, 0) for p in range(job.priority))
+    others = higher + depth.get(job.priority, 0) - 1
+    drain = (rank + 1) / eta if eta else 0.0
+    return Place(rank, min(rank, higher), max(rank, others), drain)
+
+
+def no_worker_warning(model: str) -> dict[str, str]:
+    return {
+        "code": NO_WORKER_WARNING,
+        "message": f"No live worker serves the model `{model}`: the job stays queued until one starts.",
+    }
+
+
+def job_view(job: Job, queue: dict[str, Any] | None = None, warning: dict[str, str] | None = None) -> dict[str, Any]:
     usage = {
         "prompt_tokens": job.prompt_tokens,
         "completion_tokens": job.completion_tokens,
         "total_tokens": job.prompt_tokens + job.completion_tokens,
     }
-    return {
+    view = {
         "id": job.id,
         "object": "job",
         "model": job.model,
@@ -166,22 +233,33 @@ def job_view(job: Job, position: int | None = None, eta_s: float | None = None) 
             "ttft_ms": _ms_between(job.created_ms, job.first_token_ms),  # from submission, as the client sees it
         },
         "error": job.error,
-        "queue_position": position,
-        "eta_s": round(eta_s, 3) if eta_s is not None else None,
+        **(queue or EMPTY_PLACE),
         "metadata": job.request.metadata,
         "links": links(job.id),
     }
+    if warning:
+        view["warning"] = warning
+    return view
 
 
 def links(job_id: str) -> dict[str, str]:
     return {"self": f"/v1/jobs/{job_id}", "events": f"/v1/jobs/{job_id}/events"}
 
 
+async def queue_fields(rt: Runtime, job: Job) -> tuple[dict[str, Any] | None, dict[str, str] | None]:
+    """A queued job's queue fields (None once claimed) and the no-worker warning, if it applies."""
+    where = await place(rt, job)
+    if where is None:
+        return None, None
+    workers = await rt.fleet.workers(job.model)
+    return where.fields(workers), None if workers else no_worker_warning(job.model)
+
+
 async def describe(rt: Runtime, job: Job) -> dict[str, Any]:
-    position, eta = (await rt.broker.position(job)) if job.status is JobStatus.QUEUED else (None, None)
+    queue, warning = (await queue_fields(rt, job)) if job.status is JobStatus.QUEUED else (None, None)
     if job.terminal:
         rt.metrics.job_finished(job)
-    return job_view(job, position, eta)
+    return job_view(job, queue, warning)
 
 
 async def accepted_view(rt: Runtime, who: Principal, adm: Admission) -> dict[str, Any]:
@@ -191,3 +269,9 @@ async def accepted_view(rt: Runtime, who: Principal, adm: Admission) -> dict[str
     if view["queue_position"] is None and job.status is JobStatus.QUEUED:
         view["queue_position"] = adm.position
     return view
+
+
+def warning_headers(view: dict[str, Any]) -> dict[str, str]:
+    """``X-Genq-Warning`` for a 202 whose job no live worker will pick up yet."""
+    warning = view.get("warning")
+    return {"X-Genq-Warning": warning["code"]} if warning else {}

@@ -483,6 +483,11 @@ class Broker:
         jobs = [Job.from_hash(h) for h in await self._load(ids)]
         return [j for j in jobs if status is None or j.status == status][:limit]
 
+    async def followers(self, job_id: str) -> int:
+        """API processes following the job's live events now (each process subscribes once)."""
+        reply = await self._redis.pubsub_numsub(self._keys.channel(job_id))
+        return int(reply[0][1]) if reply else 0
+
     async def position(self, job: Job) -> tuple[int | None, float | None]:
         """Jobs ahead in strict priority + FIFO order (fairness may reorder it), and an ETA in seconds."""
         pipe = self._redis.pipeline(transaction=False)
