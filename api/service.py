@@ -144,13 +144,13 @@ NO_WORKER_WARNING = "no_worker"
 
 @dataclass(slots=True)
 class Place:
-    """Where a queued job stands, honestly: strict priority is known, fairness between tenants is not.
+    """Where a queued job stands, honestly (see ``Broker.position``).
 
-    ``position`` counts the queued jobs ahead in priority + arrival order. Inside a priority
-    tenants share by served tokens, so the real order can differ: every job queued at a higher
-    priority runs first (``ahead_min``), at most every other job queued at this priority or
-    higher does (``ahead_max``). The two are equal, and the position ``exact``, when no other
-    job shares the priority. Later arrivals at a higher priority can still overtake.
+    ``position`` is the jobs ahead as fairness between tenants will order them (an estimate
+    at the priority's mean job cost); ``ahead_min`` (higher priorities + the tenant's own
+    earlier jobs) and ``ahead_max`` (higher priorities + every other job at this priority)
+    bound it exactly. The position is ``exact`` when the bounds meet. Later arrivals at a
+    higher priority can still overtake.
     """
 
     position: int
@@ -187,16 +187,11 @@ EMPTY_PLACE = {
 
 
 async def place(rt: Runtime, job: Job) -> Place | None:
-    """The job's place in its queue (None once claimed): two pipelined reads."""
-    rank, eta = await rt.broker.position(job)
-    if rank is None:
+    """The job's place in its queue (None once claimed)."""
+    where = await rt.broker.position(job)
+    if where is None:
         return None
-    # Read after the rank: a claim or an arrival in between widens the bounds (errs towards `estimate`).
-    depth = (await rt.broker.queue_stats(job.model)).depth
-    higher = sum(depth.get(p, 0) for p in range(job.priority))
-    others = higher + depth.get(job.priority, 0) - 1
-    drain = (rank + 1) / eta if eta else 0.0
-    return Place(rank, min(rank, higher), max(rank, others), drain)
+    return Place(where.estimate, where.ahead_min, where.ahead_max, where.drain_jobs_per_s)
 
 
 def no_worker_warning(model: str) -> dict[str, str]:

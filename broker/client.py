@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,17 @@ from broker.contract import FailOutcome, JobErrorCode, RenewResult
 from broker.errors import Code, translated
 from broker.events import ControlListener, EventHub
 from broker.keys import PRIORITIES, Keys
-from broker.models import Admission, Job, JobSpec, JobStatus, Lease, QueueStats, TenantLimits, new_job_id
+from broker.models import (
+    Admission,
+    Job,
+    JobSpec,
+    JobStatus,
+    Lease,
+    QueuePlace,
+    QueueStats,
+    TenantLimits,
+    new_job_id,
+)
 from broker.redis_check import check_redis
 from broker.scripts import Scripts
 from broker.settings import BrokerSettings
@@ -71,6 +82,8 @@ class OutputWrite:
 
 
 class Broker:
+    max_tenants = 64  # backlogged tenants read to estimate a queue position
+
     def __init__(self, redis: Redis, settings: BrokerSettings) -> None:
         self._redis = redis
         self.settings = settings
@@ -488,16 +501,52 @@ class Broker:
         reply = await self._redis.pubsub_numsub(self._keys.channel(job_id))
         return int(reply[0][1]) if reply else 0
 
-    async def position(self, job: Job) -> tuple[int | None, float | None]:
-        """Jobs ahead in strict priority + FIFO order (fairness may reorder it), and an ETA in seconds."""
+    async def position(self, job: Job) -> QueuePlace | None:
+        """Where a queued job stands (None once it left the queue): exact bounds and a fair-share estimate.
+
+        Strict priority is exact: every job queued at a higher priority runs first. Inside the
+        job's priority its own tenant's earlier jobs run first (FIFO); other tenants are served
+        by lowest virtual token counter (VTC), so the estimate counts, for each other backlogged
+        tenant, the jobs it gets before this tenant's counter reaches this job's turn, at the
+        priority's mean cost. Two pipelined round trips; at most ``max_tenants`` tenants read.
+        """
+        k, prio = self._keys, job.priority
+        fields = [f"d{p}" for p in PRIORITIES] + [f"k{prio}", "dr", "w_start", "w_jobs"]
         pipe = self._redis.pipeline(transaction=False)
-        pipe.zrank(self._keys.queued(job.model), job.id)
-        pipe.hmget(self._keys.stats(job.model), "dr", "w_start", "w_jobs")
-        rank, stats = await pipe.execute()
-        if rank is None:
-            return None, None
-        rate = _drain_rate(stats, now_ms())
-        return rank, (rank + 1) / rate if rate > 0 else None
+        pipe.zrank(k.queued(job.model), job.id)
+        pipe.hmget(k.stats(job.model), fields)
+        pipe.zrank(k.tenant_queue(job.model, prio, job.tenant), job.id)
+        pipe.zrange(k.tenants(job.model, prio), 0, self.max_tenants - 1, withscores=True)
+        fifo, stats, own_ahead, counters = await pipe.execute()
+        if fifo is None or own_ahead is None:
+            return None
+        depth = [int(d or 0) for d in stats[:10]]
+        higher = sum(depth[:prio])
+        others = [(t, float(v)) for t, v in counters if t != job.tenant]
+        pipe = self._redis.pipeline(transaction=False)
+        for t, _ in others:
+            pipe.zcard(k.tenant_queue(job.model, prio, t))
+        for t in (job.tenant, *(t for t, _ in others)):
+            pipe.hget(k.tenant(t), "weight")
+        replies = await pipe.execute() if others else [await self._redis.hget(k.tenant(job.tenant), "weight")]
+        depths, weights = (
+            replies[: len(others)],
+            [float(w or self.settings.default_weight) for w in replies[len(others) :]],
+        )
+        mine = dict(counters).get(job.tenant)
+        cost = max(1.0, int(stats[10] or 0) / depth[prio]) if depth[prio] else 1.0
+        estimate = higher + own_ahead
+        if mine is not None:
+            turn = float(mine) + own_ahead * cost / weights[0]  # this tenant's counter when the job is next
+            for (t, v), d, w in zip(others, depths, weights[1:], strict=True):
+                served = (turn - v) * w / cost  # jobs of t served while its counter is below the turn
+                n = math.ceil(served) if served > 0 else 0
+                if t < job.tenant and served >= 0 and served == int(served):
+                    n += 1  # a tie goes to the lower name (ZRANGE order)
+                estimate += min(int(d), n)
+        ahead_min, ahead_max = higher + own_ahead, higher + depth[prio] - 1
+        estimate = min(max(estimate, ahead_min), max(ahead_max, ahead_min))
+        return QueuePlace(fifo, estimate, ahead_min, max(ahead_max, ahead_min), _drain_rate(stats[11:], now_ms()))
 
     async def queue_stats(self, model: str) -> QueueStats:
         pipe = self._redis.pipeline(transaction=False)

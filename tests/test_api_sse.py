@@ -134,7 +134,9 @@ def test_queued_job_gets_positions_and_keepalives(make_stack) -> None:  # noqa: 
         # no worker serves "idle": no ETA, and a warning that says why
         assert all(json.loads(p.data)["eta_s"] is None for p in positions)
         assert json.loads(positions[0].data)["warning"]["code"] == "no_worker"
-        assert json.loads(positions[0].data)["queue_position_range"] == {"min": 0, "max": 1}
+        first_place = json.loads(positions[0].data)
+        assert first_place["queue_position_range"] == {"min": 1, "max": 1}  # its own tenant's job is ahead
+        assert first_place["queue_position_kind"] == "exact"
         assert reader.comments >= 1, "no keep-alive comment while queued"
 
 
