@@ -108,6 +108,14 @@ class Broker:
         """Raises :class:`errors.Unavailable` unless Redis answers."""
         await self._redis.ping()
 
+    async def load_scripts(self) -> None:
+        """Make sure Redis holds every script (a restarted or failed-over Redis forgets them).
+
+        Raises :class:`errors.Unavailable` unless Redis answers."""
+        for script in self._scripts.all():
+            if not (await self._redis.script_exists(script.sha))[0]:
+                await self._redis.script_load(script.script)
+
     async def check_server(self) -> list[str]:
         """Durability problems of the Redis server (AOF, eviction, version); raises
         :class:`errors.RedisMisconfigured` for them in production."""

@@ -293,7 +293,11 @@ def test_e2e_vllm_capital_of_france(make_stack) -> None:  # noqa: F811
         try:
             deadline = time.monotonic() + 300
             with httpx.Client(base_url=stack.url, timeout=10) as h:
-                while h.get("/readyz").status_code != 200:  # another process's heartbeat: no event to wait on
+                admin = {"Authorization": f"Bearer {stack.admin_key}"}
+                # another process's heartbeat: no event to wait on
+                while not {m["id"]: m["ready"] for m in h.get("/v1/models", headers=admin).json()["data"]}.get(
+                    DEFAULT_MODEL
+                ):
                     assert proc.poll() is None, "worker exited"
                     assert time.monotonic() < deadline, "worker did not become ready"
                     time.sleep(1)
