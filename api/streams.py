@@ -9,7 +9,7 @@ runs in a shielded scope with a deadline.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import anyio
@@ -28,7 +28,7 @@ CLEANUP_S = 5.0
 
 async def follow(
     rt: Runtime, job_id: str, last_event_id: str | None = None, tick_s: float | None = None
-) -> AsyncIterator[Event | None]:
+) -> AsyncGenerator[Event | None, None]:
     """The job's events after ``last_event_id`` up to the terminal one.
 
     With ``tick_s``, yields ``None`` each time ``tick_s`` passes (measured from the
