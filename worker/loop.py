@@ -200,7 +200,7 @@ class Worker:
             self.first_claim_at = time.monotonic()
             self.first_claim.set()
         run.task = asyncio.create_task(self._run_job(run), name=f"genq-job-{lease.id}")
-        run.task.add_done_callback(lambda _t, run=run: self._job_done(run))
+        run.task.add_done_callback(lambda _t: self._job_done(run))
 
     def _job_done(self, run: JobRun) -> None:
         if self.runs.get(run.job_id) is run:
