@@ -16,7 +16,7 @@ from typing import TypedDict
 import structlog
 from fastapi import FastAPI
 
-from api import errors
+from api import docs, errors
 from api.metrics import ApiMetrics
 from api.middleware import AccessMiddleware
 from api.routes_jobs import router as jobs_router
@@ -71,7 +71,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             async with broker.event_hub() as hub, reaper(broker, settings):
                 rt = Runtime(settings, broker, hub, metrics=metrics, streams=StreamSlots(settings.sse_per_tenant))
                 log.info("api started", queue=settings.queue, models=settings.models)
-                yield {"rt": rt}
+                try:
+                    yield {"rt": rt}
+                finally:
+                    await rt.orphans.aclose()
         finally:
             await broker.close()
             log.info("api stopped")
@@ -81,8 +84,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         version="0.1.0",
         summary="An asynchronous request broker for LLM serving: native jobs, SSE, OpenAI-compatible endpoints.",
         lifespan=lifespan,
+        docs_url=None,  # served by api.docs without a CDN
+        redoc_url=None,
     )
     errors.install(app)
+    docs.install(app)
     app.add_middleware(AccessMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     for router in (ops_router, admin_router, jobs_router, openai_router):
         app.include_router(router)

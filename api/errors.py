@@ -17,6 +17,7 @@ body too large             413     invalid_request_error      request_too_large
 tenant rate limits         429     requests / tokens          rate_limit_exceeded (+ Retry-After)
 tenant queue / SSE limit   429     rate_limit_error           tenant_queue_full / too_many_streams
 global queue full          503     overloaded_error           queue_full (+ Retry-After)
+no live worker (OpenAI)    503     overloaded_error           no_worker (+ Retry-After)
 Redis unreachable          503     overloaded_error           redis_unavailable (+ Retry-After)
 sync OpenAI call too long  504     server_error               timeout (the job is cancelled)
 job still queued at its    504     server_error               deadline_exceeded
@@ -138,6 +139,22 @@ def sync_timeout(timeout_s: float) -> ApiError:
         "background mode for long jobs.",
         type="server_error",
         code="timeout",
+    )
+
+
+def no_worker(model: str, retry_after: int, kept_s: float | None) -> ApiError:
+    """A synchronous or streamed OpenAI call for a model no live worker serves, after the grace."""
+    fate = (
+        f"its job stays queued {kept_s:g} s for a retry with the same Idempotency-Key"
+        if kept_s
+        else "its job was cancelled"
+    )
+    return ApiError(
+        503,
+        f"No live worker serves the model `{model[:128]}` yet; {fate}. Retry later, or use background mode.",
+        type="overloaded_error",
+        code="no_worker",
+        headers={"Retry-After": str(max(1, retry_after))},
     )
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from api.errors import bad_request
-from api.service import Submission
+from api.service import MAX_QUEUE_TIME_S, Submission
 from broker.contract import SAMPLING_FIELDS, Sampling
 
 SEED = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -64,6 +64,8 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False  # vLLM extension
     priority: int | None = Field(None, ge=0, le=9)  # vLLM extension; X-Priority wins
     metadata: Metadata | None = Field(None, max_length=16)
+    # genq: a job still queued this long after admission is expired (X-Max-Queue-Time wins)
+    max_time_in_queue_s: float | None = Field(None, gt=0, le=MAX_QUEUE_TIME_S)
 
     @field_validator("stop")
     @classmethod
@@ -81,7 +83,13 @@ class _Sampling(BaseModel):
         return Sampling(**chosen)
 
     def _common(self, priority: int) -> dict[str, Any]:
-        return {"model": self.model, "sampling": self.sampling(), "priority": priority, "metadata": self.metadata}
+        return {
+            "model": self.model,
+            "sampling": self.sampling(),
+            "priority": priority,
+            "metadata": self.metadata,
+            "max_time_in_queue_s": self.max_time_in_queue_s,
+        }
 
 
 class StreamOptions(BaseModel):
@@ -195,12 +203,25 @@ class Formatter:
     prefix = ""
     object_full = ""
     object_chunk = ""
+    path = ""  # where a finished object is retrieved: f"{path}/{job id}"
 
-    def __init__(self, job_id: str, model: str, include_usage: bool = False) -> None:
-        self.id = f"{self.prefix}-{job_id}"
+    def __init__(
+        self,
+        job_id: str,
+        model: str,
+        include_usage: bool = False,
+        *,
+        completion_id: str | None = None,
+        created: int | None = None,
+    ) -> None:
+        self.id = completion_id or f"{self.prefix}-{job_id}"
         self.model = model
-        self.created = int(time.time())
+        self.created = int(time.time()) if created is None else created
         self.include_usage = include_usage
+
+    def pending(self) -> dict[str, Any]:
+        """The object of a job without its answer yet (background mode): no choices, no usage."""
+        return {**self._base(self.object_full), "choices": [], "usage": None, "system_fingerprint": None}
 
     def _base(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -229,6 +250,7 @@ class Formatter:
 
 class ChatFormatter(Formatter):
     prefix, object_full, object_chunk = "chatcmpl", "chat.completion", "chat.completion.chunk"
+    path = "/v1/chat/completions"
 
     def start(self) -> list[dict[str, Any]]:
         return [self.chunk({"delta": {"role": "assistant", "content": ""}, "finish_reason": None})]
@@ -251,6 +273,7 @@ class ChatFormatter(Formatter):
 
 class CompletionFormatter(Formatter):
     prefix, object_full, object_chunk = "cmpl", "text_completion", "text_completion"
+    path = "/v1/completions"
 
     def delta(self, text: str) -> dict[str, Any]:
         return self.chunk({"text": text, "finish_reason": None})

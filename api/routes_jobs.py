@@ -17,7 +17,7 @@ from api.auth import Auth, Principal
 from api.errors import bad_request, from_broker, openapi_errors
 from api.openai_schemas import JobRequest
 from api.runtime import Runtime, get_runtime, note
-from api.service import accepted_view, admit, describe, job_view, priority_header
+from api.service import accepted_view, admit, describe, job_view, priority_header, queue_fields, warning_headers
 from api.streams import SlotEventSourceResponse, follow, open_slot
 from broker import errors as be
 from broker.contract import WAITING_EVENTS, EventType
@@ -40,9 +40,12 @@ async def owned_job(rt: Runtime, who: Principal, job_id: str) -> Job:
 
 @router.post("", status_code=202, responses=openapi_errors(400, 401, 404, 413, 429, 503))
 async def submit_job(body: JobRequest, request: Request, who: Auth, rt: RT) -> JSONResponse:
-    """Queue one generation job. `Idempotency-Key` returns the same job on repeat; `X-Priority` overrides."""
+    """Queue one generation job. `Idempotency-Key` returns the same job on repeat; `X-Priority` overrides.
+    With no live worker for the model the job still queues: `eta_s` is null, and a `warning` field and an
+    `X-Genq-Warning: no_worker` header say so."""
     adm, headers = await admit(rt, request, who, body.submission(priority_header(request, body.priority)))
-    return JSONResponse(await accepted_view(rt, who, adm), status_code=202, headers=headers)
+    view = await accepted_view(rt, who, adm)
+    return JSONResponse(view, status_code=202, headers={**headers, **warning_headers(view)})
 
 
 @router.get("", responses=openapi_errors(400, 401))
@@ -56,6 +59,11 @@ async def list_jobs(
 
 @router.get("/{job_id}", responses=openapi_errors(401, 404))
 async def get_job(job_id: str, request: Request, who: Auth, rt: RT) -> dict[str, Any]:
+    """The job: status, output so far, usage, timings, error. While queued: `queue_position` (jobs ahead in
+    priority + arrival order); `queue_position_kind` (`exact`, or `estimate` when other jobs share its priority,
+    whose tenants fairness may put before or after it); `queue_position_range` (`min`: jobs queued at higher
+    priorities, which run first; `max`: every other job queued at its priority or higher); `eta_s` and
+    `eta_range_s` from the measured drain rate, null with no live worker (then a `warning` says so)."""
     note(request, job_id=job_id)
     return await describe(rt, await owned_job(rt, who, job_id))
 
@@ -103,9 +111,9 @@ async def _events(rt: Runtime, job: Job, last_event_id: str | None) -> AsyncIter
             async for ev in evs:
                 if ev is None:  # a tick: tell a waiting client where it stands (not resumable: no id)
                     if queued:
-                        ahead, eta = await rt.broker.position(job)
-                        if ahead is not None:
-                            data = {"queue_position": ahead, "eta_s": round(eta, 3) if eta is not None else None}
+                        fields, warning = await queue_fields(rt, job)
+                        if fields is not None:
+                            data = {**fields, "warning": warning} if warning else fields
                             yield ServerSentEvent(json.dumps(data), event="position")
                     continue
                 if ev.type in WAITING_EVENTS:
@@ -133,7 +141,8 @@ async def job_events(
     last_event_id: Annotated[str | None, Query(max_length=64)] = None,
 ) -> SlotEventSourceResponse:
     """Server-sent events: `queued`, `started`, `token`, `retry`, `done`, `failed`, `cancelled`, each with a
-    resumable `id:`; `position` (no id) every few seconds while queued. Reconnect with `Last-Event-ID`."""
+    resumable `id:`; `position` (no id) every few seconds while queued (see GET /v1/jobs/{id} for its fields).
+    Reconnect with `Last-Event-ID`. A comment line keeps a silent stream open."""
     note(request, job_id=job_id)
     after = _last_event_id(last_event_id_header, last_event_id)
     job = await owned_job(rt, who, job_id)

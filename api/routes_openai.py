@@ -1,7 +1,17 @@
 """OpenAI-compatible endpoints, served THROUGH THE QUEUE: admit a job, then follow its events.
 
-A client that disconnects cancels its job, unless it asked for background mode
-(``X-Background: true`` or ``"background": true``), which answers 202 with the job.
+Streams behave like vLLM's own server: nothing is sent before the first token (the
+role chunk goes out with it), and a comment line only after a silence.
+
+A model with no live worker: the call waits ``no_worker_grace_s`` for a worker to
+take the job, then answers 503 ``no_worker`` with ``Retry-After`` (the stream too:
+its headers wait for the grace), instead of holding the client for ``sync_timeout_s``.
+
+A client that disconnects cancels its job; with an ``Idempotency-Key`` only after
+``reattach_grace_s``, and a retry with the same key re-attaches to the job and
+follows it from the start (see api.orphans). Background mode (``X-Background: true``
+or ``"background": true``) answers 202 with the job shaped as a (choice-less) chat or
+text completion, retrievable later at ``GET /v1/chat/completions/{id}``.
 """
 
 from __future__ import annotations
@@ -9,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -17,7 +28,15 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from api.auth import Auth, Principal
-from api.errors import ApiError, client_closed, from_broker, from_job_end, openapi_errors, sync_timeout
+from api.errors import (
+    ApiError,
+    client_closed,
+    from_broker,
+    from_job_end,
+    no_worker,
+    openapi_errors,
+    sync_timeout,
+)
 from api.openai_schemas import (
     ChatCompletionRequest,
     ChatFormatter,
@@ -26,27 +45,97 @@ from api.openai_schemas import (
     Formatter,
     usage_dict,
 )
-from api.runtime import Runtime, get_runtime
-from api.service import accepted_view, admit, priority_header
+from api.orphans import cancel_quietly
+from api.routes_jobs import owned_job
+from api.runtime import Runtime, get_runtime, note
+from api.service import accepted_view, admit, describe, priority_header, warning_headers
 from api.streams import SlotEventSourceResponse, follow, open_slot, shielded
 from broker import errors as be
-from broker.contract import EventType
+from broker.contract import WAITING_EVENTS, EventType
 from broker.events import Event
+from broker.models import Job, JobStatus
 
 log = structlog.get_logger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 RT = Annotated[Runtime, Depends(get_runtime)]
+# What a background answer or a retrieved object adds to OpenAI's shape (from the job view).
+JOB_FIELDS = (
+    "status",
+    "priority",
+    "queue_position",
+    "queue_position_kind",
+    "queue_position_range",
+    "eta_s",
+    "eta_range_s",
+    "warning",
+    "error",
+    "links",
+)
 
 
 def _background(request: Request, body: ChatCompletionRequest | CompletionRequest) -> bool:
     return body.background or request.headers.get("x-background", "").lower() in ("1", "true", "yes")
 
 
-async def _cancel_quietly(rt: Runtime, job_id: str, tenant: str) -> None:
-    with contextlib.suppress(be.NotFound, be.AlreadyTerminal):
-        await rt.broker.cancel(job_id, tenant)
-        log.info("job cancelled: nobody is waiting for it any more", job_id=job_id)
+class Caller:
+    """The request a job was admitted for: who, which job, and whether a retry can re-attach to it."""
+
+    def __init__(self, rt: Runtime, request: Request, who: Principal, job_id: str, model: str) -> None:
+        self.rt, self.request, self.who, self.job_id, self.model = rt, request, who, job_id, model
+        # With an Idempotency-Key a retry finds this job again (admission dedupes on the key).
+        self.keyed = request.headers.get("idempotency-key") is not None and rt.settings.reattach_grace_s > 0
+
+    async def abandon(self) -> None:
+        """Nobody waits for the job any more: cancel it, or, if a retry may re-attach, after the grace."""
+        if self.keyed:
+            self.rt.orphans.schedule(self.job_id, self.who.tenant)  # synchronous: safe in a cancelled scope
+        else:
+            await shielded(cancel_quietly(self.rt.broker, self.job_id, self.who.tenant))
+
+    async def client_gone(self) -> None:
+        while (await self.request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def wait_for_worker(self) -> ApiError | None:
+        """With no live worker for the model: wait the grace for one to take the job.
+
+        Returns None to go on (a worker exists, or took the job), else the error to answer
+        (the job abandoned): 503 ``no_worker`` or, if the client left meanwhile, 499.
+        """
+        rt = self.rt
+        if await rt.fleet.workers(self.model) > 0:
+            return None
+        progress = asyncio.create_task(self._progress())
+        gone = asyncio.create_task(self.client_gone())
+        try:
+            done, _ = await asyncio.wait(
+                {progress, gone}, timeout=rt.settings.no_worker_grace_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            gone.cancel()
+            progress.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await progress  # let it unsubscribe
+        if gone in done:
+            await self.abandon()
+            return client_closed()
+        if progress in done or await rt.fleet.workers(self.model, fresh=True) > 0:
+            return None
+        await self.abandon()
+        rt.metrics.rejected("no_worker")
+        log.info("no live worker for the model", model=self.model, job_id=self.job_id)
+        grace = rt.settings.reattach_grace_s
+        # A keyed retry should come while the job is kept for it.
+        retry_after = math.ceil(grace / 2) if self.keyed else math.ceil(rt.settings.no_worker_grace_s)
+        return no_worker(self.model, retry_after, grace if self.keyed else None)
+
+    async def _progress(self) -> None:
+        """Returns once the job leaves the queue (a worker took it) or ends."""
+        async with contextlib.aclosing(follow(self.rt, self.job_id)) as events:
+            async for ev in events:
+                if ev is not None and ev.type not in WAITING_EVENTS:
+                    return
 
 
 async def _terminal_event(rt: Runtime, job_id: str, model: str) -> Event:
@@ -59,16 +148,10 @@ async def _terminal_event(rt: Runtime, job_id: str, model: str) -> Event:
     raise be.BrokerError(f"event stream of {job_id} ended without a terminal event")
 
 
-async def _client_gone(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _complete(
-    rt: Runtime, request: Request, who: Principal, job_id: str, model: str, fmt: Formatter, headers: dict[str, str]
-) -> JSONResponse:
-    waiter = asyncio.create_task(_terminal_event(rt, job_id, model))
-    gone = asyncio.create_task(_client_gone(request))
+async def _complete(caller: Caller, fmt: Formatter, headers: dict[str, str]) -> JSONResponse:
+    rt, job_id = caller.rt, caller.job_id
+    waiter = asyncio.create_task(_terminal_event(rt, job_id, caller.model))
+    gone = asyncio.create_task(caller.client_gone())
     try:
         done, _ = await asyncio.wait(
             {waiter, gone}, timeout=rt.settings.sync_timeout_s, return_when=asyncio.FIRST_COMPLETED
@@ -78,11 +161,12 @@ async def _complete(
         if not waiter.done():
             waiter.cancel()
     if waiter not in done:
-        await _cancel_quietly(rt, job_id, who.tenant)
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await waiter  # let it unsubscribe
+            await waiter  # let it unsubscribe (before abandon: a follower keeps an orphan alive)
         if gone in done:
+            await caller.abandon()
             return client_closed().response()
+        await cancel_quietly(rt.broker, job_id, caller.who.tenant)  # the answer says it is cancelled
         raise sync_timeout(rt.settings.sync_timeout_s)
     ev = waiter.result()
     if ev.type is not EventType.DONE:
@@ -93,21 +177,27 @@ async def _complete(
     return JSONResponse(fmt.full(job.output, ev.data.get("finish_reason") or job.finish_reason, usage), headers=headers)
 
 
-async def _chunks(rt: Runtime, who: Principal, job_id: str, model: str, fmt: Formatter) -> AsyncIterator[str]:
-    finished = False
+async def _chunks(caller: Caller, fmt: Formatter) -> AsyncIterator[str]:
+    rt, job_id = caller.rt, caller.job_id
+    finished = opened = False
     try:
-        for c in fmt.start():
-            yield json.dumps(c)
         async with contextlib.aclosing(follow(rt, job_id)) as events:
             async for ev in events:
                 if ev is None:
                     continue
                 if ev.type is EventType.TOKEN and ev.data.get("text"):
+                    if not opened:  # like vLLM: the role chunk goes out with the first token, not before
+                        opened = True
+                        for c in fmt.start():
+                            yield json.dumps(c)
                     yield json.dumps(fmt.delta(ev.data["text"]))
                 elif ev.type is EventType.RETRY:
-                    rt.metrics.retry_seen(model, job_id, ev.id)
+                    rt.metrics.retry_seen(caller.model, job_id, ev.id)
                 elif ev.type is EventType.DONE:
                     finished = True
+                    if not opened:
+                        for c in fmt.start():
+                            yield json.dumps(c)
                     yield json.dumps(fmt.finish(ev.data.get("finish_reason") or "stop"))
                     if fmt.include_usage:
                         u = ev.data.get("usage") or {}
@@ -121,7 +211,7 @@ async def _chunks(rt: Runtime, who: Principal, job_id: str, model: str, fmt: For
         yield "[DONE]"
     finally:
         if not finished:  # client went away (or the stream broke): nobody will read the output
-            await shielded(_cancel_quietly(rt, job_id, who.tenant))
+            await caller.abandon()
 
 
 async def _serve(
@@ -133,19 +223,36 @@ async def _serve(
 ) -> Any:
     sub = body.submission(priority_header(request, body.priority if body.priority is not None else 5))
     adm, headers = await admit(rt, request, who, sub)
+    if adm.duplicate:
+        rt.orphans.adopt(adm.job_id)  # a retry with the same key: the job is wanted again
     if _background(request, body):
-        return JSONResponse(await accepted_view(rt, who, adm), status_code=202, headers=headers)
+        view = await accepted_view(rt, who, adm)
+        fmt = formatter(adm.job_id, body.model, completion_id=adm.job_id, created=view["created_at"])
+        return JSONResponse(_job_object(fmt, view), status_code=202, headers={**headers, **warning_headers(view)})
+    caller = Caller(rt, request, who, adm.job_id, body.model)
+    refused = await caller.wait_for_worker()
+    if refused is not None:
+        return refused.response()
     fmt = formatter(adm.job_id, body.model, include_usage=body.include_usage)
     if body.stream:
         try:
             slot = open_slot(rt, who.tenant)
         except ApiError:
-            await _cancel_quietly(rt, adm.job_id, who.tenant)  # admitted, but nobody can follow it
+            await caller.abandon()  # admitted, but nobody can follow it
             raise
-        return SlotEventSourceResponse(
-            _chunks(rt, who, adm.job_id, body.model, fmt), slot, ping=rt.settings.keepalive_s, headers=headers
-        )
-    return await _complete(rt, request, who, adm.job_id, body.model, fmt, headers)
+        return SlotEventSourceResponse(_chunks(caller, fmt), slot, ping=rt.settings.keepalive_s, headers=headers)
+    return await _complete(caller, fmt, headers)
+
+
+def _job_object(fmt: Formatter, view: dict[str, Any], job: Job | None = None) -> dict[str, Any]:
+    """The job as an OpenAI object: the completion once it succeeded, else without choices; plus its state."""
+    if job is not None and job.status is JobStatus.SUCCEEDED:
+        obj = fmt.full(job.output, job.finish_reason, usage_dict(job.prompt_tokens, job.completion_tokens))
+    else:
+        obj = fmt.pending()
+    obj.update({k: view[k] for k in JOB_FIELDS if k in view})
+    obj["links"] = {**view["links"], "result": f"{fmt.path}/{view['id']}"}
+    return obj
 
 
 OPENAI_ERRORS = openapi_errors(400, 401, 404, 409, 413, 429, 503)
@@ -161,26 +268,59 @@ async def completions(body: CompletionRequest, request: Request, who: Auth, rt: 
     return await _serve(rt, request, who, body, CompletionFormatter)
 
 
-async def _model_ids(rt: Runtime) -> list[str]:
-    ids = dict.fromkeys(rt.settings.models)
-    ids.update(dict.fromkeys(await rt.broker.models()))
-    for w in await rt.broker.workers(rt.settings.worker_max_age_ms):
-        if w.get("model"):
-            ids[str(w["model"])] = None
-    return list(ids)
+async def _retrieve(
+    rt: Runtime, request: Request, who: Principal, completion_id: str, formatter: type[Formatter]
+) -> Any:
+    job_id = completion_id.removeprefix(f"{formatter.prefix}-")
+    note(request, job_id=job_id)
+    job = await owned_job(rt, who, job_id)
+    fmt = formatter(job.id, job.model, completion_id=completion_id, created=job.created_ms // 1000)
+    return _job_object(fmt, await describe(rt, job), job)
 
 
-def _model_obj(model_id: str) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": 0, "owned_by": "genq"}
+@router.get("/chat/completions/{completion_id}", responses=openapi_errors(401, 404))
+async def retrieve_chat_completion(completion_id: str, request: Request, who: Auth, rt: RT) -> Any:
+    """A chat completion by its id (a background job's, or `chatcmpl-<job id>`): `choices` once it
+    succeeded, else empty, with the job's `status` (and `error`). `client.chat.completions.retrieve(id)`."""
+    return await _retrieve(rt, request, who, completion_id, ChatFormatter)
+
+
+@router.get("/completions/{completion_id}", responses=openapi_errors(401, 404))
+async def retrieve_completion(completion_id: str, request: Request, who: Auth, rt: RT) -> Any:
+    """A text completion by its id (a background job's, or `cmpl-<job id>`), as for chat completions."""
+    return await _retrieve(rt, request, who, completion_id, CompletionFormatter)
+
+
+async def _models(rt: Runtime) -> dict[str, int]:
+    """Every admissible model with its live workers."""
+    live = await rt.fleet.counts(fresh=True)
+    ids = dict.fromkeys(rt.settings.models, 0)
+    ids.update(dict.fromkeys(await rt.broker.models(), 0))
+    ids.update(live)
+    return ids
+
+
+def _model_obj(model_id: str, workers: int) -> dict[str, Any]:
+    # OpenAI's shape plus genq's: a model with no live worker still queues, but nothing runs it yet.
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "genq",
+        "workers": workers,
+        "ready": workers > 0,
+    }
 
 
 @router.get("/models", responses=openapi_errors(401))
 async def list_models(who: Auth, rt: RT) -> dict[str, Any]:
-    return {"object": "list", "data": [_model_obj(m) for m in await _model_ids(rt)]}
+    """The models, each with `workers` (live workers serving it) and `ready` (at least one)."""
+    return {"object": "list", "data": [_model_obj(m, n) for m, n in (await _models(rt)).items()]}
 
 
 @router.get("/models/{model_id:path}", responses=openapi_errors(401, 404))
 async def get_model(model_id: str, who: Auth, rt: RT) -> dict[str, Any]:
-    if model_id not in await _model_ids(rt):
+    models = await _models(rt)
+    if model_id not in models:
         raise from_broker(be.UnknownModel(model_id))
-    return _model_obj(model_id)
+    return _model_obj(model_id, models[model_id])

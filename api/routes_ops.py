@@ -29,19 +29,22 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses={503: {"description": "not ready, with the reasons"}})
 async def readyz(rt: RT) -> JSONResponse:
-    """Ready when Redis answers and each configured model has a live worker."""
-    reasons: list[str] = []
+    """Ready when this process can accept work: Redis answers and the broker's scripts are loaded.
+
+    Workers are not a condition: jobs queue while none is live (scaling workers to zero, a GPU
+    outage), so the API stays in its Service. Which models have live workers is reported here
+    for information, and in `/v1/models` (`workers`, `ready`) and the `genq_model_workers` metric.
+    """
     try:
         async with asyncio.timeout(2.0):
-            await rt.broker.ping()
+            await rt.broker.load_scripts()
             workers = await rt.broker.workers(rt.settings.worker_max_age_ms)
     except Exception as e:  # any failure to reach Redis means not ready  # noqa: BLE001
         return JSONResponse({"status": "unavailable", "reasons": [f"redis unreachable: {type(e).__name__}"]}, 503)
-    served = {str(w.get("model")) for w in workers}
-    reasons += [f"no live worker for model `{m}`" for m in rt.settings.models if m not in served]
-    if reasons:
-        return JSONResponse({"status": "unavailable", "reasons": reasons}, 503)
-    return JSONResponse({"status": "ready", "workers": len(workers)})
+    served: dict[str, int] = dict.fromkeys(rt.settings.models, 0)
+    for w in workers:
+        served[str(w.get("model"))] = served.get(str(w.get("model")), 0) + 1
+    return JSONResponse({"status": "ready", "workers": len(workers), "models": served})
 
 
 async def _model_names(rt: Runtime) -> list[str]:

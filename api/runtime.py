@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from api.errors import too_many_streams
+from api.fleet import Fleet
 from api.metrics import ApiMetrics
+from api.orphans import Orphans
 from api.settings import ApiSettings
 from api.tokens import TokenCounter
 from broker.client import Broker
@@ -54,6 +56,12 @@ class Runtime:
     tokens: TokenCounter = field(default_factory=TokenCounter)
     metrics: ApiMetrics = field(default_factory=ApiMetrics)
     streams: StreamSlots = field(default_factory=lambda: StreamSlots(64))
+    fleet: Fleet = field(init=False)
+    orphans: Orphans = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.fleet = Fleet(self.broker, self.settings.worker_max_age_ms)
+        self.orphans = Orphans(self.broker, self.settings.reattach_grace_s)
 
 
 async def get_runtime(request: Request) -> Runtime:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,7 @@ from api.auth import Principal
 from api.errors import bad_request, from_broker, ratelimit_headers
 from api.runtime import Runtime, note
 from broker import errors as be
+from broker.client import now_ms
 from broker.models import IDEMPOTENCY_KEY, Admission, Job, JobSpec, JobStatus, Sampling
 
 log = structlog.get_logger(__name__)
@@ -30,15 +32,36 @@ class Submission:
     sampling: Sampling = field(default_factory=Sampling)
     priority: int = 5
     metadata: dict[str, str] | None = None
+    max_time_in_queue_s: float | None = None
 
 
 def priority_header(request: Request, default: int) -> int:
     raw = request.headers.get("x-priority")
     if raw is None:
         return default
-    if not raw.strip().isdigit() or not 0 <= int(raw) <= 9:
+    if raw.strip() not in {str(p) for p in range(10)}:  # str.isdigit() would pass "²"
         raise bad_request(f"X-Priority must be an integer from 0 (first) to 9 (last), got {raw!r}.", "X-Priority")
     return int(raw)
+
+
+MAX_QUEUE_TIME_S = 7 * 24 * 3600.0
+
+
+def max_queue_time(request: Request, body_value: float | None) -> float | None:
+    """``X-Max-Queue-Time`` (seconds) wins over the body's ``max_time_in_queue_s``."""
+    raw = request.headers.get("x-max-queue-time")
+    if raw is None:
+        return body_value
+    try:
+        value = float(raw.strip()) if raw.strip().isascii() else math.nan
+    except ValueError:
+        value = math.nan
+    if not (0 < value <= MAX_QUEUE_TIME_S):  # NaN and inf fail this too
+        raise bad_request(
+            f"X-Max-Queue-Time must be a number of seconds in (0, {MAX_QUEUE_TIME_S:g}], got {raw[:40]!r}.",
+            "X-Max-Queue-Time",
+        )
+    return value
 
 
 def idempotency_header(request: Request) -> str | None:
@@ -74,6 +97,7 @@ async def admit(rt: Runtime, request: Request, who: Principal, sub: Submission) 
     if max_len and prompt_tokens >= max_len:
         rt.metrics.rejected("context_length_exceeded")
         raise from_broker(be.ContextTooLong(max_len, prompt_tokens, 0), sub.kind)
+    queue_time_s = max_queue_time(request, sub.max_time_in_queue_s)
     max_tokens = sub.max_tokens
     if max_tokens is None:  # like vLLM: what the context leaves, capped by a default
         max_tokens = min(rt.settings.default_max_tokens, rt.settings.max_tokens_limit)
@@ -91,6 +115,7 @@ async def admit(rt: Runtime, request: Request, who: Principal, sub: Submission) 
         prompt_tokens=prompt_tokens,
         idempotency_key=idempotency_header(request),
         metadata=sub.metadata,
+        deadline_ms=None if queue_time_s is None else now_ms() + math.ceil(queue_time_s * 1000),
     )
     try:
         adm = await rt.broker.admit(spec)
@@ -114,13 +139,75 @@ def _ms_between(a: int | None, b: int | None) -> int | None:
     return b - a if a and b else None
 
 
-def job_view(job: Job, position: int | None = None, eta_s: float | None = None) -> dict[str, Any]:
+NO_WORKER_WARNING = "no_worker"
+
+
+@dataclass(slots=True)
+class Place:
+    """Where a queued job stands, honestly (see ``Broker.position``).
+
+    ``position`` is the jobs ahead as fairness between tenants will order them (an estimate
+    at the priority's mean job cost); ``ahead_min`` (higher priorities + the tenant's own
+    earlier jobs) and ``ahead_max`` (higher priorities + every other job at this priority)
+    bound it exactly. The position is ``exact`` when the bounds meet. Later arrivals at a
+    higher priority can still overtake.
+    """
+
+    position: int
+    ahead_min: int
+    ahead_max: int
+    drain_per_s: float  # jobs/s the model's queue drains (0: unknown)
+
+    @property
+    def kind(self) -> str:
+        return "exact" if self.ahead_min == self.ahead_max else "estimate"
+
+    def _eta(self, ahead: int) -> float | None:
+        return round((ahead + 1) / self.drain_per_s, 3) if self.drain_per_s > 0 else None
+
+    def fields(self, live_workers: int) -> dict[str, Any]:
+        """The queue fields of a job view or a ``position`` event; no ETA without a live worker."""
+        eta = live_workers > 0
+        return {
+            "queue_position": self.position,
+            "queue_position_kind": self.kind,
+            "queue_position_range": {"min": self.ahead_min, "max": self.ahead_max},
+            "eta_s": self._eta(self.position) if eta else None,
+            "eta_range_s": {"min": self._eta(self.ahead_min), "max": self._eta(self.ahead_max)} if eta else None,
+        }
+
+
+EMPTY_PLACE = {
+    "queue_position": None,
+    "queue_position_kind": None,
+    "queue_position_range": None,
+    "eta_s": None,
+    "eta_range_s": None,
+}
+
+
+async def place(rt: Runtime, job: Job) -> Place | None:
+    """The job's place in its queue (None once claimed)."""
+    where = await rt.broker.position(job)
+    if where is None:
+        return None
+    return Place(where.estimate, where.ahead_min, where.ahead_max, where.drain_jobs_per_s)
+
+
+def no_worker_warning(model: str) -> dict[str, str]:
+    return {
+        "code": NO_WORKER_WARNING,
+        "message": f"No live worker serves the model `{model}`: the job stays queued until one starts.",
+    }
+
+
+def job_view(job: Job, queue: dict[str, Any] | None = None, warning: dict[str, str] | None = None) -> dict[str, Any]:
     usage = {
         "prompt_tokens": job.prompt_tokens,
         "completion_tokens": job.completion_tokens,
         "total_tokens": job.prompt_tokens + job.completion_tokens,
     }
-    return {
+    view = {
         "id": job.id,
         "object": "job",
         "model": job.model,
@@ -141,22 +228,33 @@ def job_view(job: Job, position: int | None = None, eta_s: float | None = None) 
             "ttft_ms": _ms_between(job.created_ms, job.first_token_ms),  # from submission, as the client sees it
         },
         "error": job.error,
-        "queue_position": position,
-        "eta_s": round(eta_s, 3) if eta_s is not None else None,
+        **(queue or EMPTY_PLACE),
         "metadata": job.request.metadata,
         "links": links(job.id),
     }
+    if warning:
+        view["warning"] = warning
+    return view
 
 
 def links(job_id: str) -> dict[str, str]:
     return {"self": f"/v1/jobs/{job_id}", "events": f"/v1/jobs/{job_id}/events"}
 
 
+async def queue_fields(rt: Runtime, job: Job) -> tuple[dict[str, Any] | None, dict[str, str] | None]:
+    """A queued job's queue fields (None once claimed) and the no-worker warning, if it applies."""
+    where = await place(rt, job)
+    if where is None:
+        return None, None
+    workers = await rt.fleet.workers(job.model)
+    return where.fields(workers), None if workers else no_worker_warning(job.model)
+
+
 async def describe(rt: Runtime, job: Job) -> dict[str, Any]:
-    position, eta = (await rt.broker.position(job)) if job.status is JobStatus.QUEUED else (None, None)
+    queue, warning = (await queue_fields(rt, job)) if job.status is JobStatus.QUEUED else (None, None)
     if job.terminal:
         rt.metrics.job_finished(job)
-    return job_view(job, position, eta)
+    return job_view(job, queue, warning)
 
 
 async def accepted_view(rt: Runtime, who: Principal, adm: Admission) -> dict[str, Any]:
@@ -166,3 +264,9 @@ async def accepted_view(rt: Runtime, who: Principal, adm: Admission) -> dict[str
     if view["queue_position"] is None and job.status is JobStatus.QUEUED:
         view["queue_position"] = adm.position
     return view
+
+
+def warning_headers(view: dict[str, Any]) -> dict[str, str]:
+    """``X-Genq-Warning`` for a 202 whose job no live worker will pick up yet."""
+    warning = view.get("warning")
+    return {"X-Genq-Warning": warning["code"]} if warning else {}

@@ -20,7 +20,8 @@ class ApiSettings(BrokerSettings):
     max_body_bytes: int = Field(2_000_000, ge=1_024)
     # Open SSE streams (native events and OpenAI streams) per tenant, per API process.
     sse_per_tenant: int = Field(64, ge=1)
-    # Comment lines sent on idle SSE streams so proxies keep them open.
+    # An SSE stream silent for this long gets a comment line, so proxies keep it open. Never
+    # while events flow: some clients (vLLM's `bench serve`) lose the messages after a comment.
     keepalive_s: float = Field(15.0, gt=0)
     # While a followed job is queued, a `position` event this often.
     position_interval_s: float = Field(2.0, gt=0)
@@ -30,5 +31,11 @@ class ApiSettings(BrokerSettings):
     sync_timeout_s: float = Field(600.0, gt=0)
     # A worker counts as live when its heartbeat is younger than this (readiness, /v1/models).
     worker_max_age_ms: int = Field(15_000, ge=100)
+    # An OpenAI call for a model with no live worker waits this long for one, then answers
+    # 503 `no_worker` (its job cancelled) instead of waiting `sync_timeout_s`.
+    no_worker_grace_s: float = Field(10.0, ge=0)
+    # An OpenAI request with an `Idempotency-Key` whose client went away keeps its job this
+    # long before cancelling it, so a retry with the same key re-attaches to it.
+    reattach_grace_s: float = Field(10.0, ge=0)
     json_logs: bool | None = None
     log_level: str = "INFO"

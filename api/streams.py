@@ -1,5 +1,9 @@
 """Following a job's events from a request, and the SSE response that holds a stream slot.
 
+Keep-alive: a comment line goes out only after ``ping`` seconds of silence, never
+between events (sse-starlette pings every ``ping`` seconds from the start; vLLM's
+``bench serve`` client loses every message after a comment).
+
 Cancellation: sse-starlette cancels the streaming task when the client goes away;
 with anyio's level-triggered cancellation every later ``await`` in that task would
 be cancelled too, so clean-up that must reach Redis (unsubscribe, cancel the job)
@@ -9,12 +13,14 @@ runs in a shielded scope with a deadline.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import anyio
 import structlog
-from sse_starlette import EventSourceResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.event import ensure_bytes
 from starlette.types import Message, Receive, Scope, Send
 
 from api.errors import ApiError
@@ -68,8 +74,10 @@ class SlotEventSourceResponse(EventSourceResponse):
     def __init__(self, content: AsyncIterator[Any], slot: StreamSlot, **kw: Any) -> None:
         super().__init__(content, **kw)
         self._slot = slot
+        self._last_sent = 0.0  # time.monotonic() of the last message sent
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._last_sent = time.monotonic()  # the headers go out now
         try:
             await super().__call__(scope, receive, send)
         finally:
@@ -82,3 +90,16 @@ class SlotEventSourceResponse(EventSourceResponse):
             await send(message)
         else:
             await super()._send_with_timeout(send, message)
+        self._last_sent = time.monotonic()
+
+    async def _ping(self, send: Send) -> None:
+        """A comment after ``ping_interval`` of silence: one timer per quiet period, none per event."""
+        ping = ensure_bytes(ServerSentEvent(comment="ping", sep=self.sep), self.sep)
+        while self.active:
+            quiet_s = time.monotonic() - self._last_sent
+            if quiet_s < self.ping_interval:
+                await anyio.sleep(self.ping_interval - quiet_s)
+                continue
+            async with self._send_lock:
+                if self.active:
+                    await self._send_with_timeout(send, {"type": "http.response.body", "body": ping, "more_body": True})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -28,9 +29,19 @@ from broker.contract import FailOutcome, JobErrorCode, RenewResult
 from broker.errors import Code, translated
 from broker.events import ControlListener, EventHub
 from broker.keys import PRIORITIES, Keys
-from broker.models import Admission, Job, JobSpec, JobStatus, Lease, QueueStats, TenantLimits, new_job_id
+from broker.models import (
+    Admission,
+    Job,
+    JobSpec,
+    JobStatus,
+    Lease,
+    QueuePlace,
+    QueueStats,
+    TenantLimits,
+    new_job_id,
+)
 from broker.redis_check import check_redis
-from broker.replies import reply
+from broker.replies import typed_reply
 from broker.scripts import Scripts
 from broker.settings import BrokerSettings
 
@@ -73,6 +84,8 @@ class OutputWrite:
 
 
 class Broker:
+    max_tenants = 64  # backlogged tenants read to estimate a queue position
+
     def __init__(self, redis: Redis, settings: BrokerSettings) -> None:
         self._redis = redis
         self.settings = settings
@@ -96,6 +109,14 @@ class Broker:
     async def ping(self) -> None:
         """Raises :class:`errors.Unavailable` unless Redis answers."""
         await self._redis.ping()
+
+    async def load_scripts(self) -> None:
+        """Make sure Redis holds every script (a restarted or failed-over Redis forgets them).
+
+        Raises :class:`errors.Unavailable` unless Redis answers."""
+        for script in self._scripts.all():
+            if not (await self._redis.script_exists(script.sha))[0]:
+                await self._redis.script_load(script.script)
 
     async def check_server(self) -> list[str]:
         """Durability problems of the Redis server (AOF, eviction, version); raises
@@ -129,12 +150,12 @@ class Broker:
             info["tokenizer"] = tokenizer
         record = json.dumps(info)
         if only_if_absent:
-            await reply(self._redis.hsetnx(self._keys.models, model, record))
+            await typed_reply(self._redis.hsetnx(self._keys.models, model, record))
         else:
-            await reply(self._redis.hset(self._keys.models, model, record))
+            await typed_reply(self._redis.hset(self._keys.models, model, record))
 
     async def models(self) -> dict[str, dict[str, Any]]:
-        raw = await reply(self._redis.hgetall(self._keys.models))
+        raw = await typed_reply(self._redis.hgetall(self._keys.models))
         return {m: json.loads(v) for m, v in raw.items()}
 
     async def set_tenant(self, tenant: str, limits: TenantLimits) -> None:
@@ -147,7 +168,7 @@ class Broker:
             await pipe.execute()
 
     async def get_tenant(self, tenant: str) -> TenantLimits | None:
-        raw = await reply(self._redis.hgetall(self._keys.tenant(tenant)))
+        raw = await typed_reply(self._redis.hgetall(self._keys.tenant(tenant)))
         if not raw:
             return None
         raw["priorities"] = [int(c) for c in raw.get("priorities", "")]
@@ -155,13 +176,13 @@ class Broker:
 
     async def heartbeat(self, worker_id: str, record: dict[str, Any]) -> None:
         record = {**record, "id": worker_id, "seen_ms": now_ms()}
-        await reply(self._redis.hset(self._keys.workers, worker_id, json.dumps(record)))
+        await typed_reply(self._redis.hset(self._keys.workers, worker_id, json.dumps(record)))
 
     async def deregister(self, worker_id: str) -> None:
-        await reply(self._redis.hdel(self._keys.workers, worker_id))
+        await typed_reply(self._redis.hdel(self._keys.workers, worker_id))
 
     async def workers(self, max_age_ms: int = 15_000) -> list[dict[str, Any]]:
-        raw = await reply(self._redis.hgetall(self._keys.workers))
+        raw = await typed_reply(self._redis.hgetall(self._keys.workers))
         cutoff, alive, dead = now_ms() - max_age_ms, [], []
         for wid, rec in raw.items():
             r = json.loads(rec)
@@ -170,22 +191,22 @@ class Broker:
             else:
                 dead.append(wid)
         if dead:
-            await reply(self._redis.hdel(self._keys.workers, *dead))
+            await typed_reply(self._redis.hdel(self._keys.workers, *dead))
         return alive
 
     # -- API keys (stored only as hashes) ---------------------------------
     async def put_api_key(self, key_hash: str, record: dict[str, Any]) -> None:
-        await reply(self._redis.hset(self._keys.api_keys, key_hash, json.dumps(record)))
+        await typed_reply(self._redis.hset(self._keys.api_keys, key_hash, json.dumps(record)))
 
     async def get_api_key(self, key_hash: str) -> dict[str, Any] | None:
-        raw = await reply(self._redis.hget(self._keys.api_keys, key_hash))
+        raw = await typed_reply(self._redis.hget(self._keys.api_keys, key_hash))
         return json.loads(raw) if raw else None
 
     async def api_keys(self) -> dict[str, dict[str, Any]]:
-        return {h: json.loads(v) for h, v in (await reply(self._redis.hgetall(self._keys.api_keys))).items()}
+        return {h: json.loads(v) for h, v in (await typed_reply(self._redis.hgetall(self._keys.api_keys))).items()}
 
     async def delete_api_key(self, key_hash: str) -> bool:
-        return bool(await reply(self._redis.hdel(self._keys.api_keys, key_hash)))
+        return bool(await typed_reply(self._redis.hdel(self._keys.api_keys, key_hash)))
 
     # -- admission ------------------------------------------------------
     def _admit_args(self, spec: JobSpec, job_id: str) -> tuple[list[str], list[Any]]:
@@ -281,9 +302,9 @@ class Broker:
             await self._scripts.admit(keys, args, client=pipe)
             sent.append(i)
         replies = await pipe.execute() if sent else []
-        for i, answer in zip(sent, replies, strict=True):
+        for i, reply in zip(sent, replies, strict=True):
             try:
-                results[i] = self._admission(specs[i], answer)
+                results[i] = self._admission(specs[i], reply)
             except errors.BrokerError as e:
                 results[i] = e
         return [r for r in results if r is not None]
@@ -306,7 +327,7 @@ class Broker:
     async def wait_for_work(self, model: str, timeout_s: float) -> bool:
         """Block until a job may be claimable (or timeout). No polling: BLPOP on the wake list."""
         # Redis >= 6 takes a fractional BLPOP timeout; redis-py 5 annotates it as int.
-        woke = await reply(self._redis.blpop([self._keys.wake(model)], timeout=timeout_s))  # type: ignore[arg-type]
+        woke = await typed_reply(self._redis.blpop([self._keys.wake(model)], timeout=timeout_s))  # type: ignore[arg-type]
         return woke is not None
 
     async def renew(self, model: str, leases: Iterable[tuple[str, int]]) -> dict[str, RenewResult]:
@@ -490,16 +511,59 @@ class Broker:
         jobs = [Job.from_hash(h) for h in await self._load(ids)]
         return [j for j in jobs if status is None or j.status == status][:limit]
 
-    async def position(self, job: Job) -> tuple[int | None, float | None]:
-        """Jobs ahead in strict priority + FIFO order (fairness may reorder it), and an ETA in seconds."""
+    async def followers(self, job_id: str) -> int:
+        """API processes following the job's live events now (each process subscribes once)."""
+        reply = await self._redis.pubsub_numsub(self._keys.channel(job_id))
+        return int(reply[0][1]) if reply else 0
+
+    async def position(self, job: Job) -> QueuePlace | None:
+        """Where a queued job stands (None once it left the queue): exact bounds and a fair-share estimate.
+
+        Strict priority is exact: every job queued at a higher priority runs first. Inside the
+        job's priority its own tenant's earlier jobs run first (FIFO); other tenants are served
+        by lowest virtual token counter (VTC), so the estimate counts, for each other backlogged
+        tenant, the jobs it gets before this tenant's counter reaches this job's turn, at the
+        priority's mean cost. Two pipelined round trips; at most ``max_tenants`` tenants read.
+        """
+        k, prio = self._keys, job.priority
+        fields = [f"d{p}" for p in PRIORITIES] + [f"k{prio}", "dr", "w_start", "w_jobs"]
         pipe = self._redis.pipeline(transaction=False)
-        pipe.zrank(self._keys.queued(job.model), job.id)
-        pipe.hmget(self._keys.stats(job.model), ["dr", "w_start", "w_jobs"])
-        rank, stats = await pipe.execute()
-        if rank is None:
-            return None, None
-        rate = _drain_rate(stats, now_ms())
-        return rank, (rank + 1) / rate if rate > 0 else None
+        pipe.zrank(k.queued(job.model), job.id)
+        pipe.hmget(k.stats(job.model), fields)
+        pipe.zrank(k.tenant_queue(job.model, prio, job.tenant), job.id)
+        pipe.zrange(k.tenants(job.model, prio), 0, self.max_tenants - 1, withscores=True)
+        fifo, stats, own_ahead, counters = await pipe.execute()
+        if fifo is None or own_ahead is None:
+            return None
+        depth = [int(d or 0) for d in stats[:10]]
+        higher = sum(depth[:prio])
+        others = [(t, float(v)) for t, v in counters if t != job.tenant]
+        pipe = self._redis.pipeline(transaction=False)
+        for t, _ in others:
+            pipe.zcard(k.tenant_queue(job.model, prio, t))
+        for t in (job.tenant, *(t for t, _ in others)):
+            pipe.hget(k.tenant(t), "weight")
+        replies = (
+            await pipe.execute() if others else [await typed_reply(self._redis.hget(k.tenant(job.tenant), "weight"))]
+        )
+        depths, weights = (
+            replies[: len(others)],
+            [float(w or self.settings.default_weight) for w in replies[len(others) :]],
+        )
+        mine = dict(counters).get(job.tenant)
+        cost = max(1.0, int(stats[10] or 0) / depth[prio]) if depth[prio] else 1.0
+        estimate = higher + own_ahead
+        if mine is not None:
+            turn = float(mine) + own_ahead * cost / weights[0]  # this tenant's counter when the job is next
+            for (t, v), d, w in zip(others, depths, weights[1:], strict=True):
+                served = (turn - v) * w / cost  # jobs of t served while its counter is below the turn
+                n = math.ceil(served) if served > 0 else 0
+                if t < job.tenant and served >= 0 and served == int(served):
+                    n += 1  # a tie goes to the lower name (ZRANGE order)
+                estimate += min(int(d), n)
+        ahead_min, ahead_max = higher + own_ahead, higher + depth[prio] - 1
+        estimate = min(max(estimate, ahead_min), max(ahead_max, ahead_min))
+        return QueuePlace(fifo, estimate, ahead_min, max(ahead_max, ahead_min), _drain_rate(stats[11:], now_ms()))
 
     async def queue_stats(self, model: str) -> QueueStats:
         pipe = self._redis.pipeline(transaction=False)

@@ -30,7 +30,7 @@ from redis.asyncio import Redis
 from broker.contract import TERMINAL, TERMINAL_EVENTS, EventType
 from broker.errors import REDIS_DOWN, NotFound, Unavailable, translated
 from broker.keys import Keys
-from broker.replies import reply
+from broker.replies import typed_reply
 
 log = structlog.get_logger(__name__)
 
@@ -166,7 +166,7 @@ class EventHub:
     @translated
     async def _state(self, job_id: str) -> tuple[bool, int]:
         """(finished, events so far) of a job."""
-        status, evn = await reply(self.redis.hmget(self.keys.job(job_id), ["status", "evn"]))
+        status, evn = await typed_reply(self.redis.hmget(self.keys.job(job_id), ["status", "evn"]))
         return status is None or status in TERMINAL, int(evn or 0)
 
     async def follow(

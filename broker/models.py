@@ -33,6 +33,7 @@ __all__ = [
     "JobSpec",
     "JobStatus",
     "Lease",
+    "QueuePlace",
     "QueueStats",
     "Sampling",
     "TenantLimits",
@@ -144,6 +145,24 @@ class Lease:
     @property
     def id(self) -> str:
         return self.job.id
+
+
+@dataclass(slots=True, frozen=True)
+class QueuePlace:
+    """A queued job's place: jobs ahead of it, exactly bounded and estimated under fairness."""
+
+    fifo: int  # ahead in strict priority + arrival order (what a FIFO queue would say)
+    estimate: int  # ahead under per-tenant fairness (VTC), at the priority's mean job cost
+    ahead_min: int  # certainly ahead: higher priorities + this tenant's earlier jobs
+    ahead_max: int  # at most ahead: higher priorities + every other job at this priority
+    drain_jobs_per_s: float  # how fast the model's queue drains (0 = unknown)
+
+    @property
+    def exact(self) -> bool:
+        return self.ahead_min == self.ahead_max
+
+    def eta_s(self, ahead: int) -> float | None:
+        return (ahead + 1) / self.drain_jobs_per_s if self.drain_jobs_per_s > 0 else None
 
 
 @dataclass(slots=True)

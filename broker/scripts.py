@@ -31,6 +31,9 @@ class Scripts:
     reap: AsyncScript
     cancel: AsyncScript
 
+    def all(self) -> list[AsyncScript]:
+        return [getattr(self, name) for name in NAMES]
+
     @classmethod
     def register(cls, redis: Redis) -> Scripts:
         return cls(**{name: redis.register_script(source(name)) for name in NAMES})

@@ -199,20 +199,40 @@ def _wait_for_event(h: httpx.Client, job_id: str, wanted: str) -> list[str]:
     return seen
 
 
-def test_background_mode_returns_the_job(stack: Stack, key: str) -> None:
+def test_background_mode_answers_an_object_the_openai_client_parses(stack: Stack, key: str) -> None:
+    c = client(stack, key)
+    r = c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=4, extra_headers={"X-Background": "true"})
+    # a chat.completion without choices: the id is the job's, genq's fields are attributes
+    assert r.object == "chat.completion" and r.id.startswith("job_") and r.model == "m"
+    assert r.choices == [] and r.usage is None
+    assert r.status in ("queued", "running", "succeeded") and r.priority == 5
+    assert r.links == {
+        "self": f"/v1/jobs/{r.id}",
+        "events": f"/v1/jobs/{r.id}/events",
+        "result": f"/v1/chat/completions/{r.id}",
+    }
     with httpx.Client(base_url=stack.url, headers=auth(key), timeout=30) as h:
-        r = h.post(
-            "/v1/chat/completions",
-            json={"model": "m", "messages": MESSAGES, "max_tokens": 4},
-            headers={"X-Background": "true"},
+        _wait_for_event(h, r.id, "done")
+        done = c.chat.completions.retrieve(r.id)  # the official client's own call for a stored completion
+        assert done.id == r.id and done.status == "succeeded" and done.object == "chat.completion"
+        assert done.choices[0].message.content == expected(4, messages=MESSAGES)[0]
+        assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 4
+
+        raw = c.completions.with_raw_response.create(
+            model="m", prompt="x", max_tokens=4, extra_body={"background": True}
         )
-        assert r.status_code == 202 and r.json()["object"] == "job"
-        assert r.json()["links"]["events"] == f"/v1/jobs/{r.json()['id']}/events"
-        _wait_for_event(h, r.json()["id"], "done")
-        r2 = h.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 4, "background": True})
-        assert r2.status_code == 202
-        _wait_for_event(h, r2.json()["id"], "done")
-        assert h.get(f"/v1/jobs/{r2.json()['id']}").json()["output"] == expected(4, prompt="x")[0]
+        assert raw.http_response.status_code == 202
+        r2 = raw.parse()
+        assert r2.object == "text_completion" and r2.choices == [] and r2.id.startswith("job_")
+        _wait_for_event(h, r2.id, "done")
+        assert h.get(f"/v1/jobs/{r2.id}").json()["output"] == expected(4, prompt="x")[0]
+        text = h.get(f"/v1/completions/{r2.id}").json()
+        assert text["choices"][0]["text"] == expected(4, prompt="x")[0] and text["status"] == "succeeded"
+        # a synchronous answer's id retrieves too; another tenant's job is not found
+        sync = c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=2)
+        assert c.chat.completions.retrieve(sync.id).choices[0].message.content == sync.choices[0].message.content
+        with pytest.raises(openai.NotFoundError):
+            client(stack, stack.key("other")).chat.completions.retrieve(r.id)
 
 
 @pytest.fixture
@@ -273,7 +293,11 @@ def test_e2e_vllm_capital_of_france(make_stack) -> None:  # noqa: F811
         try:
             deadline = time.monotonic() + 300
             with httpx.Client(base_url=stack.url, timeout=10) as h:
-                while h.get("/readyz").status_code != 200:  # another process's heartbeat: no event to wait on
+                admin = {"Authorization": f"Bearer {stack.admin_key}"}
+                # another process's heartbeat: no event to wait on
+                while not {m["id"]: m["ready"] for m in h.get("/v1/models", headers=admin).json()["data"]}.get(
+                    DEFAULT_MODEL
+                ):
                     assert proc.poll() is None, "worker exited"
                     assert time.monotonic() < deadline, "worker did not become ready"
                     time.sleep(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 
 import httpx
+import redis as redis_sync
 from prometheus_client.parser import text_string_to_metric_families
 from test_api_support import Stack, auth, make_stack  # noqa: F401 (fixture)
 
@@ -27,11 +29,30 @@ def test_health_and_readiness(make_stack) -> None:  # noqa: F811
     stack: Stack = make_stack(worker=False)
     with httpx.Client(base_url=stack.url, timeout=10) as h:
         assert h.get("/healthz").json() == {"status": "ok"}
-        r = h.get("/readyz")
-        assert r.status_code == 503 and r.json()["reasons"] == ["no live worker for model `m`"]
+        r = h.get("/readyz")  # no worker yet: still ready, jobs queue (workers may scale to zero)
+        assert r.status_code == 200 and r.json()["models"] == {"m": 0}
         stack.add_worker("m")  # returns once its first heartbeat is in Redis
         r = h.get("/readyz")
-        assert r.status_code == 200 and r.json()["workers"] == 1
+        assert r.status_code == 200 and r.json()["workers"] == 1 and r.json()["models"] == {"m": 1}
+
+
+def test_not_ready_without_redis_and_scripts_reloaded_after_a_flush(make_stack, redis_server) -> None:  # noqa: F811
+    srv = redis_server()
+    stack: Stack = make_stack(worker=False, redis_url=srv.url)
+    with httpx.Client(base_url=stack.url, timeout=10) as h:
+        assert h.get("/readyz").status_code == 200
+        redis_sync.Redis(port=srv.port).script_flush()  # as after a restart without persistence
+        assert h.get("/readyz").status_code == 200
+        assert all(redis_sync.Redis(port=srv.port).script_exists(*[s.sha for s in _scripts()]))
+        srv.stop(kill=True)
+        r = h.get("/readyz")
+        assert r.status_code == 503 and r.json()["reasons"][0].startswith("redis unreachable")
+
+
+def _scripts() -> list:
+    from broker.scripts import NAMES, source
+
+    return [type("S", (), {"sha": hashlib.sha1(source(n).encode()).hexdigest()}) for n in NAMES]
 
 
 def test_metrics(make_stack) -> None:  # noqa: F811

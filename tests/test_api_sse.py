@@ -98,7 +98,9 @@ def test_reconnect_with_last_event_id(stack: Stack, how: str) -> None:
         assert tail.events == []
 
 
-def test_queued_job_gets_positions_and_keepalives(stack: Stack) -> None:
+def test_queued_job_gets_positions_and_keepalives(make_stack) -> None:  # noqa: F811
+    # a keep-alive comment goes out after 0.3 s of silence: between position events 0.5 s apart
+    stack = make_stack(worker=False, keepalive_s=0.3, position_interval_s=0.5)
     key = stack.key("acme")
     stack.call(lambda b: b.register_model("idle", 4096))  # a model no worker serves: jobs stay queued
     with httpx.Client(base_url=stack.url, headers=auth(key), timeout=30) as h:
@@ -129,6 +131,12 @@ def test_queued_job_gets_positions_and_keepalives(stack: Stack) -> None:
         assert all(p.id is None for p in positions), "position events must not be resumable"
         assert json.loads(positions[0].data)["queue_position"] == 1
         assert json.loads(positions[-1].data)["queue_position"] == 0
+        # no worker serves "idle": no ETA, and a warning that says why
+        assert all(json.loads(p.data)["eta_s"] is None for p in positions)
+        assert json.loads(positions[0].data)["warning"]["code"] == "no_worker"
+        first_place = json.loads(positions[0].data)
+        assert first_place["queue_position_range"] == {"min": 1, "max": 1}  # its own tenant's job is ahead
+        assert first_place["queue_position_kind"] == "exact"
         assert reader.comments >= 1, "no keep-alive comment while queued"
 
 

@@ -22,7 +22,8 @@ from api.app import create_app
 from api.auth import create_key
 from api.settings import ApiSettings
 from broker import Broker, BrokerSettings
-from broker.models import TenantLimits
+from broker.client import OutputWrite
+from broker.models import Lease, TenantLimits
 
 ADMIN_KEY = "gq-admin-" + secrets.token_hex(8)
 SIM_STEP_MS = 2.0
@@ -178,6 +179,31 @@ class Stack:
         w.start()
         self.workers.append(w)
         return w
+
+
+class HandWorker:
+    """A worker the test plays by hand through the broker: a heartbeat, then claims and tokens on cue.
+
+    For tests that must control when a job starts and when each token is written.
+    """
+
+    def __init__(self, stack: Stack, model: str, worker_id: str = "w-hand") -> None:
+        self.stack, self.model, self.id = stack, model, worker_id
+        self.heartbeat()
+
+    def heartbeat(self) -> None:
+        record = {"model": self.model, "state": "running", "capacity": 1}
+        self.stack.call(lambda b: b.heartbeat(self.id, record))
+
+    def claim(self, n: int = 1) -> list[Lease]:
+        return self.stack.call(lambda b: b.claim(self.model, self.id, n))
+
+    def token(self, lease: Lease, text: str, token_id: int = 1) -> None:
+        ok = self.stack.call(lambda b: b.append_many([OutputWrite(lease.id, lease.fence, text, [token_id])]))
+        assert ok == {lease.id: True}
+
+    def finish(self, lease: Lease, finish_reason: str = "stop") -> None:
+        self.stack.call(lambda b: b.complete(lease, finish_reason))
 
 
 def api_settings(base: BrokerSettings, **overrides: Any) -> ApiSettings:

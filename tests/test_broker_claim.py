@@ -169,3 +169,24 @@ async def test_wait_for_work_wakes_on_admit(broker: Broker) -> None:
     assert await asyncio.wait_for(waiter, 2) is True
     assert loop.time() - t0 < 0.5
     assert len(await broker.claim("m", "w", 1)) == 1
+
+
+@pytest.mark.parametrize("weights", [None, {"a": 2.0}])
+async def test_queue_position_estimate_is_the_fair_claim_order(broker: Broker, weights: dict | None) -> None:
+    """With equal job costs the fair-share estimate is the order claims really take; the bounds hold."""
+    for tenant, w in (weights or {}).items():
+        await broker.set_tenant(tenant, TenantLimits(weight=w))
+    jobs = []
+    for tenant, n in (("a", 6), ("b", 3), ("c", 1), ("b", 2)):
+        jobs += [(await broker.admit(spec(tenant))).job_id for _ in range(n)]
+    urgent = (await broker.admit(spec("c", priority=1))).job_id
+    places = {}
+    for jid in [*jobs, urgent]:
+        places[jid] = await broker.position(await broker.get_job(jid))
+    order = [lease.id for _ in range(len(jobs) + 1) for lease in await broker.claim("m", "w", 1)]
+    assert order[0] == urgent and places[urgent].exact and places[urgent].estimate == 0
+    for jid in jobs:
+        p, ahead = places[jid], order.index(jid)
+        assert p.ahead_min <= ahead <= p.ahead_max, (jid, p, ahead)
+        assert p.estimate == ahead, (jid, p, ahead)
+    assert await broker.position(await broker.get_job(jobs[0])) is None  # claimed: no place

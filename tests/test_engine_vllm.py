@@ -110,7 +110,7 @@ async def test_plain_prompt_token_count_and_length(engine) -> None:
 
 
 async def test_resume_continues_greedy_sequence(engine) -> None:
-    base = dict(prompt=STORY, temperature=0, max_tokens=20, ignore_eos=True)
+    base = dict(prompt=STORY, max_tokens=20, sampling=Sampling(temperature=0, ignore_eos=True))
     full_text, full_ids = joined(await collect(engine, GenRequest("full", **base)))
     assert len(full_ids) == 20
     rest = await collect(engine, GenRequest("resumed", **base, resume_token_ids=full_ids[:8]))

@@ -1,0 +1,36 @@
+"""What one API process knows of the live workers, cached for a second.
+
+Every submit and every view of a queued job (a position tick of thousands of
+followers included) asks "does a live worker serve this model?"; a cache of
+``TTL_S`` makes that cost no Redis call most of the time. Callers that must not
+act on a stale answer pass ``fresh=True``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from broker.client import Broker
+
+TTL_S = 1.0
+
+
+class Fleet:
+    def __init__(self, broker: Broker, worker_max_age_ms: int) -> None:
+        self._broker, self._max_age_ms = broker, worker_max_age_ms
+        self._workers: Counter[str] = Counter()
+        self._workers_at = -TTL_S
+
+    async def workers(self, model: str, *, fresh: bool = False) -> int:
+        """Live workers taking new jobs of ``model`` (a draining worker takes none)."""
+        return (await self.counts(fresh=fresh))[model]
+
+    async def counts(self, *, fresh: bool = False) -> Counter[str]:
+        """Live workers per model."""
+        now = time.monotonic()
+        if fresh or now - self._workers_at >= TTL_S:
+            records = await self._broker.workers(self._max_age_ms)
+            self._workers = Counter(str(w["model"]) for w in records if w.get("model") and w.get("state") != "draining")
+            self._workers_at = now
+        return self._workers
