@@ -9,10 +9,10 @@ from broker.settings import BrokerSettings
 
 
 class ApiSettings(BrokerSettings):
-    model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore", env_file=".env")
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = "127.0.0.1"  # the address the API listens on
+    port: int = Field(8000, ge=0, le=65535)  # the port the API listens on
     # A bootstrap admin key, checked in memory (never written to Redis). Optional:
     # admin keys can also be created with `genq keys create --admin`.
     admin_key: SecretStr | None = None
@@ -37,5 +37,5 @@ class ApiSettings(BrokerSettings):
     # An OpenAI request with an `Idempotency-Key` whose client went away keeps its job this
     # long before cancelling it, so a retry with the same key re-attaches to it.
     reattach_grace_s: float = Field(10.0, ge=0)
-    json_logs: bool | None = None
-    log_level: str = "INFO"
+    json_logs: bool | None = None  # JSON log lines (None = JSON unless stderr is a terminal)
+    log_level: str = "INFO"  # DEBUG, INFO, WARNING, ERROR

@@ -11,32 +11,36 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 
 class BrokerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore", env_file=".env")
 
+    # production: refuse to start on a Redis without AOF / noeviction (development: warn).
     env: Literal["development", "production"] = "development"
+    # The Redis every process of one deployment shares (redis:// or rediss://).
     redis_url: str = "redis://127.0.0.1:6379/0"
     # One queue namespace = one Redis Cluster hash tag; every key of it lives in one slot.
     queue: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     # Models accepted at admission even before a worker for them has registered.
     models: list[str] = [DEFAULT_MODEL]
 
-    lease_ms: int = Field(10_000, ge=500)
+    lease_ms: int = Field(10_000, ge=500)  # a running job's lease; renewed every third of it
+    # How often expired leases are requeued and queued jobs past their deadline expired.
     reap_interval_ms: int = Field(1_000, ge=50)
-    max_attempts: int = Field(3, ge=1, le=100)
+    max_attempts: int = Field(3, ge=1, le=100)  # attempts per job before it fails (worker_lost)
+    # How long a finished job (record, output, events) is kept; set per job at admission.
     result_ttl_s: int = Field(24 * 3600, ge=1)
-    events_maxlen: int = Field(100_000, ge=100)
+    events_maxlen: int = Field(100_000, ge=100)  # events kept per job (approximate trim)
 
-    max_queued_global: int = Field(1_000_000, ge=1)
-    max_tokens_limit: int = Field(32_768, ge=1)
-    max_payload_bytes: int = Field(1_000_000, ge=1_000)
+    max_queued_global: int = Field(1_000_000, ge=1)  # queued jobs of all models before 503 queue_full
+    max_tokens_limit: int = Field(32_768, ge=1)  # the largest max_tokens a request may ask
+    max_payload_bytes: int = Field(1_000_000, ge=1_000)  # the largest stored request (prompt + params)
 
     # Limits for tenants without a record of their own (0 = unlimited).
-    default_rpm: int = 0
-    default_rpm_burst: int = 0
-    default_tpm: int = 0
-    default_tpm_burst: int = 0
-    default_max_queued: int = 0
-    default_weight: float = 1.0
+    default_rpm: int = 0  # requests per minute
+    default_rpm_burst: int = 0  # requests allowed at once (0 = the per-minute figure)
+    default_tpm: int = 0  # tokens (prompt + max_tokens) per minute
+    default_tpm_burst: int = 0  # tokens allowed at once (0 = the per-minute figure)
+    default_max_queued: int = 0  # queued jobs per tenant
+    default_weight: float = 1.0  # share of capacity under contention (fairness weight)
 
     @property
     def result_ttl_ms(self) -> int:

@@ -17,5 +17,16 @@ app.command("status", help="Show workers and queues.")(status_command)
 app.command("submit", help="Submit one job and stream its output.")(submit_command)
 app.add_typer(keys_app, name="keys", help="Manage API keys.")
 
+
+@app.command("config")
+def config(
+    markdown: bool = typer.Option(False, "--markdown", help="A Markdown table (as in deploy/README.md)."),
+) -> None:
+    """Every GENQ_* variable with its default and meaning (also read from ./.env)."""
+    from genq.config import config_command
+
+    config_command(markdown)
+
+
 if __name__ == "__main__":
     app()

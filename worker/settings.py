@@ -29,7 +29,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.engine.base import EngineArgsError, EngineSettings, engine_arg_key, engine_args_text
@@ -65,24 +65,30 @@ def default_worker_id() -> str:
 
 
 class WorkerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="GENQ_WORKER_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="GENQ_WORKER_", extra="ignore", env_file=".env", populate_by_name=True)
 
-    worker_id: str = Field(default_factory=default_worker_id, pattern=r"^[A-Za-z0-9._:\-]{1,128}$")
+    # This worker's name in heartbeats and leases (default: host-pid-random).
+    worker_id: str = Field(
+        default_factory=default_worker_id,
+        pattern=r"^[A-Za-z0-9._:\-]{1,128}$",
+        validation_alias=AliasChoices("GENQ_WORKER_ID", "GENQ_WORKER_WORKER_ID"),
+    )
 
     # -- the engine ---------------------------------------------------------
-    engine: Literal["vllm", "simulated"] = "vllm"
+    engine: Literal["vllm", "simulated"] = "vllm"  # simulated: a deterministic fake engine for tests
     model: str | None = None  # a model path or id; None = the default model
     served_model_name: str | None = None  # the queue name; default: the engine's model name
-    max_num_seqs: int | None = Field(None, ge=1)
-    max_num_batched_tokens: int | None = Field(None, ge=1)
-    max_model_len: int | None = Field(None, ge=16)
-    dtype: str | None = None
+    max_num_seqs: int | None = Field(None, ge=1)  # sequences the engine runs at once (default 16)
+    max_num_batched_tokens: int | None = Field(None, ge=1)  # vLLM's per-step token budget
+    max_model_len: int | None = Field(None, ge=16)  # context length (default 2048)
+    dtype: str | None = None  # auto; float32 on the CPU with the default model
+    # Share of GPU memory (of host RAM on the CPU: 0.3) for the KV cache.
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
-    tensor_parallel_size: int | None = Field(None, ge=1)
-    enforce_eager: bool | None = None
-    sim_step_ms: float | None = Field(None, ge=0)
-    sim_step_ms_per_seq: float | None = Field(None, ge=0)
-    sim_tokens_per_step: int | None = Field(None, ge=1)
+    tensor_parallel_size: int | None = Field(None, ge=1)  # GPUs one engine spans
+    enforce_eager: bool | None = None  # no CUDA graphs / compilation (default: on the CPU)
+    sim_step_ms: float | None = Field(None, ge=0)  # simulated engine: ms per step
+    sim_step_ms_per_seq: float | None = Field(None, ge=0)  # simulated engine: extra ms per running sequence
+    sim_tokens_per_step: int | None = Field(None, ge=1)  # simulated engine: tokens per sequence per step
     # Any other vLLM engine argument: field name -> text (env: a JSON object). See the module docstring.
     engine_args: dict[str, str] = Field(default_factory=dict)
 
@@ -97,11 +103,13 @@ class WorkerSettings(BaseSettings):
     # Jobs held beyond the engine's sequence slots, so a slot that frees is refilled at once
     # while the rest of the backlog stays in Redis for other workers.
     waiting_margin: int = Field(2, ge=0)
-    heartbeat_s: float = Field(2.0, gt=0)
+    heartbeat_s: float = Field(2.0, gt=0)  # how often the worker announces itself (genq status, /v1/models)
 
     # -- process ------------------------------------------------------------
-    log_level: str = "INFO"
-    json_logs: bool | None = None  # None = JSON unless stderr is a terminal
+    # Shared with the API: GENQ_LOG_LEVEL / GENQ_JSON_LOGS (GENQ_WORKER_* wins when both are set).
+    log_level: str = Field("INFO", validation_alias=AliasChoices("GENQ_WORKER_LOG_LEVEL", "GENQ_LOG_LEVEL"))
+    # None = JSON unless stderr is a terminal.
+    json_logs: bool | None = Field(None, validation_alias=AliasChoices("GENQ_WORKER_JSON_LOGS", "GENQ_JSON_LOGS"))
 
     @field_validator("engine_args", mode="before")
     @classmethod
