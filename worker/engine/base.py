@@ -44,7 +44,7 @@ class GenRequest:
     prompt: str | None = None  # plain completion prompt
     # chat messages (OpenAI shape); the engine applies the tokenizer's chat
     # template with add_generation_prompt=True
-    messages: list[dict] | None = None
+    messages: list[dict[str, Any]] | None = None
     # completion tokens already emitted by an earlier attempt
     resume_token_ids: list[int] = field(default_factory=list)
     max_tokens: int = 256  # total completion budget INCLUDING resume_token_ids
@@ -176,7 +176,7 @@ class Engine(Protocol):
 
     def stats(self) -> EngineStats: ...
 
-    def count_prompt_tokens(self, prompt: str | None, messages: list[dict] | None) -> int: ...
+    def count_prompt_tokens(self, prompt: str | None, messages: list[dict[str, Any]] | None) -> int: ...
 
     async def close(self) -> None: ...
 

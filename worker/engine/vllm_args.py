@@ -76,7 +76,8 @@ class _Parser(FlexibleArgumentParser):
 
 @functools.cache
 def _parser() -> tuple[_Parser, dict[str, argparse.Action]]:
-    parser = _Parser(prog="--engine-arg", add_help=False, allow_abbrev=False)
+    # vLLM's FlexibleArgumentParser.__init__(*args, **kwargs) carries no annotations
+    parser = _Parser(prog="--engine-arg", add_help=False, allow_abbrev=False)  # type: ignore[no-untyped-call]
     AsyncEngineArgs.add_cli_args(parser)
     fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
     actions = {
