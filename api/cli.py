@@ -21,10 +21,9 @@ def api_command(
     import uvicorn
 
     from api.app import create_app
-    from api.settings import ApiSettings
     from broker.logs import configure_logging
 
-    settings = ApiSettings()
+    settings = _settings("genq api")
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     settings = settings.model_copy(update=overrides)
     configure_logging(settings.json_logs, settings.log_level)
@@ -38,12 +37,26 @@ def api_command(
     )
 
 
-def _run(coro_fn: Any) -> Any:
+def _settings(command: str) -> Any:
+    """The process's ApiSettings; invalid ones (e.g. a GENQ_REDIS_URL genq cannot use) exit 2."""
+    from pydantic import ValidationError
+
     from api.settings import ApiSettings
+
+    try:
+        return ApiSettings()
+    except ValidationError as e:
+        typer.echo(f"{command}: invalid settings\n{e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _run(coro_fn: Any) -> Any:
     from broker.client import Broker
 
+    settings = _settings("genq keys")
+
     async def main() -> Any:
-        async with Broker.from_settings(ApiSettings()) as broker:
+        async with Broker.from_settings(settings) as broker:
             return await coro_fn(broker)
 
     return asyncio.run(main())

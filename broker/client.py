@@ -18,13 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from redis.asyncio import Redis
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from broker import errors
+from broker.connection import RedisClient, connect_redis, wait_replicas
 from broker.contract import FailOutcome, JobErrorCode, RenewResult
 from broker.errors import Code, translated
 from broker.events import ControlListener, EventHub
@@ -53,19 +49,6 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def connect_redis(url: str, **kw: Any) -> Redis:
-    """A pooled asyncio client that rides out short Redis restarts."""
-    client: Redis = Redis.from_url(  # from_url is unannotated in redis-py
-        url,
-        decode_responses=True,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=20),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        health_check_interval=10,
-        **kw,
-    )
-    return client
-
-
 def _fingerprint(spec: JobSpec) -> str:
     return hashlib.sha256(spec.fingerprint_source().encode()).hexdigest()[:32]
 
@@ -86,7 +69,7 @@ class OutputWrite:
 class Broker:
     max_tenants = 64  # backlogged tenants read to estimate a queue position
 
-    def __init__(self, redis: Redis, settings: BrokerSettings) -> None:
+    def __init__(self, redis: RedisClient, settings: BrokerSettings) -> None:
         self._redis = redis
         self.settings = settings
         self._keys = Keys(settings.queue)
@@ -161,11 +144,9 @@ class Broker:
     async def set_tenant(self, tenant: str, limits: TenantLimits) -> None:
         data = limits.model_dump()
         data["priorities"] = "".join(str(p) for p in sorted(set(limits.priorities)))
-        key = self._keys.tenant(tenant)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(key)
-            pipe.hset(key, mapping=data)
-            await pipe.execute()
+        # Every field is written, so one HSET replaces the record atomically (no MULTI: a
+        # cluster client has none).
+        await typed_reply(self._redis.hset(self._keys.tenant(tenant), mapping=data))
 
     async def get_tenant(self, tenant: str) -> TenantLimits | None:
         raw = await typed_reply(self._redis.hgetall(self._keys.tenant(tenant)))
@@ -286,13 +267,31 @@ class Broker:
     async def admit(self, spec: JobSpec) -> Admission:
         job_id = new_job_id()
         keys, args = self._admit_args(spec, job_id)
-        return self._admission(spec, await self._scripts.admit(keys, args))
+        if not self.settings.redis_wait_replicas:
+            return self._admission(spec, await self._scripts.admit(keys, args))
+        pipe = self._redis.pipeline(transaction=False)  # WAIT must follow on the same connection
+        await self._scripts.admit(keys, args, client=pipe)
+        self._wait_replicas(pipe, keys[0])
+        reply, acked = await pipe.execute()
+        self._check_replicas(acked)
+        return self._admission(spec, reply)
+
+    def _wait_replicas(self, pipe: Any, key: str) -> None:
+        wait_replicas(self._redis, pipe, key, self.settings.redis_wait_replicas, self.settings.redis_wait_timeout_ms)
+
+    def _check_replicas(self, acked: int) -> None:
+        if int(acked) < self.settings.redis_wait_replicas:  # e.g. a failover under way
+            raise errors.Unavailable(
+                f"the write reached {acked} of {self.settings.redis_wait_replicas} Redis replicas "
+                f"within {self.settings.redis_wait_timeout_ms} ms"
+            )
 
     async def admit_many(self, specs: Sequence[JobSpec]) -> list[Admission | errors.BrokerError]:
         """Admit many jobs in one pipeline; each result is an Admission or the error for that job."""
         results: list[Admission | errors.BrokerError | None] = [None] * len(specs)
         pipe = self._redis.pipeline(transaction=False)
         sent: list[int] = []
+        last_key = ""
         for i, spec in enumerate(specs):
             try:
                 keys, args = self._admit_args(spec, new_job_id())
@@ -301,7 +300,12 @@ class Broker:
                 continue
             await self._scripts.admit(keys, args, client=pipe)
             sent.append(i)
+            last_key = keys[0]
+        if sent and self.settings.redis_wait_replicas:
+            self._wait_replicas(pipe, last_key)
         replies = await pipe.execute() if sent else []
+        if sent and self.settings.redis_wait_replicas:
+            self._check_replicas(replies.pop())
         for i, reply in zip(sent, replies, strict=True):
             try:
                 results[i] = self._admission(specs[i], reply)

@@ -3,7 +3,8 @@
 Errors carry structured fields (what was asked, what the limit is); the API alone turns
 them into words and HTTP answers (``api/errors.py``). Each has a plain default message
 for logs and for callers that are not the API. redis-py's connection and timeout errors
-never leave the broker: they become :class:`Unavailable`.
+never leave the broker: they become :class:`Unavailable`, and so do the errors that mean
+"the topology is changing" (a demoted master, a failover or reshard in a Sentinel or Cluster).
 """
 
 from __future__ import annotations
@@ -13,7 +14,16 @@ from collections.abc import Awaitable, Callable
 from enum import IntEnum
 from typing import ParamSpec, TypeVar
 
-from redis.exceptions import BusyLoadingError
+from redis.exceptions import (
+    AskError,
+    BusyLoadingError,
+    ClusterDownError,
+    ClusterError,
+    ReadOnlyError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -155,6 +165,25 @@ class RedisMisconfigured(BrokerError):
     code = "redis_misconfigured"
 
 
+class BadRedisUrl(BrokerError, ValueError):
+    """``GENQ_REDIS_URL`` names nothing genq can connect to (a ValueError for settings validation)."""
+
+    code = "bad_redis_url"
+
+    def __init__(self, url: str, problem: str) -> None:
+        super().__init__(f"GENQ_REDIS_URL {_redact(url)!r}: {problem}", field="redis_url")
+        self.problem = problem
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    head, sep, tail = url.partition("://")
+    userinfo, at, hosts = tail.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{head}://{userinfo.partition(':')[0]}:***@{hosts}"
+
+
 # Refusal codes -> (exception class, reason).
 REFUSALS: dict[Code, tuple[type[AdmissionRefused], str]] = {
     Code.RATE_REQUESTS: (RateLimited, "requests"),
@@ -164,20 +193,47 @@ REFUSALS: dict[Code, tuple[type[AdmissionRefused], str]] = {
 }
 
 
-# redis-py errors that mean "Redis is not reachable right now" (after its own retries).
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, BusyLoadingError)
+# redis-py errors that mean "Redis is not reachable right now" (after its own retries), or
+# "the topology is changing": a demoted master (READONLY; MASTERDOWN is a ClusterDownError),
+# a cluster failover or reshard (CLUSTERDOWN, TRYAGAIN, MOVED/ASK left after redirections,
+# "TTL exhausted"). Sentinel's MasterNotFoundError and SlaveNotFoundError are ConnectionErrors.
+REDIS_DOWN = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    BusyLoadingError,
+    ReadOnlyError,
+    ClusterDownError,
+    ClusterError,
+    TryAgainError,
+    AskError,  # MovedError too
+    SlotNotCoveredError,
+)
+# Replies without a class of their own: writes refused for lack of in-sync replicas
+# (min-replicas-to-write), a blocked call released because the server changed role.
+_DOWN_REPLIES = ("NOREPLICAS", "UNBLOCKED")
+
+
+def topology_changing(e: BaseException) -> bool:
+    """Whether a redis-py error means Redis is away or switching (retrying later may work)."""
+    if isinstance(e, REDIS_DOWN):
+        return True
+    return isinstance(e, ResponseError) and str(e).startswith(_DOWN_REPLIES)
+
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
 def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Turn redis-py's connection and timeout errors into :class:`errors.Unavailable`."""
+    """Turn redis-py's connection, timeout and failover errors into :class:`errors.Unavailable`."""
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await fn(*args, **kwargs)
-        except REDIS_DOWN as e:
+        except (*REDIS_DOWN, ResponseError) as e:
+            if not topology_changing(e):
+                raise
             raise Unavailable(f"Redis unavailable: {type(e).__name__}: {e}") from e
 
     return wrapper

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from redis.asyncio import Redis
 
+from broker.connection import RedisClient
 from broker.contract import TERMINAL, TERMINAL_EVENTS, EventType
 from broker.errors import REDIS_DOWN, NotFound, Unavailable, translated
 from broker.keys import Keys
@@ -62,7 +62,7 @@ def _parse_message(payload: str) -> Event:
 class EventHub:
     """One pub/sub connection per process, shared by every follower."""
 
-    def __init__(self, redis: Redis, keys: Keys, resync_s: float = 5.0) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys, resync_s: float = 5.0) -> None:
         self.redis = redis
         self.keys = keys
         self.resync_s = resync_s
@@ -95,9 +95,31 @@ class EventHub:
     def followers(self) -> int:
         return sum(len(q) for q in self._subs.values())
 
+    def _resync_all(self) -> None:
+        for queues in self._subs.values():
+            for q in queues:
+                q.put_nowait(None)
+
+    async def _reconnect(self) -> None:
+        """A fresh subscriber connection, subscribed to every followed channel: after a
+        failover the old server may be gone (Sentinel's pool finds the new master; on a
+        cluster, another node)."""
+        async with self._lock:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+            self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            if self._subs:
+                await self._pubsub.subscribe(*self._subs)
+        self._resync_all()  # messages published while away: read them from the streams
+
     async def _read(self) -> None:
+        broken = False
         while True:
             try:
+                if broken:
+                    await self._reconnect()
+                    broken = False
+                    log.info("pubsub connection back")
                 if not self._pubsub.subscribed:
                     await asyncio.sleep(0.05)  # nothing subscribed yet: get_message would return at once
                     continue
@@ -105,10 +127,10 @@ class EventHub:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # connection lost: followers resync from the stream  # noqa: BLE001
-                log.warning("pubsub connection lost; followers will resync", error=str(e))
-                for queues in self._subs.values():
-                    for q in queues:
-                        q.put_nowait(None)
+                if not broken:
+                    log.warning("pubsub connection lost; followers will resync", error=str(e))
+                self._resync_all()
+                broken = True
                 await asyncio.sleep(0.2)
                 continue
             if msg is None or msg.get("type") != "message":
@@ -241,7 +263,7 @@ class EventHub:
 class ControlListener:
     """A worker's subscription to its model's control channel (cancel notices)."""
 
-    def __init__(self, redis: Redis, keys: Keys, model: str) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys, model: str) -> None:
         self._pubsub = redis.pubsub(ignore_subscribe_messages=True)
         self._channel = keys.control(model)
 

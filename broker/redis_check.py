@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import structlog
-from redis.asyncio import Redis
+from typing import Any
 
+import structlog
+
+from broker.connection import ClusterClient, RedisClient
 from broker.errors import RedisMisconfigured
 from broker.settings import BrokerSettings
 
@@ -13,12 +15,28 @@ log = structlog.get_logger(__name__)
 MIN_VERSION = (6, 2)
 
 
-async def check_redis(redis: Redis, settings: BrokerSettings) -> list[str]:
+async def check_redis(redis: RedisClient, settings: BrokerSettings) -> list[str]:
     """Return the problems found; raise RedisMisconfigured for them in production.
 
     Uses INFO only, which managed Redis services allow even where CONFIG is disabled.
     """
-    info = await redis.info()
+    if isinstance(redis, ClusterClient):  # every primary holds queues
+        infos = list((await redis.info(target_nodes=ClusterClient.PRIMARIES)).values())
+    else:
+        infos = [await redis.info()]
+    problems: list[str] = []
+    for info in infos:
+        for p in _problems(info):
+            if p not in problems:
+                problems.append(p)
+    for p in problems:
+        log.warning("redis misconfigured", problem=p, env=settings.env)
+    if problems and settings.env == "production":
+        raise RedisMisconfigured("; ".join(problems))
+    return problems
+
+
+def _problems(info: dict[str, Any]) -> list[str]:
     problems = []
     version = tuple(int(x) for x in str(info.get("redis_version", "0.0")).split(".")[:2])
     if version < MIN_VERSION:
@@ -30,8 +48,4 @@ async def check_redis(redis: Redis, settings: BrokerSettings) -> list[str]:
         problems.append(
             f"Redis has `maxmemory-policy {policy}`: it may evict queued jobs; set `maxmemory-policy noeviction`"
         )
-    for p in problems:
-        log.warning("redis misconfigured", problem=p, env=settings.env)
-    if problems and settings.env == "production":
-        raise RedisMisconfigured("; ".join(problems))
     return problems

@@ -6,11 +6,15 @@ restarted Redis (which forgets loaded scripts) needs no special handling.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any, Protocol, cast
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+
+from broker.connection import ClusterClient, RedisClient
 
 NAMES = ("admit", "claim", "renew", "append", "complete", "fail", "reap", "cancel")
 
@@ -20,20 +24,34 @@ def source(name: str) -> str:
     return (lua / "_lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
 
 
+class Script(Protocol):
+    """A loaded script (redis-py's AsyncScript); ``client`` is a pipeline of either client kind."""
+
+    sha: str
+    script: Any
+
+    def __call__(self, keys: Sequence[str], args: Sequence[Any], client: Any = None) -> Awaitable[Any]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Scripts:
-    admit: AsyncScript
-    claim: AsyncScript
-    renew: AsyncScript
-    append: AsyncScript
-    complete: AsyncScript
-    fail: AsyncScript
-    reap: AsyncScript
-    cancel: AsyncScript
+    admit: Script
+    claim: Script
+    renew: Script
+    append: Script
+    complete: Script
+    fail: Script
+    reap: Script
+    cancel: Script
 
-    def all(self) -> list[AsyncScript]:
+    def all(self) -> list[Script]:
         return [getattr(self, name) for name in NAMES]
 
     @classmethod
-    def register(cls, redis: Redis) -> Scripts:
-        return cls(**{name: redis.register_script(source(name)) for name in NAMES})
+    def register(cls, redis: RedisClient) -> Scripts:
+        # AsyncScript takes a cluster client too (it runs EVALSHA / SCRIPT LOAD, routed by the
+        # first key); redis-py annotates only the standalone one.
+        scripts = {name: AsyncScript(cast(Redis, redis), source(name)) for name in NAMES}
+        if isinstance(redis, ClusterClient):  # its pipelines load what a new primary lacks
+            redis.script_sources.update({s.sha: str(s.script) for s in scripts.values()})
+        return cls(**scripts)

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 
 class BrokerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore", env_file=".env")
+    # hide_input_in_errors: a bad GENQ_REDIS_URL may hold a password.
+    model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore", env_file=".env", hide_input_in_errors=True)
 
     # production: refuse to start on a Redis without AOF / noeviction (development: warn).
     env: Literal["development", "production"] = "development"
-    # The Redis every process of one deployment shares (redis:// or rediss://).
+    # The Redis every process of one deployment shares: redis:// or rediss:// (standalone),
+    # redis+sentinel://[:pw@]host:26379[,host...]/<service>[/db] (Sentinel),
+    # redis+cluster://[:pw@]host:port[,host:port...] (Cluster seed nodes); see broker/connection.py.
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Replicas that must confirm an admission (Redis WAIT) before it is acknowledged, so a
+    # failover cannot lose an accepted job; unconfirmed within the timeout: 503. 0 = off.
+    redis_wait_replicas: int = Field(0, ge=0)
+    redis_wait_timeout_ms: int = Field(500, ge=1)
     # One queue namespace = one Redis Cluster hash tag; every key of it lives in one slot.
     queue: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     # Models accepted at admission even before a worker for them has registered.
@@ -41,6 +48,14 @@ class BrokerSettings(BaseSettings):
     default_tpm_burst: int = 0  # tokens allowed at once (0 = the per-minute figure)
     default_max_queued: int = 0  # queued jobs per tenant
     default_weight: float = 1.0  # share of capacity under contention (fairness weight)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _usable_url(cls, url: str) -> str:
+        from broker.connection import parse_redis_url
+
+        parse_redis_url(url)  # BadRedisUrl is a ValueError: pydantic reports it
+        return url
 
     @property
     def result_ttl_ms(self) -> int:
