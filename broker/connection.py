@@ -27,7 +27,9 @@ broadcasts ``PUBLISH`` (run by the Lua scripts on the queue's slot owner) to eve
 
 from __future__ import annotations
 
+import contextlib
 import random
+import time
 from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
@@ -162,6 +164,39 @@ class SentinelMaster(Redis):
                 await sentinel.aclose()
 
 
+class FailoverAwarePool(SentinelConnectionPool):
+    """Sentinel's pool, re-asking the sentinels for the master at most once a second.
+
+    redis-py asks only when it opens a connection, so after ``SENTINEL FAILOVER`` pooled
+    connections would keep writing to the old master (still a master until the sentinel
+    demotes it, seconds later: those writes are then lost). Here a connection to a server
+    that is no longer the master is reopened to the new one before it is handed out.
+    """
+
+    recheck_s = 1.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._checked_at = 0.0
+
+    async def get_connection(self, *args: Any, **options: Any) -> Any:
+        now = time.monotonic()
+        if now - self._checked_at >= self.recheck_s:
+            self._checked_at = now
+            with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+                # closes the idle connections if the master moved
+                await self.get_master_address()  # type: ignore[no-untyped-call]
+        conn = await super().get_connection(*args, **options)
+        if self.master_address is not None and (conn.host, conn.port) != tuple(self.master_address):
+            try:
+                await conn.disconnect()
+                await conn.connect()  # to the master the sentinels name now
+            except BaseException:
+                await self.release(conn)
+                raise
+        return conn
+
+
 class ClusterPipelineWithScripts(ClusterPipeline):
     """A cluster pipeline that takes registered scripts as the standalone one does.
 
@@ -172,6 +207,12 @@ class ClusterPipelineWithScripts(ClusterPipeline):
 
     _client: ClusterClient
     connection_pool: Any  # for the type checker only, as on ClusterClient
+
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        # redis-py blocks scripts in cluster pipelines, as a script's keys might span slots;
+        # genq's share one hash tag, and the pipeline routes EVALSHA by its first key.
+        self.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
+        return self
 
     def __await__(self) -> Generator[Any, None, ClusterPipelineWithScripts]:
         return self._itself().__await__()
@@ -270,7 +311,12 @@ def connect_redis(url: str, **kw: Any) -> RedisClient:
         }
         sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_kwargs)
         master: Redis = sentinel.master_for(
-            target.service, redis_class=SentinelMaster, db=target.db, retry=_short_retry(8), **common
+            target.service,
+            redis_class=SentinelMaster,
+            connection_pool_class=FailoverAwarePool,
+            db=target.db,
+            retry=_short_retry(8),
+            **common,
         )
         return master
     return ClusterClient(

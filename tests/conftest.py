@@ -126,3 +126,135 @@ async def broker(settings: BrokerSettings) -> AsyncIterator[Broker]:
     await b.register_model("m", 4096)
     yield b
     await b.close()
+
+
+# -- Sentinel and Cluster on loopback (tests/test_topologies.py) ---------------------------
+def _wait_until(check: callable, what: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if check():
+                return
+        except redis_sync.RedisError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@dataclass
+class RedisCluster:
+    """A Redis Cluster of ``len(nodes)`` masters without replicas, owned by the tests."""
+
+    nodes: list[RedisServer]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop(kill=True)
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free and valid too."""
+    while True:
+        port = free_port()
+        if port + 10000 < 65536:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+
+
+def start_cluster(base: Path, masters: int = 3) -> RedisCluster:
+    nodes = []
+    for i in range(masters):
+        node = RedisServer(free_cluster_port(), base / f"node{i}", ["--cluster-enabled", "yes", "--appendonly", "yes"])
+        node.args += ["--cluster-config-file", str(node.dir / "nodes.conf"), "--cluster-node-timeout", "2000"]
+        node.dir.mkdir(parents=True)
+        node.start()
+        nodes.append(node)
+    cluster = RedisCluster(nodes)
+    hosts = [f"127.0.0.1:{n.port}" for n in nodes]
+    subprocess.run(
+        ["redis-cli", "--cluster", "create", *hosts, "--cluster-replicas", "0", "--cluster-yes"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=30,
+    )
+    for n in nodes:
+        client = redis_sync.Redis(port=n.port, decode_responses=True)
+        _wait_until(lambda c=client: c.cluster("info")["cluster_state"] == "ok", f"cluster node {n.port}")
+    return cluster
+
+
+@dataclass
+class RedisSentinel:
+    """One master, one replica and one sentinel watching them as service ``genq``."""
+
+    master: RedisServer
+    replica: RedisServer
+    sentinel_port: int
+    proc: subprocess.Popen
+    service: str = "genq"
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{self.service}/0"
+
+    def sentinel(self) -> redis_sync.Redis:
+        return redis_sync.Redis(port=self.sentinel_port, decode_responses=True)
+
+    def master_port(self) -> int:
+        return int(self.sentinel().sentinel_get_master_addr_by_name(self.service)[1])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self.master.stop(kill=True)
+        self.replica.stop(kill=True)
+
+
+def start_sentinel(base: Path) -> RedisSentinel:
+    durable = ["--appendonly", "yes"]
+    master = RedisServer(free_port(), base / "master", durable)
+    master.dir.mkdir(parents=True)
+    master.start()
+    replica = RedisServer(free_port(), base / "replica", [*durable, "--replicaof", "127.0.0.1", str(master.port)])
+    replica.dir.mkdir(parents=True)
+    replica.start()
+    port = free_port()
+    conf = base / "sentinel.conf"  # the sentinel rewrites it: a file of its own
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {base}\n"
+        f"sentinel monitor genq 127.0.0.1 {master.port} 1\n"
+        "sentinel down-after-milliseconds genq 1000\nsentinel failover-timeout genq 5000\n"
+    )
+    proc = subprocess.Popen(
+        [redis_server_binary(), str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    setup = RedisSentinel(master, replica, port, proc)
+    rep = redis_sync.Redis(port=replica.port, decode_responses=True)
+    _wait_until(lambda: rep.info("replication")["master_link_status"] == "up", "the replica to sync")
+    _wait_until(lambda: len(setup.sentinel().sentinel_slaves("genq")) == 1, "the sentinel to see the replica")
+    return setup
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    cluster = start_cluster(tmp_path_factory.mktemp("cluster"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSentinel]:
+    setup = start_sentinel(tmp_path_factory.mktemp("sentinel"))
+    yield setup
+    setup.stop()
