@@ -23,6 +23,7 @@ class BrokerSettings(BaseSettings):
     # Replicas that must confirm an admission (Redis WAIT) before it is acknowledged, so a
     # failover cannot lose an accepted job; unconfirmed within the timeout: 503. 0 = off.
     redis_wait_replicas: int = Field(0, ge=0)
+    # How long an admission waits for those replicas (GENQ_REDIS_WAIT_REPLICAS) to confirm it.
     redis_wait_timeout_ms: int = Field(500, ge=1)
     # One queue namespace = one Redis Cluster hash tag; every key of it lives in one slot.
     queue: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
