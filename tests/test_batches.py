@@ -261,7 +261,9 @@ def test_cancel_halfway(make_stack, tmp_path: Path) -> None:  # noqa: F811
         assert len(errs) == 7 and {x["error"]["code"] for x in errs} == {"batch_cancelled"}
         assert {x["custom_id"] for x in out} | {x["custom_id"] for x in errs} == {f"req-{i}" for i in range(10)}
         jobs = stack.call(lambda br: br.list_jobs("acme"))
-        assert len(jobs) == 6 and {j.status.value for j in jobs} == {"succeeded", "cancelled"}
+        # at most 6 in flight: the 3 collected made room for up to 3 more before the cancel
+        assert len(jobs) <= 9 and sorted(j.status.value for j in jobs)[-3:] == ["succeeded"] * 3
+        assert {j.status.value for j in jobs} == {"succeeded", "cancelled"}
         assert c.batches.cancel(b.id).status == "cancelled"  # cancelling twice is not an error
     finally:
         batcher.stop()
