@@ -10,6 +10,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -290,3 +294,56 @@ def test_window_expires(make_stack, tmp_path: Path) -> None:  # noqa: F811
         assert (b.request_counts.completed, b.request_counts.failed) == (2, 6)
     finally:
         batcher.stop()
+
+
+# -- a batcher killed mid-run ------------------------------------------------------------------
+def spawn_batcher(stack: Stack, log_path: Path) -> subprocess.Popen:
+    s = stack.settings
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "GENQ_REDIS_URL": s.redis_url,
+        "GENQ_QUEUE": s.queue,
+        "GENQ_FILES_URL": s.files_root,
+        "GENQ_MODELS": json.dumps(s.models),
+        "GENQ_BATCH_LEASE_MS": "1000",
+        "GENQ_BATCH_FLUSH_S": "0.05",
+        "GENQ_JSON_LOGS": "true",
+    }
+    with log_path.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "genq.cli", "batcher"], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def test_batcher_killed_mid_run_resumes_exactly_once(make_stack, tmp_path: Path) -> None:  # noqa: F811
+    stack = make_stack(worker=False, files_url=str(tmp_path / "files"))
+    stack.add_worker("m", sim_step_ms=4.0)
+    c = client(stack, stack.key("acme"))
+    rows = [chat_line(i, 6) for i in range(1000)]
+    b = c.batches.create(input_file_id=upload(c, jsonl(rows)), endpoint="/v1/chat/completions", completion_window="24h")
+    log_path = tmp_path / "batcher.log"
+    first = spawn_batcher(stack, log_path)
+    try:
+        wait_for(lambda: c.batches.retrieve(b.id).request_counts.completed >= 250, 90, "a quarter of the lines")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    at_kill = c.batches.retrieve(b.id)
+    assert at_kill.status == "in_progress" and at_kill.request_counts.completed < 1000
+    second = spawn_batcher(stack, log_path)
+    try:
+        done = finished(c, b.id, timeout_s=120)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(20)
+    assert done.status == "completed", done
+    assert (done.request_counts.completed, done.request_counts.failed) == (1000, 0)
+    out = lines_of(c, done.output_file_id)
+    ids = [x["custom_id"] for x in out]
+    assert len(ids) == 1000 and len(set(ids)) == 1000 and set(ids) == {r["custom_id"] for r in rows}
+    # one job per line: a replayed admission returned the line's job, it made no new one
+    jobs = stack.call(lambda br: br.list_jobs("acme", limit=2000))
+    assert len(jobs) == 1000 and all(j.status.value == "succeeded" for j in jobs)
+    assert {x["response"]["request_id"] for x in out} == {j.id for j in jobs}
+    assert b'"epoch": 2' in log_path.read_bytes() or b'"epoch":2' in log_path.read_bytes()  # a takeover happened
