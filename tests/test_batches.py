@@ -347,3 +347,45 @@ def test_batcher_killed_mid_run_resumes_exactly_once(make_stack, tmp_path: Path)
     assert len(jobs) == 1000 and all(j.status.value == "succeeded" for j in jobs)
     assert {x["response"]["request_id"] for x in out} == {j.id for j in jobs}
     assert b'"epoch": 2' in log_path.read_bytes() or b'"epoch":2' in log_path.read_bytes()  # a takeover happened
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_e2e_vllm_batch_of_50(make_stack, tmp_path: Path) -> None:  # noqa: F811
+    import fcntl
+
+    from test_api_openai import VLLM_LOCK
+
+    from broker.settings import DEFAULT_MODEL
+
+    stack = make_stack(worker=False, models=[DEFAULT_MODEL], files_url=str(tmp_path / "files"))
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "GENQ_REDIS_URL": stack.settings.redis_url,
+        "GENQ_QUEUE": stack.settings.queue,
+        "VLLM_CPU_KVCACHE_SPACE": "2",
+        "HF_HUB_OFFLINE": "1",
+    }
+    with open(VLLM_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one real engine per machine at a time
+        worker = subprocess.Popen([sys.executable, "-m", "genq.cli", "worker", "--max-model-len", "2048"], env=env)
+        batcher = Batcher(stack)
+        try:
+            c = client(stack, stack.key("acme"))
+            rows = [chat_line(i, 16, DEFAULT_MODEL) for i in range(50)]
+            b = c.batches.create(
+                input_file_id=upload(c, jsonl(rows)), endpoint="/v1/chat/completions", completion_window="24h"
+            )
+            b = finished(c, b.id, timeout_s=600)
+        finally:
+            batcher.stop()
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(90)
+    assert b.status == "completed" and b.request_counts.completed == 50, b
+    out = lines_of(c, b.output_file_id)
+    assert sorted(x["custom_id"] for x in out) == sorted(r["custom_id"] for r in rows)
+    for x in out:
+        body = x["response"]["body"]
+        assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"]
+        assert 0 < body["usage"]["completion_tokens"] <= 16 and body["usage"]["prompt_tokens"] > 0
