@@ -57,24 +57,39 @@ class Driver:
 
     async def drive(self, batch_id: str) -> str:
         """Drive a batch for one slice: ``done``, ``yield`` (more to do) or ``busy`` (another batcher has it)."""
-        bs = self.broker.batches
-        held, epoch = await bs.lease(batch_id, self.owner, self.settings.batch_lease_ms)
+        bs, ttl_ms = self.broker.batches, self.settings.batch_lease_ms
+        # One owner per run, not per process: a run whose lease lapsed (a stalled loop) and was
+        # taken over, even by this same process, is refused at its next guarded update.
+        owner = f"{self.owner}:{secrets.token_hex(4)}"
+        held, epoch = await bs.lease(batch_id, owner, ttl_ms)
         if not held:
             return "busy"
+        keeper = asyncio.create_task(self._keep(batch_id, owner))
         try:
             with structlog.contextvars.bound_contextvars(batch_id=batch_id, epoch=epoch):
-                return await Run(self, batch_id, epoch).run()
+                return await Run(self, batch_id, epoch, owner).run()
         except LeaseLost:
             log.warning("batch lease lost; another batcher drives it")
             return "busy"
         finally:
+            keeper.cancel()
             with contextlib.suppress(be.BrokerError):
-                await bs.lease(batch_id, self.owner, self.settings.batch_lease_ms, release=True)
+                await bs.lease(batch_id, owner, ttl_ms, release=True)
+
+    async def _keep(self, batch_id: str, owner: str) -> None:
+        """Renew the lease on a timer of its own, so a long step of the run cannot let it lapse."""
+        ttl_ms = self.settings.batch_lease_ms
+        while True:
+            await asyncio.sleep(ttl_ms / 3000)  # a period, not a wait for an event
+            with contextlib.suppress(be.Unavailable):
+                held, _ = await self.broker.batches.lease(batch_id, owner, ttl_ms)
+                if not held:
+                    return  # the run's next guarded update raises LeaseLost
 
 
 class Run:
-    def __init__(self, d: Driver, batch_id: str, epoch: int) -> None:
-        self.d, self.id, self.epoch = d, batch_id, epoch
+    def __init__(self, d: Driver, batch_id: str, epoch: int, owner: str) -> None:
+        self.d, self.id, self.epoch, self.owner = d, batch_id, epoch, owner
         self.bs = d.broker.batches
         self.lines: list[L.Line] = []
         self.fed: dict[int, str] = {}  # line index -> job id (or "!" + the output line)
@@ -120,7 +135,7 @@ class Run:
             if next_line < len(self.lines) and loop.time() >= retry_at:
                 retry_at = await self.feed(next_line)
             elif not self.fed and next_line >= len(self.lines):
-                await self.bs.update(self.id, owner=self.d.owner, allowed=("in_progress",), set=_at("finalizing"))
+                await self.bs.update(self.id, owner=self.owner, allowed=("in_progress",), set=_at("finalizing"))
                 return await self.finalize("completed")
             self.watch()
             wait_s = self.d.settings.batch_lease_ms / 3000
@@ -131,7 +146,7 @@ class Run:
                 return "yield"
 
     async def renew(self) -> None:
-        held, _ = await self.bs.lease(self.id, self.d.owner, self.d.settings.batch_lease_ms)
+        held, _ = await self.bs.lease(self.id, self.owner, self.d.settings.batch_lease_ms)
         if not held:
             raise LeaseLost(self.id)
 
@@ -148,7 +163,7 @@ class Run:
     async def fail(self, problems: list[L.LineError], allowed: tuple[str, ...]) -> None:
         errs = {"object": "list", "data": [p.as_dict() for p in problems]}
         await self.bs.update(
-            self.id, owner=self.d.owner, allowed=allowed, set={**_at("failed"), "errors": json.dumps(errs)}, done=True
+            self.id, owner=self.owner, allowed=allowed, set={**_at("failed"), "errors": json.dumps(errs)}, done=True
         )
         log.info("batch failed", problems=len(problems), first=problems[0].message)
 
@@ -160,7 +175,7 @@ class Run:
                 return False
             await self.bs.update(
                 self.id,
-                owner=self.d.owner,
+                owner=self.owner,
                 allowed=("validating",),
                 set={**_at("in_progress"), "total": len(self.lines), "next_line": 0},
             )
@@ -218,7 +233,7 @@ class Run:
             advance = i + 1
         if new or advance != next_line:
             await self.bs.update(
-                self.id, owner=d.owner, allowed=("in_progress",), set={"next_line": advance}, lines=new
+                self.id, owner=self.owner, allowed=("in_progress",), set={"next_line": advance}, lines=new
             )
             self.fed.update(new)
         return retry_at
@@ -280,7 +295,7 @@ class Run:
         self.segment += 1
         await self.bs.update(
             self.id,
-            owner=self.d.owner,
+            owner=self.owner,
             allowed=("in_progress", "cancelling", "finalizing"),
             unline=order,
             segs=segs,
@@ -332,7 +347,7 @@ class Run:
             made[f"{suffix}_file_id"] = fid
         status = await self.bs.update(
             self.id,
-            owner=d.owner,
+            owner=self.owner,
             allowed=("in_progress", "cancelling", "finalizing"),
             set={**_at(final), **made},
             incr={"failed": len(tail)},

@@ -346,7 +346,8 @@ def test_batcher_killed_mid_run_resumes_exactly_once(make_stack, tmp_path: Path)
     jobs = stack.call(lambda br: br.list_jobs("acme", limit=2000))
     assert len(jobs) == 1000 and all(j.status.value == "succeeded" for j in jobs)
     assert {x["response"]["request_id"] for x in out} == {j.id for j in jobs}
-    assert b'"epoch": 2' in log_path.read_bytes() or b'"epoch":2' in log_path.read_bytes()  # a takeover happened
+    record = stack.call(lambda br: br.batches.get_batch(b.id))
+    assert int(record["epoch"]) >= 2  # the second batcher took the batch over
 
 
 @pytest.mark.e2e
