@@ -19,6 +19,8 @@ from fastapi import FastAPI
 from api import docs, errors
 from api.metrics import ApiMetrics
 from api.middleware import AccessMiddleware
+from api.routes_batches import router as batches_router
+from api.routes_files import router as files_router
 from api.routes_jobs import router as jobs_router
 from api.routes_openai import router as openai_router
 from api.routes_ops import admin as admin_router
@@ -89,8 +91,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     )
     errors.install(app)
     docs.install(app)
-    app.add_middleware(AccessMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
-    for router in (ops_router, admin_router, jobs_router, openai_router):
+    # An upload's multipart body: the file plus a little form overhead.
+    uploads = {"/v1/files": settings.max_file_bytes + 64 * 1024}
+    app.add_middleware(AccessMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes, uploads=uploads)
+    for router in (ops_router, admin_router, jobs_router, openai_router, files_router, batches_router):
         app.include_router(router)
     return app
 

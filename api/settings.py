@@ -5,10 +5,11 @@ from __future__ import annotations
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from batcher.settings import FilesSettings
 from broker.settings import BrokerSettings
 
 
-class ApiSettings(BrokerSettings):
+class ApiSettings(BrokerSettings, FilesSettings):
     model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore", env_file=".env")
 
     host: str = "127.0.0.1"  # the address the API listens on

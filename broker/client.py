@@ -8,6 +8,7 @@ become :class:`broker.errors.Unavailable` at this boundary.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -25,6 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from broker import errors
+from broker.batches import BatchStore
 from broker.contract import FailOutcome, JobErrorCode, RenewResult
 from broker.errors import Code, translated
 from broker.events import ControlListener, EventHub
@@ -122,6 +124,11 @@ class Broker:
         """Durability problems of the Redis server (AOF, eviction, version); raises
         :class:`errors.RedisMisconfigured` for them in production."""
         return await check_redis(self._redis, self.settings)
+
+    @functools.cached_property
+    def batches(self) -> BatchStore:
+        """Files and batches metadata and a batch's progress checkpoint (broker.batches)."""
+        return BatchStore(self._redis, self._keys)
 
     def event_hub(self, resync_s: float = 5.0) -> EventHub:
         """The process's one pub/sub follower of job events (an async context manager)."""

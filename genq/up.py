@@ -133,6 +133,7 @@ class Stack:
             "GENQ_REDIS_URL": self.redis_url,
             "HF_HUB_OFFLINE": "1",
             "GENQ_MODELS": json.dumps([self.model]),
+            "GENQ_DATA_DIR": str(self.data_dir),  # the API and the batcher keep batch files here
         }
 
     def start_children(self) -> None:
@@ -143,9 +144,11 @@ class Stack:
         self.procs["worker"] = subprocess.Popen(
             [*genq, "worker", *self.worker_args], env=self.env(), start_new_session=True
         )
+        # batch orchestration (OpenAI batches)
+        self.procs["batcher"] = subprocess.Popen([*genq, "batcher"], env=self.env(), start_new_session=True)
 
     def stop(self) -> None:
-        for name in ("worker", "api", "redis"):
+        for name in ("batcher", "worker", "api", "redis"):
             proc = self.procs.get(name)
             if proc and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
