@@ -28,7 +28,8 @@ log = structlog.get_logger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 RT = Annotated[Runtime, Depends(get_runtime)]
 JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
-EVENT_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+EVENT_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$", re.ASCII)
+U64_MAX = 2**64 - 1
 
 
 async def owned_job(rt: Runtime, who: Principal, job_id: str) -> Job:
@@ -82,7 +83,8 @@ async def cancel_job(job_id: str, request: Request, who: Auth, rt: RT) -> dict[s
 
 def _last_event_id(header: str | None, query: str | None) -> str | None:
     value = header or query
-    if value is not None and not EVENT_ID.match(value):
+    # A stream id is two unsigned 64-bit integers: Redis refuses anything larger.
+    if value is not None and (not EVENT_ID.match(value) or any(int(p) > U64_MAX for p in value.split("-"))):
         raise bad_request(
             "Last-Event-ID must be an event id from this stream, like `1700000000000-0`.", "last_event_id"
         )
