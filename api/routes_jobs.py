@@ -51,11 +51,31 @@ async def submit_job(body: JobRequest, request: Request, who: Auth, rt: RT) -> J
 
 @router.get("", responses=openapi_errors(400, 401))
 async def list_jobs(
-    who: Auth, rt: RT, status: JobStatus | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    who: Auth,
+    rt: RT,
+    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[str | None, Query(max_length=64, description="`next_after` of the previous page.")] = None,
 ) -> dict[str, Any]:
-    """The caller's jobs, newest first (positions are not computed here: see GET /v1/jobs/{id})."""
-    jobs = await rt.broker.list_jobs(who.tenant, status, limit)
-    return {"object": "list", "data": [job_view(j) for j in jobs]}
+    """The caller's jobs, newest first, optionally only those with `status` (positions are not computed
+    here: see GET /v1/jobs/{id}). Pages: while `has_more` is true, ask again with `after` set to
+    `next_after`. A page may hold fewer than `limit` jobs (even none) and still have more: one call reads
+    a bounded part of a long history."""
+    if after is not None and not JOB_ID.match(after):
+        raise bad_request("after must be a job id (the `next_after` of a previous page).", "after")
+    try:
+        page = await rt.broker.job_page(who.tenant, status, limit, after)
+    except be.NotFound:
+        raise bad_request("after names no job of yours (it may have expired).", "after") from None
+    data = [job_view(j) for j in page.jobs]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": page.has_more,
+        "next_after": page.next_after,
+    }
 
 
 @router.get("/{job_id}", responses=openapi_errors(401, 404))
