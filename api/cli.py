@@ -18,9 +18,7 @@ def api_command(
     port: Annotated[int | None, typer.Option(help="Port (env GENQ_PORT; default 8000).")] = None,
 ) -> None:
     """Run the HTTP API (uvicorn, one process)."""
-    import uvicorn
-
-    from api.app import create_app
+    from api.server import serve
     from api.settings import ApiSettings
     from broker.logs import configure_logging
 
@@ -28,14 +26,7 @@ def api_command(
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     settings = settings.model_copy(update=overrides)
     configure_logging(settings.json_logs, settings.log_level)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        access_log=False,
-        log_config=None,
-        timeout_graceful_shutdown=10,
-    )
+    serve(settings)
 
 
 def _run(coro_fn: Any) -> Any:

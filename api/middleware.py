@@ -90,7 +90,10 @@ class AccessMiddleware:
             try:
                 try:
                     cl = headers.get(b"content-length")
-                    pending = await self._buffer(receive, int(cl) if cl and cl.isdigit() else None)
+                    declared = int(cl) if cl and cl.isdigit() else None
+                    if (declared or 0) > self.max_body_bytes:  # answered before a byte of it is read
+                        raise BodyTooLarge
+                    pending = await self._buffer(receive, declared)
                 except BodyTooLarge:
                     self.metrics.rejected("body_too_large")
                     body = error_body(

@@ -18,6 +18,8 @@ class ApiSettings(BrokerSettings):
     admin_key: SecretStr | None = None
     # Request bodies above this answer 413 before any parsing.
     max_body_bytes: int = Field(2_000_000, ge=1_024)
+    # A request head (request line + headers) above this answers 431 while it arrives.
+    max_header_bytes: int = Field(64 * 1024, ge=8 * 1024)
     # Open SSE streams (native events and OpenAI streams) per tenant, per API process.
     sse_per_tenant: int = Field(64, ge=1)
     # An SSE stream silent for this long gets a comment line, so proxies keep it open. Never
