@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+import math
+import string
+
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from broker.settings import BrokerSettings
+
+MIN_KEY_CHARS = 32
+MIN_KEY_BITS = 128
+MIN_KEY_DISTINCT = 8
+_CLASSES = (string.ascii_lowercase, string.ascii_uppercase, string.digits, string.punctuation)
+
+
+def key_weakness(key: str) -> str | None:
+    """Why ``key`` is too weak for a bootstrap admin key, or None. Estimated bits: length
+    times log2 of the alphabet its character classes span (lower, upper, digits, symbols)."""
+    alphabet = sum(len(c) for c in _CLASSES if any(ch in c for ch in key)) or 1
+    bits = len(key) * math.log2(alphabet) if alphabet > 1 else 0.0
+    if len(key) < MIN_KEY_CHARS:
+        return f"it has {len(key)} characters; at least {MIN_KEY_CHARS} are needed"
+    if len(set(key)) < MIN_KEY_DISTINCT or bits < MIN_KEY_BITS:
+        return f"it is too predictable (about {bits:.0f} bits, {len(set(key))} distinct characters)"
+    return None
 
 
 class ApiSettings(BrokerSettings):
@@ -41,3 +61,16 @@ class ApiSettings(BrokerSettings):
     reattach_grace_s: float = Field(10.0, ge=0)
     json_logs: bool | None = None
     log_level: str = "INFO"
+
+    @field_validator("admin_key")
+    @classmethod
+    def _strong_admin_key(cls, v: SecretStr | None) -> SecretStr | None:
+        # Checked in memory on every request and never rate limited: it must not be guessable.
+        weakness = key_weakness(v.get_secret_value()) if v is not None else None
+        if weakness:
+            raise ValueError(
+                f"GENQ_ADMIN_KEY is too weak: {weakness}. Make one with "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`, or leave it unset "
+                "and use `genq keys create --admin`"
+            )
+        return v

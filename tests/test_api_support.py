@@ -26,7 +26,7 @@ from broker import Broker, BrokerSettings
 from broker.client import OutputWrite
 from broker.models import Lease, TenantLimits
 
-ADMIN_KEY = "gq-admin-" + secrets.token_hex(8)
+ADMIN_KEY = "gq-admin-" + secrets.token_hex(16)
 SIM_STEP_MS = 2.0
 
 
