@@ -169,4 +169,6 @@ async def job_events(
     after = _last_event_id(last_event_id_header, last_event_id)
     job = await owned_job(rt, who, job_id)
     slot = open_slot(rt, who.tenant)  # last step before the response owns it
-    return SlotEventSourceResponse(_events(rt, job, after), slot, ping=rt.settings.keepalive_s)
+    return SlotEventSourceResponse(
+        _events(rt, job, after), slot, ping=rt.settings.keepalive_s, shutdown_grace_period=rt.settings.drain_grace_s
+    )

@@ -101,11 +101,25 @@ def uvicorn_options(settings: ApiSettings) -> dict[str, Any]:
         "h11_max_incomplete_event_size": settings.max_header_bytes,
         "access_log": False,
         "log_config": None,
-        "timeout_graceful_shutdown": 10,
+        "timeout_graceful_shutdown": settings.drain_grace_s + 2,
     }
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, telling the app it drains before uvicorn starts closing anything."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Any) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self._on_exit()  # act first
+        super().handle_exit(sig, frame)
 
 
 def serve(settings: ApiSettings) -> None:
     from api.app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, **uvicorn_options(settings))
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, **uvicorn_options(settings))
+    DrainingServer(config, app.state.drain.start).run()

@@ -59,6 +59,9 @@ class ApiSettings(BrokerSettings):
     # An OpenAI request with an `Idempotency-Key` whose client went away keeps its job this
     # long before cancelling it, so a retry with the same key re-attaches to it.
     reattach_grace_s: float = Field(10.0, ge=0)
+    # On SIGTERM: streams get this long to finish, then close; their jobs keep running so a
+    # client can reconnect (or retry) to the restarted API. uvicorn waits 2 s more for requests.
+    drain_grace_s: float = Field(8.0, ge=0)
     json_logs: bool | None = None
     log_level: str = "INFO"
 

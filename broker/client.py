@@ -546,6 +546,14 @@ class Broker:
                 return rest[:n]
             want *= 2  # every entry read shares the cursor's millisecond and sorts before it
 
+    async def remember_retry_key(self, tenant: str, digest: str, idempotency_key: str, ttl_ms: int) -> None:
+        """Note the idempotency key a request's first attempt was admitted with, by the request's
+        digest, so the client's automatic retry (same request, a retry counter) finds that job."""
+        await self._redis.set(self._keys.retry_hint(tenant, digest), idempotency_key, px=ttl_ms)
+
+    async def recall_retry_key(self, tenant: str, digest: str) -> str | None:
+        return await self._redis.get(self._keys.retry_hint(tenant, digest))
+
     async def followers(self, job_id: str) -> int:
         """API processes following the job's live events now (each process subscribes once)."""
         reply = await self._redis.pubsub_numsub(self._keys.channel(job_id))
