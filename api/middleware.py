@@ -98,6 +98,8 @@ class AccessMiddleware:
                 limit = upload_limit or self.max_body_bytes
                 try:
                     if upload_limit is None:
+                        if (declared or 0) > self.max_body_bytes:  # answered before a byte of it is read
+                            raise BodyTooLarge
                         pending = await self._buffer(receive, declared)
                     elif (declared or 0) > upload_limit:  # the app checks the real size as it copies
                         await self._discard(receive, {"more_body": True}, 0)

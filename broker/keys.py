@@ -16,6 +16,8 @@ P:tenant:<t>                          hash    limits: rpm, rpm_burst, tpm, tpm_b
 P:ts:<t>                              hash    rate buckets (rq, rq_ts, tk, tk_ts), queued none
 P:tjobs:<t>                           zset    job id -> created ms (list own jobs)        pruned at admit
 P:idem:<t>:<key>                      string  job id for an idempotency key               result TTL
+P:retry:<t>:<digest>                  string  server-side idempotency key of the latest   minutes
+                                              first attempt of an OpenAI client request
 P:job:<id>                            hash    the job record (see models.Job); its `ttl`  result TTL once terminal
                                               field is the result TTL set at admission
 P:ev:<id>                             stream  job events (status, token, done...)         result TTL once terminal
@@ -93,6 +95,9 @@ class Keys:
 
     def idem(self, tenant: str, key: str | None) -> str:
         return f"{self.prefix}:idem:{tenant}:{key or ''}"
+
+    def retry_hint(self, tenant: str, digest: str) -> str:
+        return f"{self.prefix}:retry:{tenant}:{digest}"
 
     # -- job ----------------------------------------------------------
     def job(self, job_id: str) -> str:
