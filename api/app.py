@@ -19,11 +19,13 @@ from fastapi import FastAPI
 from api import docs, errors
 from api.metrics import ApiMetrics
 from api.middleware import AccessMiddleware
+from api.routes_batches import router as batches_router
+from api.routes_files import router as files_router
 from api.routes_jobs import router as jobs_router
 from api.routes_openai import router as openai_router
 from api.routes_ops import admin as admin_router
 from api.routes_ops import router as ops_router
-from api.runtime import Runtime, StreamSlots
+from api.runtime import Drain, Runtime, StreamSlots
 from api.settings import ApiSettings
 from broker.client import Broker
 
@@ -60,6 +62,7 @@ async def reaper(broker: Broker, settings: ApiSettings) -> AsyncIterator[None]:
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or ApiSettings()
     metrics = ApiMetrics()
+    drain = Drain()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
@@ -69,7 +72,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             for model in settings.models:  # a worker's record (max_model_len, tokenizer) wins
                 await broker.register_model(model, 0, only_if_absent=True)
             async with broker.event_hub() as hub, reaper(broker, settings):
-                rt = Runtime(settings, broker, hub, metrics=metrics, streams=StreamSlots(settings.sse_per_tenant))
+                rt = Runtime(
+                    settings, broker, hub, metrics=metrics, streams=StreamSlots(settings.sse_per_tenant), drain=drain
+                )
                 log.info("api started", queue=settings.queue, models=settings.models)
                 try:
                     yield {"rt": rt}
@@ -87,10 +92,13 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         docs_url=None,  # served by api.docs without a CDN
         redoc_url=None,
     )
+    app.state.drain = drain  # api.server starts it on SIGTERM, before uvicorn stops anything
     errors.install(app)
     docs.install(app)
-    app.add_middleware(AccessMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
-    for router in (ops_router, admin_router, jobs_router, openai_router):
+    # An upload's multipart body: the file plus a little form overhead.
+    uploads = {"/v1/files": settings.max_file_bytes + 64 * 1024}
+    app.add_middleware(AccessMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes, uploads=uploads)
+    for router in (ops_router, admin_router, jobs_router, openai_router, files_router, batches_router):
         app.include_router(router)
     return app
 

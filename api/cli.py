@@ -18,23 +18,14 @@ def api_command(
     port: Annotated[int | None, typer.Option(help="Port (env GENQ_PORT; default 8000).")] = None,
 ) -> None:
     """Run the HTTP API (uvicorn, one process)."""
-    import uvicorn
-
-    from api.app import create_app
+    from api.server import serve
     from broker.logs import configure_logging
 
     settings = _settings("genq api")
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     settings = settings.model_copy(update=overrides)
     configure_logging(settings.json_logs, settings.log_level)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        access_log=False,
-        log_config=None,
-        timeout_graceful_shutdown=10,
-    )
+    serve(settings)
 
 
 def _settings(command: str) -> Any:
@@ -45,8 +36,9 @@ def _settings(command: str) -> Any:
 
     try:
         return ApiSettings()
-    except ValidationError as e:
-        typer.echo(f"{command}: invalid settings\n{e}", err=True)
+    except ValidationError as e:  # say what is wrong, never echo a secret back
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors(include_input=False))
+        typer.echo(f"{command}: bad settings: {problems}", err=True)
         raise typer.Exit(2) from None
 
 

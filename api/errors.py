@@ -11,6 +11,9 @@ missing / bad / revoked    401     invalid_request_error      invalid_api_key
 not an admin key           403     permission_error           insufficient_permissions
 unknown job / other tenant 404     invalid_request_error      not_found
 unknown model              404     invalid_request_error      model_not_found
+unknown file / batch       404     invalid_request_error      not_found (another tenant's too)
+uploaded file too large    413     invalid_request_error      file_too_large
+batch already finished     409     invalid_request_error      batch_not_cancellable
 job already finished       409     invalid_request_error      already_terminal
 Idempotency-Key reused     422     invalid_request_error      idempotency_key_reused (another body)
 body too large             413     invalid_request_error      request_too_large
@@ -155,6 +158,23 @@ def no_worker(model: str, retry_after: int, kept_s: float | None) -> ApiError:
         type="overloaded_error",
         code="no_worker",
         headers={"Retry-After": str(max(1, retry_after))},
+    )
+
+
+def no_such(kind: str, object_id: str, param: str) -> ApiError:
+    """An unknown file or batch (or another tenant's: it does not exist for this key)."""
+    return ApiError(404, f"No such {kind} object: '{object_id[:80]}'.", code="not_found", param=param)
+
+
+def file_too_large(limit: int) -> ApiError:
+    return ApiError(413, f"The file is larger than the limit of {limit} bytes.", code="file_too_large", param="file")
+
+
+def batch_not_cancellable(batch_id: str, status: str) -> ApiError:
+    return ApiError(
+        409,
+        f"Batch '{batch_id}' is {status}: only a validating or in-progress batch can be cancelled.",
+        code="batch_not_cancellable",
     )
 
 

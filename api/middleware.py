@@ -41,8 +41,12 @@ async def _json(send: Send, status: int, body: dict[str, Any], headers: list[tup
 
 
 class AccessMiddleware:
-    def __init__(self, app: ASGIApp, metrics: ApiMetrics, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: ApiMetrics, max_body_bytes: int, uploads: dict[str, int] | None = None
+    ) -> None:
         self.app, self.metrics, self.max_body_bytes = app, metrics, max_body_bytes
+        # Upload paths (POST) -> their own body limit: streamed to the app, not buffered here.
+        self.uploads = uploads or {}
 
     async def _buffer(self, receive: Receive, declared: int | None) -> list[Message]:
         """Read the whole body (bounded) before the app runs; JSON bodies are small."""
@@ -88,13 +92,24 @@ class AccessMiddleware:
 
         with structlog.contextvars.bound_contextvars(request_id=rid):
             try:
+                cl = headers.get(b"content-length")
+                declared = int(cl) if cl and cl.isdigit() else None
+                upload_limit = self.uploads.get(scope.get("path", "")) if scope.get("method") == "POST" else None
+                limit = upload_limit or self.max_body_bytes
                 try:
-                    cl = headers.get(b"content-length")
-                    pending = await self._buffer(receive, int(cl) if cl and cl.isdigit() else None)
+                    if upload_limit is None:
+                        if (declared or 0) > self.max_body_bytes:  # answered before a byte of it is read
+                            raise BodyTooLarge
+                        pending = await self._buffer(receive, declared)
+                    elif (declared or 0) > upload_limit:  # the app checks the real size as it copies
+                        await self._discard(receive, {"more_body": True}, 0)
+                        raise BodyTooLarge
+                    else:
+                        pending = []
                 except BodyTooLarge:
                     self.metrics.rejected("body_too_large")
                     body = error_body(
-                        f"Request body is larger than {self.max_body_bytes} bytes.",
+                        f"Request body is larger than {limit} bytes.",
                         "invalid_request_error",
                         "request_too_large",
                     )

@@ -21,8 +21,6 @@ from broker.client import Broker
 
 log = structlog.get_logger(__name__)
 
-SHUTDOWN_S = 5.0
-
 
 async def cancel_quietly(broker: Broker, job_id: str, tenant: str) -> None:
     with contextlib.suppress(be.NotFound, be.AlreadyTerminal):
@@ -68,11 +66,10 @@ class Orphans:
             log.warning("could not cancel an orphaned job", job_id=job_id, error=str(e))
 
     async def aclose(self) -> None:
-        """At shutdown nobody can re-attach here any more: settle every pending job now."""
+        """At shutdown the retry may come to the restarted API (or another one): keep the jobs,
+        which run to their end with their results readable; only the timers stop here."""
         pending, self._pending = self._pending, {}
         for _, task in pending.values():
             task.cancel()
         if pending:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(SHUTDOWN_S):
-                    await asyncio.gather(*(self._settle(jid, tenant) for jid, (tenant, _) in pending.items()))
+            log.info("shutting down: jobs kept for a retry", jobs=len(pending))

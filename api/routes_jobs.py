@@ -28,7 +28,8 @@ log = structlog.get_logger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 RT = Annotated[Runtime, Depends(get_runtime)]
 JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
-EVENT_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+EVENT_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$", re.ASCII)
+U64_MAX = 2**64 - 1
 
 
 async def owned_job(rt: Runtime, who: Principal, job_id: str) -> Job:
@@ -50,11 +51,31 @@ async def submit_job(body: JobRequest, request: Request, who: Auth, rt: RT) -> J
 
 @router.get("", responses=openapi_errors(400, 401))
 async def list_jobs(
-    who: Auth, rt: RT, status: JobStatus | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    who: Auth,
+    rt: RT,
+    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[str | None, Query(max_length=64, description="`next_after` of the previous page.")] = None,
 ) -> dict[str, Any]:
-    """The caller's jobs, newest first (positions are not computed here: see GET /v1/jobs/{id})."""
-    jobs = await rt.broker.list_jobs(who.tenant, status, limit)
-    return {"object": "list", "data": [job_view(j) for j in jobs]}
+    """The caller's jobs, newest first, optionally only those with `status` (positions are not computed
+    here: see GET /v1/jobs/{id}). Pages: while `has_more` is true, ask again with `after` set to
+    `next_after`. A page may hold fewer than `limit` jobs (even none) and still have more: one call reads
+    a bounded part of a long history."""
+    if after is not None and not JOB_ID.match(after):
+        raise bad_request("after must be a job id (the `next_after` of a previous page).", "after")
+    try:
+        page = await rt.broker.job_page(who.tenant, status, limit, after)
+    except be.NotFound:
+        raise bad_request("after names no job of yours (it may have expired).", "after") from None
+    data = [job_view(j) for j in page.jobs]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": page.has_more,
+        "next_after": page.next_after,
+    }
 
 
 @router.get("/{job_id}", responses=openapi_errors(401, 404))
@@ -82,7 +103,8 @@ async def cancel_job(job_id: str, request: Request, who: Auth, rt: RT) -> dict[s
 
 def _last_event_id(header: str | None, query: str | None) -> str | None:
     value = header or query
-    if value is not None and not EVENT_ID.match(value):
+    # A stream id is two unsigned 64-bit integers: Redis refuses anything larger.
+    if value is not None and (not EVENT_ID.match(value) or any(int(p) > U64_MAX for p in value.split("-"))):
         raise bad_request(
             "Last-Event-ID must be an event id from this stream, like `1700000000000-0`.", "last_event_id"
         )
@@ -147,4 +169,6 @@ async def job_events(
     after = _last_event_id(last_event_id_header, last_event_id)
     job = await owned_job(rt, who, job_id)
     slot = open_slot(rt, who.tenant)  # last step before the response owns it
-    return SlotEventSourceResponse(_events(rt, job, after), slot, ping=rt.settings.keepalive_s)
+    return SlotEventSourceResponse(
+        _events(rt, job, after), slot, ping=rt.settings.keepalive_s, shutdown_grace_period=rt.settings.drain_grace_s
+    )

@@ -9,7 +9,13 @@ its headers wait for the grace), instead of holding the client for ``sync_timeou
 
 A client that disconnects cancels its job; with an ``Idempotency-Key`` only after
 ``reattach_grace_s``, and a retry with the same key re-attaches to the job and
-follows it from the start (see api.orphans). Background mode (``X-Background: true``
+follows it from the start (see api.orphans). The official ``openai`` client sends no
+key but numbers its automatic retries (``X-Stainless-Retry-Count``): its first attempt
+gets a server-made key, found again by the retry of the same request (:func:`_retry_key`),
+so a retry after an API restart re-attaches instead of making a second job.
+
+On SIGTERM (api.server) streams get ``drain_grace_s`` to finish; a request cut by the
+shutdown keeps its job (the client may reconnect to the restarted API). Background mode (``X-Background: true``
 or ``"background": true``) answers 202 with the job shaped as a (choice-less) chat or
 text completion, retrievable later at ``GET /v1/chat/completions/{id}``.
 """
@@ -18,8 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import math
+import secrets
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -57,6 +65,12 @@ from broker.models import Job, JobStatus
 
 log = structlog.get_logger(__name__)
 
+RETRY_COUNT = "x-stainless-retry-count"
+RETRY_HINT_MS = 10 * 60 * 1000  # how long a first attempt can be found by its retries
+# Request headers that shape the job, so two requests differing in them are not one retry.
+JOB_HEADERS = ("x-priority", "x-max-queue-time", "x-background")
+RETRY_ANEW = frozenset({JobStatus.CANCELLED, JobStatus.FAILED, JobStatus.EXPIRED})
+
 router = APIRouter(prefix="/v1", tags=["openai"])
 RT = Annotated[Runtime, Depends(get_runtime)]
 # What a background answer or a retrieved object adds to OpenAI's shape (from the job view).
@@ -83,12 +97,16 @@ class Caller:
 
     def __init__(self, rt: Runtime, request: Request, who: Principal, job_id: str, model: str) -> None:
         self.rt, self.request, self.who, self.job_id, self.model = rt, request, who, job_id, model
-        # With an Idempotency-Key a retry finds this job again (admission dedupes on the key).
+        # With an Idempotency-Key a retry finds this job again (admission dedupes on the key). A
+        # server-made key does not count: its client may never retry, and it left on purpose.
         self.keyed = request.headers.get("idempotency-key") is not None and rt.settings.reattach_grace_s > 0
 
     async def abandon(self) -> None:
-        """Nobody waits for the job any more: cancel it, or, if a retry may re-attach, after the grace."""
-        if self.keyed:
+        """Nobody waits for the job any more: cancel it, or, if a retry may re-attach, after the grace.
+        While the API drains the client did not leave, the process did: keep the job."""
+        if self.rt.drain.started:
+            log.info("api draining: job kept for a reconnect", job_id=self.job_id)
+        elif self.keyed:
             self.rt.orphans.schedule(self.job_id, self.who.tenant)  # synchronous: safe in a cancelled scope
         else:
             await shielded(cancel_quietly(self.rt.broker, self.job_id, self.who.tenant))
@@ -214,6 +232,41 @@ async def _chunks(caller: Caller, fmt: Formatter) -> AsyncIterator[str]:
             await caller.abandon()
 
 
+async def _retry_key(
+    rt: Runtime, request: Request, who: Principal, body: ChatCompletionRequest | CompletionRequest
+) -> tuple[str | None, str]:
+    """A server-made idempotency key for a request of the official ``openai`` client.
+
+    That client sends no ``Idempotency-Key``; it resends the same request with
+    ``X-Stainless-Retry-Count`` 1, 2... after a connection error or a 5xx. A first attempt
+    (count 0) is admitted with a fresh key, noted under the request's digest; a retry takes
+    the key of the latest first attempt of the same request, so it re-attaches to that job.
+    Two identical requests sent on purpose are both first attempts: two jobs. Returns the
+    key and the request's digest (None, "" for other clients).
+    """
+    count = request.headers.get(RETRY_COUNT)
+    if count is None or request.headers.get("idempotency-key") is not None:
+        return None, ""
+    digest = hashlib.sha256(
+        json.dumps(
+            [request.url.path, who.key_id, body.model_dump(mode="json"), [request.headers.get(h) for h in JOB_HEADERS]],
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
+    if count != "0":
+        known = await rt.broker.recall_retry_key(who.tenant, digest)
+        if known is not None:
+            log.info("openai client retry recognised", retry=count[:8])
+            return known, digest
+    return await _fresh_retry_key(rt, who, digest), digest
+
+
+async def _fresh_retry_key(rt: Runtime, who: Principal, digest: str) -> str:
+    key = "oai-" + secrets.token_hex(16)
+    await rt.broker.remember_retry_key(who.tenant, digest, key, RETRY_HINT_MS)
+    return key
+
+
 async def _serve(
     rt: Runtime,
     request: Request,
@@ -222,7 +275,11 @@ async def _serve(
     formatter: type[Formatter],
 ) -> Any:
     sub = body.submission(priority_header(request, body.priority if body.priority is not None else 5))
-    adm, headers = await admit(rt, request, who, sub)
+    retry_key, digest = await _retry_key(rt, request, who, body)
+    adm, headers = await admit(rt, request, who, sub, retry_key)
+    if retry_key is not None and adm.duplicate and (await rt.broker.get_job(adm.job_id)).status in RETRY_ANEW:
+        # the first attempt's job was given up (its client left, or it failed): the retry is a new try
+        adm, headers = await admit(rt, request, who, sub, await _fresh_retry_key(rt, who, digest))
     if adm.duplicate:
         rt.orphans.adopt(adm.job_id)  # a retry with the same key: the job is wanted again
     if _background(request, body):
@@ -240,7 +297,13 @@ async def _serve(
         except ApiError:
             await caller.abandon()  # admitted, but nobody can follow it
             raise
-        return SlotEventSourceResponse(_chunks(caller, fmt), slot, ping=rt.settings.keepalive_s, headers=headers)
+        return SlotEventSourceResponse(
+            _chunks(caller, fmt),
+            slot,
+            ping=rt.settings.keepalive_s,
+            headers=headers,
+            shutdown_grace_period=rt.settings.drain_grace_s,
+        )
     return await _complete(caller, fmt, headers)
 
 

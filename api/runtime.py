@@ -48,6 +48,19 @@ class StreamSlots:
             del self.open[tenant]
 
 
+class Drain:
+    """Set when the server was told to stop (SIGTERM): from then on a stream that ends is
+    not its client leaving but the process going, so its job is kept for a reconnect."""
+
+    __slots__ = ("started",)
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def start(self) -> None:
+        self.started = True
+
+
 @dataclass(slots=True)
 class Runtime:
     settings: ApiSettings
@@ -56,6 +69,7 @@ class Runtime:
     tokens: TokenCounter = field(default_factory=TokenCounter)
     metrics: ApiMetrics = field(default_factory=ApiMetrics)
     streams: StreamSlots = field(default_factory=lambda: StreamSlots(64))
+    drain: Drain = field(default_factory=Drain)
     fleet: Fleet = field(init=False)
     orphans: Orphans = field(init=False)
 

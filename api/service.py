@@ -88,8 +88,11 @@ async def model_info(rt: Runtime, model: str) -> dict[str, Any]:
     return info
 
 
-async def admit(rt: Runtime, request: Request, who: Principal, sub: Submission) -> tuple[Admission, dict[str, str]]:
-    """Count tokens, fill defaults, admit. Returns the admission and its ``x-ratelimit-*`` headers."""
+async def admit(
+    rt: Runtime, request: Request, who: Principal, sub: Submission, idempotency_key: str | None = None
+) -> tuple[Admission, dict[str, str]]:
+    """Count tokens, fill defaults, admit. Returns the admission and its ``x-ratelimit-*`` headers.
+    ``idempotency_key`` is a server-made key, used when the request has no ``Idempotency-Key``."""
     _check_text(sub)
     info = await model_info(rt, sub.model)
     max_len = int(info.get("max_model_len") or 0)
@@ -113,7 +116,7 @@ async def admit(rt: Runtime, request: Request, who: Principal, sub: Submission) 
         sampling=sub.sampling,
         priority=sub.priority,
         prompt_tokens=prompt_tokens,
-        idempotency_key=idempotency_header(request),
+        idempotency_key=idempotency_header(request) or idempotency_key,
         metadata=sub.metadata,
         deadline_ms=None if queue_time_s is None else now_ms() + math.ceil(queue_time_s * 1000),
     )

@@ -8,6 +8,7 @@ become :class:`broker.errors.Unavailable` at this boundary.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -20,6 +21,7 @@ from typing import Any
 import structlog
 
 from broker import errors
+from broker.batches import BatchStore
 from broker.connection import RedisClient, connect_redis, wait_replicas
 from broker.contract import FailOutcome, JobErrorCode, RenewResult
 from broker.errors import Code, translated
@@ -51,6 +53,17 @@ def now_ms() -> int:
 
 def _fingerprint(spec: JobSpec) -> str:
     return hashlib.sha256(spec.fingerprint_source().encode()).hexdigest()[:32]
+
+
+LIST_CHUNK = 500  # index entries read per round trip when listing jobs
+LIST_SCAN_BUDGET = 20_000  # index entries one listing call reads at most
+
+
+@dataclass(slots=True)
+class JobPage:
+    jobs: list[Job]
+    has_more: bool
+    next_after: str | None  # pass as ``after`` to continue; None at the end
 
 
 @dataclass(slots=True)
@@ -105,6 +118,11 @@ class Broker:
         """Durability problems of the Redis server (AOF, eviction, version); raises
         :class:`errors.RedisMisconfigured` for them in production."""
         return await check_redis(self._redis, self.settings)
+
+    @functools.cached_property
+    def batches(self) -> BatchStore:
+        """Files and batches metadata and a batch's progress checkpoint (broker.batches)."""
+        return BatchStore(self._redis, self._keys)
 
     def event_hub(self, resync_s: float = 5.0) -> EventHub:
         """The process's one pub/sub follower of job events (an async context manager)."""
@@ -511,9 +529,75 @@ class Broker:
         return Job.from_hash(found[0])
 
     async def list_jobs(self, tenant: str, status: JobStatus | None = None, limit: int = 100) -> list[Job]:
-        ids = await self._redis.zrevrange(self._keys.tenant_jobs(tenant), 0, max(limit * 4, 400) - 1)
-        jobs = [Job.from_hash(h) for h in await self._load(ids)]
-        return [j for j in jobs if status is None or j.status == status][:limit]
+        return (await self.job_page(tenant, status, limit)).jobs
+
+    async def job_page(
+        self, tenant: str, status: JobStatus | None = None, limit: int = 100, after: str | None = None
+    ) -> JobPage:
+        """The tenant's jobs newest first, at most ``limit``, older than the job ``after`` (a cursor).
+
+        Walks the tenant's index (``tjobs``, by creation time) in chunks, reading only each
+        job's status, until ``limit`` jobs match or ``LIST_SCAN_BUDGET`` entries were read,
+        so a status filter is exact at any backlog size and one call's Redis work is bounded.
+        ``next_after`` continues the walk (it may name a job not in the page: the last one
+        read). Raises NotFound when ``after`` is not (or no longer) in the index.
+        """
+        index = self._keys.tenant_jobs(tenant)
+        cursor: tuple[float, str] | None = None
+        if after is not None:
+            score = await self._redis.zscore(index, after)
+            if score is None:
+                raise errors.NotFound(after)
+            cursor = (score, after)
+        matched: list[str] = []
+        read = 0
+        while len(matched) < limit and read < LIST_SCAN_BUDGET:
+            chunk = await self._index_after(index, cursor, LIST_CHUNK)
+            if not chunk:
+                return JobPage([Job.from_hash(h) for h in await self._load(matched)], False, None)
+            pipe = self._redis.pipeline(transaction=False)
+            for jid, _ in chunk:
+                pipe.hget(self._keys.job(jid), "status")
+            for (jid, score), st in zip(chunk, await pipe.execute(), strict=True):
+                read += 1
+                cursor = (score, jid)
+                if st is not None and (status is None or st == status.value):
+                    matched.append(jid)
+                    if len(matched) == limit:
+                        break
+        more = bool(await self._index_after(index, cursor, 1))
+        jobs = [Job.from_hash(h) for h in await self._load(matched)]
+        return JobPage(jobs, more, cursor[1] if more and cursor else None)
+
+    async def _index_after(self, index: str, cursor: tuple[float, str] | None, n: int) -> list[tuple[str, float]]:
+        """Up to ``n`` entries of a time index after ``cursor`` in ZREVRANGE order (score
+        descending, then member descending). By score, not rank, so jobs admitted meanwhile
+        (newer, at the top) shift nothing; entries sharing the cursor's millisecond are skipped
+        up to and including the cursor itself."""
+        if cursor is None:
+            first: list[tuple[str, float]] = await typed_reply(
+                self._redis.zrevrangebyscore(index, "+inf", "-inf", start=0, num=n, withscores=True)
+            )
+            return first
+        score, member = cursor
+        want = n
+        while True:
+            got: list[tuple[str, float]] = await typed_reply(
+                self._redis.zrevrangebyscore(index, score, "-inf", start=0, num=want, withscores=True)
+            )
+            rest = [(m, sc) for m, sc in got if sc < score or m < member]
+            if rest or len(got) < want:
+                return rest[:n]
+            want *= 2  # every entry read shares the cursor's millisecond and sorts before it
+
+    async def remember_retry_key(self, tenant: str, digest: str, idempotency_key: str, ttl_ms: int) -> None:
+        """Note the idempotency key a request's first attempt was admitted with, by the request's
+        digest, so the client's automatic retry (same request, a retry counter) finds that job."""
+        await self._redis.set(self._keys.retry_hint(tenant, digest), idempotency_key, px=ttl_ms)
+
+    async def recall_retry_key(self, tenant: str, digest: str) -> str | None:
+        key: str | None = await self._redis.get(self._keys.retry_hint(tenant, digest))
+        return key
 
     async def followers(self, job_id: str) -> int:
         """API processes following the job's live events now (each process subscribes once)."""

@@ -16,6 +16,8 @@ P:tenant:<t>                          hash    limits: rpm, rpm_burst, tpm, tpm_b
 P:ts:<t>                              hash    rate buckets (rq, rq_ts, tk, tk_ts), queued none
 P:tjobs:<t>                           zset    job id -> created ms (list own jobs)        pruned at admit
 P:idem:<t>:<key>                      string  job id for an idempotency key               result TTL
+P:retry:<t>:<digest>                  string  server-side idempotency key of the latest   minutes
+                                              first attempt of an OpenAI client request
 P:job:<id>                            hash    the job record (see models.Job); its `ttl`  result TTL once terminal
                                               field is the result TTL set at admission
 P:ev:<id>                             stream  job events (status, token, done...)         result TTL once terminal
@@ -32,6 +34,20 @@ P:m:<model>:leases                    zset    running job -> lease expiry ms    
 P:m:<model>:deadlines                 zset    queued, never-run job -> deadline ms        none
 P:m:<model>:wake                      list    wake-up tokens for blocked claimers         trimmed
 P:m:<model>:ctl                       pubsub  cancel notices (job ids) for workers        -
+P:file:<id>                           hash    file record (tenant, purpose, filename,     none (DELETE)
+                                              bytes, created_at, path); content lives in
+                                              the file store (batcher.storage), not here
+P:tfiles:<t>                          zset    file id -> created ms (list own files)      none
+P:batch:<id>                          hash    batch record (status, counts, timestamps,   none
+                                              errors JSON, next_line, epoch); see
+                                              broker.batches
+P:tbatches:<t>                        zset    batch id -> created ms (list own batches)   none
+P:batches                             set     batch ids not yet terminal (batcher sweep)  none
+P:bjobs:<id>                          hash    batch line -> job id (or "!" + error JSON)  removed when
+                                              for lines fed but not yet collected         the batch ends
+P:bsegs:<id>                          list    committed output / error segment files      removed when
+                                              ("out:<name>" / "err:<name>"), in order     the batch ends
+P:blease:<id>                         string  the batcher driving the batch (owner id)    lease (PX)
 ====================================  ======  ==========================================  ===========
 """
 
@@ -80,6 +96,9 @@ class Keys:
     def idem(self, tenant: str, key: str | None) -> str:
         return f"{self.prefix}:idem:{tenant}:{key or ''}"
 
+    def retry_hint(self, tenant: str, digest: str) -> str:
+        return f"{self.prefix}:retry:{tenant}:{digest}"
+
     # -- job ----------------------------------------------------------
     def job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -126,3 +145,29 @@ class Keys:
 
     def control(self, model: str) -> str:
         return f"{self.model_prefix(model)}:ctl"
+
+    # -- files and batches (broker.batches) ------------------------------
+    def file(self, file_id: str) -> str:
+        return f"{self.prefix}:file:{file_id}"
+
+    def tenant_files(self, tenant: str) -> str:
+        return f"{self.prefix}:tfiles:{tenant}"
+
+    def batch(self, batch_id: str) -> str:
+        return f"{self.prefix}:batch:{batch_id}"
+
+    def tenant_batches(self, tenant: str) -> str:
+        return f"{self.prefix}:tbatches:{tenant}"
+
+    @property
+    def batches_active(self) -> str:
+        return f"{self.prefix}:batches"
+
+    def batch_jobs(self, batch_id: str) -> str:
+        return f"{self.prefix}:bjobs:{batch_id}"
+
+    def batch_segments(self, batch_id: str) -> str:
+        return f"{self.prefix}:bsegs:{batch_id}"
+
+    def batch_lease(self, batch_id: str) -> str:
+        return f"{self.prefix}:blease:{batch_id}"

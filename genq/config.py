@@ -15,13 +15,13 @@ import json
 import textwrap
 import tokenize
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
 
 # Read outside the settings classes (paths used before any settings object exists).
 EXTRA = [
-    ("GENQ_DATA_DIR", "path", "~/.local/share/genq", "genq up: Redis data, the API key, logs"),
     ("GENQ_MODEL_CACHE", "path", "~/.cache/genq/models", "where the default model is converted once"),
 ]
 
@@ -58,15 +58,17 @@ def _comments(cls: type) -> dict[str, str]:
 
 def _default(field: object) -> str:
     factory = getattr(field, "default_factory", None)
-    if factory is not None:
-        value = factory()
-        return "(per process)" if callable(getattr(factory, "__name__", None)) and not value else json.dumps(value)
-    value = getattr(field, "default", None)
+    value = factory() if factory is not None else getattr(field, "default", None)
     if value is None:
         return ""
     if hasattr(value, "get_secret_value"):
         return "(secret)"
-    return json.dumps(value) if not isinstance(value, str) else value
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value)
+    except TypeError:  # e.g. a Path
+        return str(value).replace(str(Path.home()), "~")
 
 
 def variables(cls: type[BaseSettings], process: str, skip: frozenset[str] = frozenset()) -> list[Variable]:
@@ -100,8 +102,11 @@ def all_variables() -> list[Variable]:
 
     shared = variables(BrokerSettings, "api, worker")
     api_only = variables(ApiSettings, "api", skip=frozenset(BrokerSettings.model_fields))
+    from batcher.settings import BatcherSettings
+
     extra = [Variable(n, t, d, m, "genq up, worker") for n, t, d, m in EXTRA]
-    return [*shared, *api_only, *variables(WorkerSettings, "worker"), *extra]
+    batcher_only = variables(BatcherSettings, "batcher", skip=frozenset(ApiSettings.model_fields))
+    return [*shared, *api_only, *variables(WorkerSettings, "worker"), *batcher_only, *extra]
 
 
 def markdown() -> str:

@@ -17,6 +17,9 @@ def up_command(
     data_dir: Annotated[Path | None, typer.Option(help="Where Redis keeps its AOF and the key file.")] = None,
     model: Annotated[str | None, typer.Option(help="Model path or id (default: the bundled SmolLM2-135M).")] = None,
     engine: Annotated[str, typer.Option(help="vllm or simulated")] = "vllm",
+    follow_logs: Annotated[
+        bool, typer.Option("--follow-logs", help="Also show the children's logs here (they go to <data-dir>/logs).")
+    ] = False,
 ) -> None:
     from broker.logs import configure_logging
     from genq import up
@@ -24,7 +27,40 @@ def up_command(
     configure_logging()
     worker_args = ["--engine", engine] + (["--model", model] if model else [])
     served = up.model_name(model) if engine == "vllm" else "simulated"
-    raise typer.Exit(up.run(host, port, data_dir or up.default_data_dir(), worker_args, served))
+    raise typer.Exit(up.run(host, port, data_dir or up.default_data_dir(), worker_args, served, follow_logs))
+
+
+def logs_command(
+    child: Annotated[list[str] | None, typer.Argument(help="api, worker, redis (default: all)")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="Lines of each log to show first.")] = 50,
+    data_dir: Annotated[Path | None, typer.Option(help="The `genq up` data folder.")] = None,
+) -> None:
+    """Print the logs `genq up` keeps for its children in its data folder."""
+    import time
+
+    from genq import procs, up
+
+    folder = data_dir or up.default_data_dir()
+    names = child or list(procs.CHILDREN)
+    unknown = set(names) - set(procs.CHILDREN)
+    if unknown:
+        raise typer.BadParameter(f"unknown child {sorted(unknown)}: choose from {', '.join(procs.CHILDREN)}")
+    prefix = len(names) > 1
+    for name in names:
+        for line in procs.last_lines(procs.log_path(folder, name), lines):
+            typer.echo(f"{name} | {line}" if prefix else line)
+    if not follow:
+        return
+    tails = {name: procs.Tail(procs.log_path(folder, name)) for name in names}
+    try:
+        while True:
+            for name, tail in tails.items():
+                for line in tail.read():
+                    typer.echo(f"{name} | {line}" if prefix else line)
+            time.sleep(0.5)  # like `tail -f`: a file has no event to wait on here
+    except KeyboardInterrupt:
+        pass
 
 
 def status_command(model: Annotated[list[str] | None, typer.Option(help="Models to show")] = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 
@@ -140,3 +141,25 @@ def test_keys_cli_create_list_revoke(stack: Stack) -> None:
         assert_error(h.get("/v1/jobs", headers=auth(key)), 401, "invalid_api_key")
     assert run("revoke", "no-such-key").returncode == 1
     assert run("create", "--tenant", "bad tenant").returncode != 0
+
+
+@pytest.mark.parametrize("weak", ["x", "hunter2hunter2", "a" * 40, "ab" * 20, "0123456789" * 3])
+def test_weak_bootstrap_admin_key_refused_at_start_up(weak: str) -> None:
+    from pydantic import ValidationError
+
+    from api.settings import ApiSettings
+
+    with pytest.raises(ValidationError, match="GENQ_ADMIN_KEY is too weak"):
+        ApiSettings(admin_key=weak)
+    ApiSettings(admin_key="gq-" + secrets.token_urlsafe(32))  # what `genq keys create` makes
+    ApiSettings(admin_key=secrets.token_hex(16))
+
+
+def test_genq_api_with_a_weak_admin_key_exits_with_a_clear_message() -> None:
+    env = {**os.environ, "GENQ_ADMIN_KEY": "hunter2hunter2", "GENQ_REDIS_URL": "redis://127.0.0.1:1/0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "genq.cli", "api", "--port", "0"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "GENQ_ADMIN_KEY is too weak" in proc.stderr and "14 characters" in proc.stderr
+    assert "hunter2hunter2" not in proc.stderr  # the secret is never echoed

@@ -146,5 +146,13 @@ def test_events_errors(stack: Stack) -> None:
         job = h.post("/v1/jobs", json={"model": "m", "prompt": "x", "max_tokens": 2}).json()
         r = h.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "not-an-id"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "last_event_id"
+        # the format's digits, but past a Redis stream id's 64-bit halves (was 200, then a cut stream)
+        for too_big in ("99999999999999999999-0", "0-99999999999999999999", "18446744073709551616-0"):
+            r = h.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": too_big})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "last_event_id", too_big
+            r = h.get(f"/v1/jobs/{job['id']}/events", params={"last_event_id": too_big})
+            assert r.status_code == 400, too_big
+        with h.stream("GET", f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "18446744073709551615-0"}) as r:
+            assert r.status_code == 200  # the largest id is still an id
         r = h.get("/v1/jobs/job_" + "0" * 32 + "/events")
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"

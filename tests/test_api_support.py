@@ -20,12 +20,13 @@ import uvicorn
 
 from api.app import create_app
 from api.auth import create_key
+from api.server import uvicorn_options
 from api.settings import ApiSettings
 from broker import Broker, BrokerSettings
 from broker.client import OutputWrite
 from broker.models import Lease, TenantLimits
 
-ADMIN_KEY = "gq-admin-" + secrets.token_hex(8)
+ADMIN_KEY = "gq-admin-" + secrets.token_hex(16)
 SIM_STEP_MS = 2.0
 
 
@@ -60,15 +61,8 @@ class LiveServer:
     def __init__(self, settings: ApiSettings) -> None:
         self.port = _free_port()
         self.app = create_app(settings)
-        config = uvicorn.Config(
-            self.app,
-            host="127.0.0.1",
-            port=self.port,
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=2,
-        )
+        options = {**uvicorn_options(settings), "timeout_graceful_shutdown": 2}  # as `genq api` serves
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, lifespan="on", **options)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="test-uvicorn", daemon=True)
 

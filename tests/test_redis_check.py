@@ -50,3 +50,19 @@ async def test_good_config_passes_in_production(redis_server) -> None:
     srv = redis_server("--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction")
     assert await problems_of(srv.url) == []
     assert await problems_of(srv.url, env="production") == []
+
+
+async def test_large_stream_nodes_get_advice_never_a_refusal(redis_server) -> None:
+    from structlog.testing import capture_logs
+
+    default = redis_server("--appendonly", "yes")  # stream-node-max-bytes 4096, Redis's default
+    with capture_logs() as logs:
+        assert await problems_of(default.url, env="production") == []  # memory, not durability
+    advice = [e["advice"] for e in logs if e["event"] == "redis tuning"]
+    assert len(advice) == 1 and "`stream-node-max-bytes 4096`" in advice[0]
+    assert "`stream-node-max-bytes 512`" in advice[0]
+
+    tuned = redis_server("--appendonly", "yes", "--stream-node-max-bytes", "512")
+    with capture_logs() as logs:
+        await problems_of(tuned.url)
+    assert not [e for e in logs if e["event"] == "redis tuning"]

@@ -39,12 +39,13 @@ async def serve(settings: WorkerSettings, broker_settings: BrokerSettings) -> in
     loop = asyncio.get_running_loop()
 
     def on_signal(sig: signal.Signals) -> None:
+        # Act first, log after: a log line must never stand between a signal and the stop.
         if stop.is_set() and worker is not None:
-            log.warning("second signal: handing running jobs back now", signal=sig.name)
             worker.stop(force=True)
+            log.warning("second signal: handing running jobs back now", signal=sig.name)
         else:
-            log.info("signal: draining", signal=sig.name, grace_s=settings.drain_grace_s)
             stop.set()
+            log.info("signal: draining", signal=sig.name, grace_s=settings.drain_grace_s)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)

@@ -127,6 +127,21 @@ def engine_args_text(value: Any) -> Any:
     return value
 
 
+# EngineSettings fields that are also vLLM engine arguments (same names), so a genq setting
+# and an `--engine-arg` of that name are one setting.
+VLLM_SETTING_FIELDS = (
+    "model",
+    "served_model_name",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "max_model_len",
+    "dtype",
+    "gpu_memory_utilization",
+    "tensor_parallel_size",
+    "enforce_eager",
+)
+
+
 class EngineSettings(BaseModel):
     """How to build an engine.  ``None`` fields are resolved per platform."""
 

@@ -36,22 +36,10 @@ from typing import Any, NoReturn
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-from worker.engine.base import EngineArgsError, engine_arg_key
+from worker.engine.base import VLLM_SETTING_FIELDS, EngineArgsError, engine_arg_key
 
 # AsyncEngineArgs fields that are also genq settings (same names, flags and GENQ_WORKER_* variables).
-GENQ_SETTINGS = frozenset(
-    {
-        "model",
-        "served_model_name",
-        "max_num_seqs",
-        "max_num_batched_tokens",
-        "max_model_len",
-        "dtype",
-        "gpu_memory_utilization",
-        "tensor_parallel_size",
-        "enforce_eager",
-    }
-)
+GENQ_SETTINGS = frozenset(VLLM_SETTING_FIELDS)
 
 # Fields genq must set itself, with the reason given to whoever tries.
 RESERVED = {

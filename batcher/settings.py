@@ -1,0 +1,54 @@
+"""Settings for files and batches: shared by the API (uploads, batch objects) and the batcher."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from broker.settings import BrokerSettings
+
+
+def default_data_dir() -> Path:
+    """genq's data folder (the one ``genq up`` keeps Redis and the key file in)."""
+    return Path(os.environ.get("GENQ_DATA_DIR", Path.home() / ".local" / "share" / "genq"))
+
+
+class FilesSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore", env_file=".env")
+
+    data_dir: Path = Field(default_factory=default_data_dir)  # genq's data folder (genq up: Redis, key, logs)
+    # Where file contents live: a local folder or an fsspec URL (s3://bucket/prefix needs s3fs).
+    # Default: <data_dir>/files.
+    files_url: str | None = None
+    max_file_bytes: int = Field(200 * 1024 * 1024, ge=1)  # the largest upload to /v1/files
+    # A batch's completion window ("24h" is the only value the API accepts, as OpenAI's);
+    # shorter here only for tests and experiments.
+    batch_window_s: float = Field(24 * 3600, gt=0)
+
+    @property
+    def files_root(self) -> str:
+        return self.files_url or str(self.data_dir / "files")
+
+
+class BatcherSettings(BrokerSettings, FilesSettings):
+    model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore", env_file=".env")
+
+    batch_priority: int = Field(9, ge=0, le=9)  # the priority batch lines run at (9: after live traffic)
+    # Lines of one batch queued or running at once (backpressure: live traffic keeps the rest).
+    batch_max_in_flight: int = Field(64, ge=1)
+    # One batcher drives a batch under a lease renewed this often; a dead batcher's batches
+    # are taken over once it expires.
+    batch_lease_ms: int = Field(10_000, ge=200)
+    # One arq job drives a batch this long, then hands it back (other batchers may take it).
+    batch_slice_s: float = Field(300.0, gt=0)
+    # Finished lines are gathered this long before one segment is written and checkpointed.
+    batch_flush_s: float = Field(0.2, ge=0)
+    # max_tokens of a line that omits it (capped by the model's context), as the API's.
+    default_max_tokens: int = Field(512, ge=1)
+    # Batches one batcher process drives at once.
+    batcher_max_jobs: int = Field(16, ge=1)
+    json_logs: bool | None = None  # JSON log lines (None = JSON unless stderr is a terminal)
+    log_level: str = "INFO"  # DEBUG, INFO, WARNING, ERROR

@@ -1,0 +1,85 @@
+"""The arq side of the batcher: its functions, cron sweep and worker settings.
+
+- ``drive_batch(batch_id)`` drives one batch for a slice (see :mod:`batcher.driver`);
+- ``sweep`` (every second, one batcher at a time) enqueues ``drive_batch`` for each
+  batch not yet terminal whose lease nobody holds: new batches, batches a dead
+  batcher left, and batches whose last slice ended. The arq job id carries the batch's
+  takeover epoch, so a sweep enqueues each takeover once.
+
+arq keeps its own keys (under its queue name, derived from the genq queue) on the
+broker's Redis; arq opens its pool from the URL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import socket
+from typing import Any
+
+import structlog
+from arq import cron
+from arq.connections import RedisSettings
+from arq.worker import Worker, func
+
+from batcher.driver import Driver
+from batcher.settings import BatcherSettings
+from batcher.storage import store
+from broker import Broker
+
+log = structlog.get_logger(__name__)
+
+
+def queue_name(settings: BatcherSettings) -> str:
+    return f"arq:genq.{settings.queue}.batcher"
+
+
+async def drive_batch(ctx: dict[str, Any], batch_id: str) -> str:
+    status: str = await ctx["driver"].drive(batch_id)
+    return status
+
+
+async def sweep(ctx: dict[str, Any]) -> int:
+    bs = ctx["broker"].batches
+    enqueued = 0
+    for batch_id in await bs.active_batches():
+        if await bs.lease_holder(batch_id) is not None:
+            continue
+        rec = await bs.get_batch(batch_id)
+        if rec is None:
+            continue
+        job = await ctx["redis"].enqueue_job("drive_batch", batch_id, _job_id=f"drive:{batch_id}:{rec.get('epoch', 0)}")
+        enqueued += job is not None
+    return enqueued
+
+
+def make_worker(settings: BatcherSettings, **overrides: Any) -> Worker:
+    owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+    stack = contextlib.AsyncExitStack()
+
+    async def startup(ctx: dict[str, Any]) -> None:
+        broker = await stack.enter_async_context(Broker.from_settings(settings))
+        hub = await stack.enter_async_context(broker.event_hub())
+        ctx["broker"] = broker
+        ctx["driver"] = Driver(broker, hub, store(settings.files_root), settings, owner)
+        log.info("batcher started", owner=owner, queue=queue_name(settings), files=settings.files_root)
+
+    async def shutdown(ctx: dict[str, Any]) -> None:
+        await stack.aclose()
+        log.info("batcher stopped", owner=owner)
+
+    kw: dict[str, Any] = {
+        "functions": [func(drive_batch, name="drive_batch", keep_result=0, max_tries=1000)],
+        "cron_jobs": [cron(sweep, second=set(range(60)), run_at_startup=True, unique=True, keep_result=0)],
+        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "queue_name": queue_name(settings),
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "max_jobs": settings.batcher_max_jobs + 1,
+        "job_timeout": settings.batch_slice_s + 120,
+        "keep_result": 0,
+        "poll_delay": 0.2,
+        **overrides,
+    }
+    return Worker(**kw)
