@@ -23,6 +23,7 @@ from api.routes_jobs import router as jobs_router
 from api.routes_openai import router as openai_router
 from api.routes_ops import admin as admin_router
 from api.routes_ops import router as ops_router
+from api.routes_ui import router as ui_router
 from api.runtime import Runtime, StreamSlots
 from api.settings import ApiSettings
 from broker.client import Broker
@@ -90,7 +91,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     errors.install(app)
     docs.install(app)
     app.add_middleware(AccessMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
-    for router in (ops_router, admin_router, jobs_router, openai_router):
+    for router in (ops_router, admin_router, jobs_router, openai_router, ui_router):
         app.include_router(router)
     return app
 
