@@ -24,7 +24,7 @@ from sse_starlette import ServerSentEvent
 
 from api import ui
 from api.auth import ADMIN_TENANT, Admin, Auth, Principal, create_key, hash_key, key_id
-from api.errors import ApiError, bad_request, forbidden, from_broker
+from api.errors import ApiError, bad_request, forbidden, from_broker, openapi_errors
 from api.runtime import Runtime, get_runtime, note
 from api.service import describe, job_view
 from api.streams import SlotEventSourceResponse, follow, open_slot
@@ -36,11 +36,12 @@ from broker.models import MODEL, TENANT, Job, JobStatus, TenantLimits
 api = APIRouter(prefix="/v1/ui", tags=["console"])
 RT = Annotated[Runtime, Depends(get_runtime)]
 JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
-SCAN_LIMIT = 1000  # jobs read per tenant by a list or a usage view
+# Jobs read per tenant by a usage view (the broker loads each with its output: keep it small).
+USAGE_SCAN = 250
 DEAD_AFTER_MS = 10 * 60 * 1000  # a worker silent this long is forgotten (shown as dead until then)
 
 
-@api.get("/me")
+@api.get("/me", responses=openapi_errors(401))
 async def me(who: Auth) -> dict[str, Any]:
     """Who the key is: what the console shows and hides."""
     return {"tenant": who.tenant, "name": who.name, "admin": who.admin, "key_id": who.key_id}
@@ -55,7 +56,7 @@ def _rejections(rt: Runtime) -> dict[str, float]:
     return out
 
 
-@api.get("/overview")
+@api.get("/overview", responses=openapi_errors(401, 403))
 async def overview(_: Admin, rt: RT) -> dict[str, Any]:
     """Per model: queued jobs and tokens by priority, oldest wait, drain rate, running, workers, tokens/s.
     `rejections` counts refusals by reason seen by this API process since it started."""
@@ -83,7 +84,7 @@ async def overview(_: Admin, rt: RT) -> dict[str, Any]:
     return {"time_ms": now_ms(), "models": rows, "rejections": _rejections(rt)}
 
 
-@api.get("/workers")
+@api.get("/workers", responses=openapi_errors(401, 403))
 async def workers(_: Admin, rt: RT) -> dict[str, Any]:
     """Every worker heard from in the last minutes; `dead` past the API's worker age limit."""
     now = now_ms()
@@ -106,7 +107,7 @@ def _row(job: Job) -> dict[str, Any]:
     return {**view, "tenant": job.tenant, "worker": job.worker, "output_chars": len(job.output)}
 
 
-@api.get("/jobs")
+@api.get("/jobs", responses=openapi_errors(400, 401, 403))
 async def jobs(
     who: Auth,
     rt: RT,
@@ -114,13 +115,15 @@ async def jobs(
     status: JobStatus | None = None,
     model: Annotated[str | None, Query(pattern=MODEL.pattern)] = None,
     priority: Annotated[int | None, Query(ge=0, le=9)] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> dict[str, Any]:
     """Jobs, newest first, filtered. A tenant's key lists its own jobs only; an admin key any tenant's."""
     if tenant and tenant != who.tenant and not who.admin:
         raise forbidden("Listing another tenant's jobs needs an admin key.")
     tenants = [tenant] if tenant else (await _tenants(rt) if who.admin else [who.tenant])
-    found = await asyncio.gather(*(rt.broker.list_jobs(t, status, SCAN_LIMIT) for t in tenants))
+    # the model and priority filters apply after the read: read more than asked when they are set
+    per_tenant = limit if model is None and priority is None else min(4 * limit, 1000)
+    found = await asyncio.gather(*(rt.broker.list_jobs(t, status, per_tenant) for t in tenants))
     rows = [
         j
         for js in found
@@ -153,7 +156,7 @@ async def _timeline(rt: Runtime, job_id: str, max_events: int = 20_000) -> list[
     return out
 
 
-@api.get("/jobs/{job_id}")
+@api.get("/jobs/{job_id}", responses=openapi_errors(401, 404))
 async def job(job_id: str, request: Request, who: Auth, rt: RT) -> dict[str, Any]:
     """The job as `GET /v1/jobs/{id}` shows it, plus tenant, worker and its timeline of events."""
     note(request, job_id=job_id)
@@ -170,7 +173,7 @@ async def job(job_id: str, request: Request, who: Auth, rt: RT) -> dict[str, Any
     }
 
 
-@api.post("/jobs/{job_id}/cancel")
+@api.post("/jobs/{job_id}/cancel", responses=openapi_errors(401, 404, 409))
 async def cancel(job_id: str, request: Request, who: Auth, rt: RT) -> dict[str, Any]:
     note(request, job_id=job_id)
     found = await _job(rt, who, job_id)
@@ -197,7 +200,10 @@ async def _follow(rt: Runtime, job: Job) -> AsyncIterator[ServerSentEvent]:
         yield ServerSentEvent(json.dumps({"code": "not_found", "message": "the job expired"}), event="error")
 
 
-@api.get("/jobs/{job_id}/events")
+@api.get(
+    "/jobs/{job_id}/events",
+    responses={**openapi_errors(401, 404, 429), 200: {"content": {"text/event-stream": {}}}},
+)
 async def events(job_id: str, request: Request, who: Auth, rt: RT) -> SlotEventSourceResponse:
     """The job's events from its first, as SSE, until the terminal one (any tenant's, for an admin)."""
     note(request, job_id=job_id)
@@ -207,7 +213,7 @@ async def events(job_id: str, request: Request, who: Auth, rt: RT) -> SlotEventS
 
 async def _usage(rt: Runtime, tenant: str) -> dict[str, int]:
     """What the tenant used in the last minute (from its recent jobs) and holds now."""
-    jobs = await rt.broker.list_jobs(tenant, None, SCAN_LIMIT)
+    jobs = await rt.broker.list_jobs(tenant, None, USAGE_SCAN)
     since = now_ms() - 60_000
     recent = [j for j in jobs if j.created_ms >= since]
     return {
@@ -231,7 +237,7 @@ def _created(key: dict[str, Any]) -> int:
     return int(key["created_ms"] or 0)
 
 
-@api.get("/tenants")
+@api.get("/tenants", responses=openapi_errors(401, 403))
 async def tenants(_: Admin, rt: RT) -> dict[str, Any]:
     """Every tenant with a key: its limits (its own, or the defaults), usage against them, and keys."""
     s = rt.settings
@@ -266,14 +272,14 @@ class NewKey(BaseModel):
     admin: bool = False
 
 
-@api.post("/keys", status_code=201)
+@api.post("/keys", status_code=201, responses=openapi_errors(400, 401, 403))
 async def new_key(body: NewKey, _: Admin, rt: RT) -> dict[str, Any]:
     """Create a key; the key itself is in this answer only (only its hash is stored)."""
     key = await create_key(rt.broker, body.tenant, body.name, body.admin)
     return {"key": key, "id": key_id(hash_key(key)), "tenant": body.tenant, "name": body.name, "admin": body.admin}
 
 
-@api.delete("/keys/{kid}")
+@api.delete("/keys/{kid}", responses=openapi_errors(400, 401, 403, 404))
 async def revoke_key(kid: str, who: Admin, rt: RT) -> dict[str, Any]:
     """Revoke a key by its id (a hash prefix): requests with it answer 401 at once."""
     if not re.fullmatch(r"[0-9a-f]{16}", kid):

@@ -18,10 +18,12 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import structlog
 from test_api_support import ADMIN_KEY, HandWorker, Stack, auth, make_stack  # noqa: F401 (fixture)
 
 from broker.models import JobStatus
 
+log = structlog.get_logger(__name__)
 CHROMIUM = os.environ.get("GENQ_CHROMIUM", "/usr/bin/chromium")
 SHOTS = Path(os.environ.get("GENQ_SCREENSHOTS", Path(__file__).resolve().parents[1] / ".genq" / "screenshots"))
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
@@ -30,6 +32,19 @@ WAIT_MS = 20_000
 STATIC = Path(__file__).resolve().parents[1] / "api" / "ui" / "static"
 
 pytestmark = pytest.mark.timeout(120)
+
+# Records each value the overview's queued count shows (the page redraws it on every poll).
+WATCH_QUEUED = """() => {
+  window.genqQueued = [];
+  const root = document.querySelector("section[data-page=overview]");
+  const note = () => {
+    const el = root.querySelector("[data-testid=queued-total]");
+    const v = el && Number(el.textContent);
+    if (el && window.genqQueued.at(-1) !== v) window.genqQueued.push(v);
+  };
+  note();
+  new MutationObserver(note).observe(root, { childList: true, subtree: true });
+}"""
 
 
 def _unavailable(reason: str) -> None:
@@ -128,8 +143,14 @@ def test_overview_follows_the_queue_and_admin_pages(make_stack: Any, console: An
     expect(c.page.locator("tr[data-model=m] [data-testid=queued]")).to_have_text("50")
     expect(c.page.locator("polyline[data-series=queued]")).to_have_count(1)
     c.shot("overview-queued")
-    stack.add_worker("m")  # the simulated worker drains the queue
+    c.page.evaluate(WATCH_QUEUED)
+    # a worker slow enough (4 sequences, 20 ms a step, 8 tokens a job: ~2 s) for polls to see the fall
+    stack.add_worker("m", sim_step_ms=20.0, max_num_seqs=4)
     expect(queued).to_have_text("0")
+    seen = c.page.evaluate("window.genqQueued")
+    log.info("queued counts the overview showed", values=seen)
+    assert seen[0] == 50 and seen[-1] == 0 and any(0 < v < 50 for v in seen), seen
+    assert seen == sorted(seen, reverse=True), seen  # only falling once the worker runs
     expect(c.page.get_by_test_id("workers-total")).to_have_text("1")
     c.shot("overview")
 

@@ -43,7 +43,9 @@ export async function tenantsPage({ root, signal }) {
     const { data } = await api("/v1/ui/tenants", { signal });
     list.replaceChildren(...data.map((t) => tenantCard(t, refresh, signal)));
   };
-  every(5000, refresh, signal, (e) => list.replaceChildren(errorBox(e)));
+  // usage moves on by itself; a redraw would wipe a limits form being edited, so none then
+  every(10_000, () => (list.querySelector("form:not([hidden])") ? null : refresh()), signal,
+    (e) => list.replaceChildren(errorBox(e)));
 }
 
 function tenantCard(t, refresh, signal) {

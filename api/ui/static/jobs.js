@@ -17,7 +17,7 @@ export async function jobsPage({ root, query, signal, me }) {
   const table = h("div");
   root.append(h("h1", {}, me.admin ? "Jobs (all tenants)" : `Jobs of ${me.tenant}`), form, table);
   const qs = new URLSearchParams([...query].filter(([k, v]) => v && ["tenant", "status", "model", "priority"].includes(k)));
-  every(2000, async () => {
+  every(3000, async () => {
     const { data } = await api(`/v1/ui/jobs?${qs}`, { signal });
     table.replaceChildren(jobsTable(data, me.admin));
   }, signal, (e) => table.replaceChildren(errorBox(e)));
