@@ -67,7 +67,7 @@ def create(
     from api.errors import ApiError
     from broker.models import TenantLimits
 
-    given = {
+    given: dict[str, Any] = {
         "rpm": rpm,
         "rpm_burst": rpm_burst,
         "tpm": tpm,

@@ -31,6 +31,7 @@ anything else              500     server_error               internal_error (no
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -263,8 +264,8 @@ def _param(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
-def validation_error(errs: list[dict[str, Any]]) -> ApiError:
-    first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+def validation_error(errs: Sequence[Mapping[str, Any]]) -> ApiError:
+    first: Mapping[str, Any] = errs[0] if errs else {"loc": (), "msg": "invalid request"}
     param = _param(tuple(first.get("loc", ())))
     msg = first.get("msg", "invalid request")
     if first.get("type") == "json_invalid":

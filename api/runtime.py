@@ -65,7 +65,8 @@ class Runtime:
 
 
 async def get_runtime(request: Request) -> Runtime:
-    return request.state.rt
+    rt: Runtime = request.state.rt
+    return rt
 
 
 def note(request: Request, **fields: object) -> None:

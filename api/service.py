@@ -108,7 +108,7 @@ async def admit(rt: Runtime, request: Request, who: Principal, sub: Submission) 
         model=sub.model,
         kind=sub.kind,
         prompt=sub.prompt,
-        messages=sub.messages,  # type: ignore[arg-type]
+        messages=sub.messages,
         max_tokens=max_tokens,
         sampling=sub.sampling,
         priority=sub.priority,

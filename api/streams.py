@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import anyio
@@ -34,7 +34,7 @@ CLEANUP_S = 5.0
 
 async def follow(
     rt: Runtime, job_id: str, last_event_id: str | None = None, tick_s: float | None = None
-) -> AsyncIterator[Event | None]:
+) -> AsyncGenerator[Event | None, None]:
     """The job's events after ``last_event_id`` up to the terminal one.
 
     With ``tick_s``, yields ``None`` each time ``tick_s`` passes (measured from the

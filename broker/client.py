@@ -41,6 +41,7 @@ from broker.models import (
     new_job_id,
 )
 from broker.redis_check import check_redis
+from broker.replies import typed_reply
 from broker.scripts import Scripts
 from broker.settings import BrokerSettings
 
@@ -54,7 +55,7 @@ def now_ms() -> int:
 
 def connect_redis(url: str, **kw: Any) -> Redis:
     """A pooled asyncio client that rides out short Redis restarts."""
-    return Redis.from_url(
+    client: Redis = Redis.from_url(  # from_url is unannotated in redis-py
         url,
         decode_responses=True,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=20),
@@ -62,6 +63,7 @@ def connect_redis(url: str, **kw: Any) -> Redis:
         health_check_interval=10,
         **kw,
     )
+    return client
 
 
 def _fingerprint(spec: JobSpec) -> str:
@@ -148,12 +150,12 @@ class Broker:
             info["tokenizer"] = tokenizer
         record = json.dumps(info)
         if only_if_absent:
-            await self._redis.hsetnx(self._keys.models, model, record)
+            await typed_reply(self._redis.hsetnx(self._keys.models, model, record))
         else:
-            await self._redis.hset(self._keys.models, model, record)
+            await typed_reply(self._redis.hset(self._keys.models, model, record))
 
-    async def models(self) -> dict[str, dict]:
-        raw = await self._redis.hgetall(self._keys.models)
+    async def models(self) -> dict[str, dict[str, Any]]:
+        raw = await typed_reply(self._redis.hgetall(self._keys.models))
         return {m: json.loads(v) for m, v in raw.items()}
 
     async def set_tenant(self, tenant: str, limits: TenantLimits) -> None:
@@ -161,11 +163,12 @@ class Broker:
         data["priorities"] = "".join(str(p) for p in sorted(set(limits.priorities)))
         key = self._keys.tenant(tenant)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(key).hset(key, mapping=data)
+            pipe.delete(key)
+            pipe.hset(key, mapping=data)
             await pipe.execute()
 
     async def get_tenant(self, tenant: str) -> TenantLimits | None:
-        raw = await self._redis.hgetall(self._keys.tenant(tenant))
+        raw = await typed_reply(self._redis.hgetall(self._keys.tenant(tenant)))
         if not raw:
             return None
         raw["priorities"] = [int(c) for c in raw.get("priorities", "")]
@@ -173,13 +176,13 @@ class Broker:
 
     async def heartbeat(self, worker_id: str, record: dict[str, Any]) -> None:
         record = {**record, "id": worker_id, "seen_ms": now_ms()}
-        await self._redis.hset(self._keys.workers, worker_id, json.dumps(record))
+        await typed_reply(self._redis.hset(self._keys.workers, worker_id, json.dumps(record)))
 
     async def deregister(self, worker_id: str) -> None:
-        await self._redis.hdel(self._keys.workers, worker_id)
+        await typed_reply(self._redis.hdel(self._keys.workers, worker_id))
 
     async def workers(self, max_age_ms: int = 15_000) -> list[dict[str, Any]]:
-        raw = await self._redis.hgetall(self._keys.workers)
+        raw = await typed_reply(self._redis.hgetall(self._keys.workers))
         cutoff, alive, dead = now_ms() - max_age_ms, [], []
         for wid, rec in raw.items():
             r = json.loads(rec)
@@ -188,22 +191,22 @@ class Broker:
             else:
                 dead.append(wid)
         if dead:
-            await self._redis.hdel(self._keys.workers, *dead)
+            await typed_reply(self._redis.hdel(self._keys.workers, *dead))
         return alive
 
     # -- API keys (stored only as hashes) ---------------------------------
     async def put_api_key(self, key_hash: str, record: dict[str, Any]) -> None:
-        await self._redis.hset(self._keys.api_keys, key_hash, json.dumps(record))
+        await typed_reply(self._redis.hset(self._keys.api_keys, key_hash, json.dumps(record)))
 
     async def get_api_key(self, key_hash: str) -> dict[str, Any] | None:
-        raw = await self._redis.hget(self._keys.api_keys, key_hash)
+        raw = await typed_reply(self._redis.hget(self._keys.api_keys, key_hash))
         return json.loads(raw) if raw else None
 
     async def api_keys(self) -> dict[str, dict[str, Any]]:
-        return {h: json.loads(v) for h, v in (await self._redis.hgetall(self._keys.api_keys)).items()}
+        return {h: json.loads(v) for h, v in (await typed_reply(self._redis.hgetall(self._keys.api_keys))).items()}
 
     async def delete_api_key(self, key_hash: str) -> bool:
-        return bool(await self._redis.hdel(self._keys.api_keys, key_hash))
+        return bool(await typed_reply(self._redis.hdel(self._keys.api_keys, key_hash)))
 
     # -- admission ------------------------------------------------------
     def _admit_args(self, spec: JobSpec, job_id: str) -> tuple[list[str], list[Any]]:
@@ -323,7 +326,9 @@ class Broker:
 
     async def wait_for_work(self, model: str, timeout_s: float) -> bool:
         """Block until a job may be claimable (or timeout). No polling: BLPOP on the wake list."""
-        return await self._redis.blpop([self._keys.wake(model)], timeout=timeout_s) is not None
+        # Redis >= 6 takes a fractional BLPOP timeout; redis-py 5 annotates it as int.
+        woke = await typed_reply(self._redis.blpop([self._keys.wake(model)], timeout=timeout_s))  # type: ignore[arg-type]
+        return woke is not None
 
     async def renew(self, model: str, leases: Iterable[tuple[str, int]]) -> dict[str, RenewResult]:
         """Extend the leases (job id, fence) a worker holds; per job, what renewal found."""
@@ -484,7 +489,9 @@ class Broker:
     async def _load(self, job_ids: Sequence[str]) -> list[dict[str, str]]:
         pipe = self._redis.pipeline(transaction=False)
         for jid in job_ids:
-            pipe.hgetall(self._keys.job(jid)).get(self._keys.output(jid)).get(self._keys.output_ids(jid))
+            pipe.hgetall(self._keys.job(jid))
+            pipe.get(self._keys.output(jid))
+            pipe.get(self._keys.output_ids(jid))
         raw = await pipe.execute()
         out = []
         for i in range(0, len(raw), 3):
@@ -536,7 +543,9 @@ class Broker:
             pipe.zcard(k.tenant_queue(job.model, prio, t))
         for t in (job.tenant, *(t for t, _ in others)):
             pipe.hget(k.tenant(t), "weight")
-        replies = await pipe.execute() if others else [await self._redis.hget(k.tenant(job.tenant), "weight")]
+        replies = (
+            await pipe.execute() if others else [await typed_reply(self._redis.hget(k.tenant(job.tenant), "weight"))]
+        )
         depths, weights = (
             replies[: len(others)],
             [float(w or self.settings.default_weight) for w in replies[len(others) :]],

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import json
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from redis.asyncio import Redis
 from broker.contract import TERMINAL, TERMINAL_EVENTS, EventType
 from broker.errors import REDIS_DOWN, NotFound, Unavailable, translated
 from broker.keys import Keys
+from broker.replies import typed_reply
 
 log = structlog.get_logger(__name__)
 
@@ -39,7 +40,7 @@ _WAKE = object()  # a follower's deadline (resync or tick) has passed
 @dataclass(frozen=True, slots=True)
 class Event:
     id: str  # the stream entry id: resumable, totally ordered within a job
-    type: str  # queued | started | token | retry | done | failed | cancelled
+    type: EventType
     data: dict[str, Any]
     n: int = 0  # the job's event count at this event (1, 2, ...): reveals a gap
 
@@ -112,14 +113,14 @@ class EventHub:
                 continue
             if msg is None or msg.get("type") != "message":
                 continue
-            queues = self._subs.get(msg["channel"])
-            if queues:
+            followers = self._subs.get(msg["channel"])
+            if followers:
                 try:
                     ev: Event | None = _parse_message(msg["data"])
                 except (ValueError, TypeError) as e:  # e.g. a peer on another message format
                     log.warning("unreadable event message; followers resync", channel=msg["channel"], error=str(e))
                     ev = None
-                for q in queues:
+                for q in followers:
                     q.put_nowait(ev)
 
     @contextlib.asynccontextmanager
@@ -165,12 +166,12 @@ class EventHub:
     @translated
     async def _state(self, job_id: str) -> tuple[bool, int]:
         """(finished, events so far) of a job."""
-        status, evn = await self.redis.hmget(self.keys.job(job_id), "status", "evn")
+        status, evn = await typed_reply(self.redis.hmget(self.keys.job(job_id), ["status", "evn"]))
         return status is None or status in TERMINAL, int(evn or 0)
 
     async def follow(
         self, job_id: str, last_event_id: str | None = None, tick_s: float | None = None
-    ) -> AsyncIterator[Event | None]:
+    ) -> AsyncGenerator[Event | None, None]:
         """Every event after ``last_event_id``, in order, until (and including) a terminal one.
 
         With ``tick_s``, also yields ``None`` each time ``tick_s`` passes while waiting for

@@ -6,12 +6,13 @@ import logging
 import sys
 
 import structlog
+from structlog.typing import Processor
 
 
 def configure_logging(json_logs: bool | None = None, level: str = "INFO") -> None:
     if json_logs is None:
         json_logs = not sys.stderr.isatty()
-    shared = [
+    shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

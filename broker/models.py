@@ -97,7 +97,10 @@ class Job:
         err = None
         if h.get("error_code"):
             err = {"code": h["error_code"], "message": h.get("error_message", "")}
-        opt = lambda k: _int(h.get(k)) or None  # noqa: E731
+
+        def opt(k: str) -> int | None:
+            return _int(h.get(k)) or None
+
         return cls(
             id=h["id"],
             tenant=h["tenant"],

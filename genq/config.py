@@ -46,7 +46,8 @@ def _comments(cls: type) -> dict[str, str]:
     out: dict[str, str] = {}
     for node in ast.walk(ast.parse(src)):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            above, n = [], node.lineno - 1
+            above: list[str] = []
+            n = node.lineno - 1
             while n >= 1 and lines[n - 1].strip().startswith("#") and not lines[n - 1].strip().startswith("# --"):
                 above.insert(0, comments.get(n, ""))
                 n -= 1

@@ -17,8 +17,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import structlog
 from rich.console import Console
@@ -50,7 +52,9 @@ def port_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def wait_until(check, timeout_s: float, what: str, proc: subprocess.Popen | None = None) -> None:
+def wait_until(
+    check: Callable[[], bool], timeout_s: float, what: str, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
         if proc is not None and proc.poll() is not None:
@@ -67,7 +71,7 @@ class Stack:
     port: int
     worker_args: list[str]
     model: str
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     redis_url: str = ""
 
     def start_redis(self) -> None:
@@ -112,7 +116,11 @@ class Stack:
         def ready() -> bool:
             try:
                 r = redis_sync.Redis(port=port)
-                return bool(r.ping()) and r.info("persistence").get("loading", 0) == 0
+                if not r.ping():
+                    return False
+                # the sync client: redis-py types its replies as `Awaitable[X] | X` for both clients
+                info = cast("dict[str, Any]", r.info("persistence"))
+                return int(info.get("loading", 0)) == 0
             except Exception:  # noqa: BLE001
                 return False
 

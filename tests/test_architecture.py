@@ -1,5 +1,5 @@
-"""Architecture rules, checked: `api` never imports vllm, `worker` never imports fastapi, and only
-`broker` knows Redis keys and Lua."""
+"""Architecture rules, checked: `api` never imports vllm, `worker` never imports fastapi, only
+`broker` knows Redis keys and Lua, and no package's modules import each other in a circle."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def present(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-@pytest.mark.parametrize("module", ["worker.main", "worker.loop", "worker.cli"])
+@pytest.mark.parametrize("module", ["worker.main", "worker.loop", "worker.cli", "worker.process"])
 def test_worker_never_imports_fastapi(module: str) -> None:
     assert present(module), f"{module} is gone: update this test rather than let it pass vacuously"
     loaded = top_level(imported_modules(module))
@@ -128,3 +128,79 @@ def test_layering_check_sees_imports_inside_functions(tmp_path: Path) -> None:
     finally:
         bad.unlink()
     assert len(found) == 3, found
+
+
+def import_graph(root: Path, package: str) -> dict[str, set[str]]:
+    """Each module of ``package`` (under ``root``) → the modules of ``package`` it imports anywhere:
+    at the top, inside functions, under ``TYPE_CHECKING``.  Importing ``a.b`` is not counted as
+    importing ``a`` (every submodule would otherwise form a circle with its package)."""
+    files = {}
+    for path in sorted((root / package).rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = here[: len(here) - node.level + 1] if node.level else []
+                module = ".".join([*base, *([node.module] if node.module else [])])
+                names = {f"{module}.{a.name}" for a in node.names}
+                targets |= names if names <= files.keys() else names | {module}  # `from pkg import submodule`
+        graph[name] = {t for t in targets if t in files and t != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle (``[a, b, ..., a]``), or None."""
+    done: set[str] = set()
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        if node in path:
+            return [*path[path.index(node) :], node]
+        if node in done:
+            return None
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if cycle := visit(nxt):
+                return cycle
+        path.pop()
+        done.add(node)
+        return None
+
+    for start in sorted(graph):
+        if cycle := visit(start):
+            return cycle
+    return None
+
+
+@pytest.mark.parametrize("package", ["broker", "worker", "api", "genq"])
+def test_no_import_cycles(package: str) -> None:
+    graph = import_graph(ROOT, package)
+    assert len(graph) > 3 and any(graph.values())  # the walk sees the package's modules and imports
+    assert find_cycle(graph) is None
+
+
+def test_the_cycle_check_sees_lazy_and_type_checking_imports(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from .c import C\n")
+    (pkg / "a.py").write_text("def f():\n    from pkg import b\n")
+    (pkg / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.sub.c import C\n")
+    (pkg / "sub" / "c.py").write_text("from ..a import f\nclass C: ...\n")
+    graph = import_graph(tmp_path, "pkg")
+    assert graph == {
+        "pkg": set(),
+        "pkg.a": {"pkg.b"},
+        "pkg.b": {"pkg.sub.c"},
+        "pkg.sub": {"pkg.sub.c"},
+        "pkg.sub.c": {"pkg.a"},
+    }
+    assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.sub.c", "pkg.a"]
+    (pkg / "sub" / "c.py").write_text("class C: ...\n")
+    assert find_cycle(import_graph(tmp_path, "pkg")) is None

@@ -156,10 +156,10 @@ def test_refused_arguments_are_named(args: dict[str, str], message: str) -> None
 def test_the_worker_command_exits_2_naming_the_argument(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from worker import main
+    from worker import main, process
 
     started: list[WorkerSettings] = []
-    monkeypatch.setattr(main, "run", lambda settings, _broker: started.append(settings) or 0)
+    monkeypatch.setattr(process, "run", lambda settings, _broker: started.append(settings) or 0)
 
     assert main.main(["--engine", "vllm", "--engine-arg", "block-size=huge"]) == 2
     assert "engine argument block_size=huge: argument --block-size: invalid int value" in capsys.readouterr().err
@@ -177,7 +177,7 @@ def test_the_worker_command_exits_2_naming_the_argument(
 
 @vllm_present
 def test_serve_refuses_bad_engine_args_before_contacting_redis() -> None:
-    from worker.main import EXIT_STARTUP, serve
+    from worker.process import EXIT_STARTUP, serve
 
     settings = WorkerSettings(engine="vllm", engine_args={"no_such_argument": "1"})
     nowhere = BrokerSettings(redis_url="redis://127.0.0.1:1/0")  # would fail differently if reached

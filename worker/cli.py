@@ -87,7 +87,7 @@ def worker_command(
 
     from broker.settings import BrokerSettings
     from worker.engine.base import EngineArgsError
-    from worker.main import run
+    from worker.process import run
     from worker.settings import WorkerSettings, parse_engine_arg
 
     broker_flags = {k: flags.pop(k) for k in ("redis_url", "queue", "lease_ms") if k in flags}

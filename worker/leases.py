@@ -8,32 +8,53 @@
   safety net for a notice missed while the subscription was reconnecting.
 - Reaping: every worker requeues expired leases of its model every
   ``reap_interval_ms``, so a dead worker's jobs come back while any worker lives.
+
+The keeper knows the worker only through :class:`LeaseHolder`; what a stale lease
+or a cancel does to a run is the holder's decision.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Protocol
 
 import structlog
 
+from broker.client import Broker
 from broker.contract import RenewResult
-from worker.stream import RunState
-
-if TYPE_CHECKING:
-    from worker.loop import Worker
+from worker.run import JobRun
 
 log = structlog.get_logger(__name__)
 
 RECONNECT_S = 0.5  # pause before re-subscribing after the control connection broke
 
 
+class LeaseHolder(Protocol):
+    """What the keeper needs of a worker."""
+
+    @property
+    def model(self) -> str: ...
+
+    def held_runs(self) -> Sequence[JobRun]:
+        """The runs whose leases are to be renewed."""
+        ...
+
+    async def on_stale(self, run: JobRun) -> None:
+        """Renewal found ``run``'s lease held by someone else."""
+        ...
+
+    async def on_cancel(self, job_id: str, *, via: str) -> None:
+        """A client cancelled ``job_id`` (it may not be held here)."""
+        ...
+
+
 class LeaseKeeper:
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        self.broker = worker.broker
-        self.renew_s = worker.broker.settings.lease_ms / 3000
-        self.reap_s = worker.broker.settings.reap_interval_ms / 1000
+    def __init__(self, broker: Broker, holder: LeaseHolder) -> None:
+        self.holder = holder
+        self.broker = broker
+        self.renew_s = broker.settings.lease_ms / 3000
+        self.reap_s = broker.settings.reap_interval_ms / 1000
         self.subscribed = asyncio.Event()  # the control channel is being listened to
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
@@ -61,16 +82,16 @@ class LeaseKeeper:
 
     # -- renewal -------------------------------------------------------------
     async def renew_once(self) -> None:
-        held = [r for r in self.worker.runs.values() if r.state in (RunState.RUNNING, RunState.FINISHING)]
+        held = list(self.holder.held_runs())
         if not held:
             return
-        codes = await self.broker.renew(self.worker.model, [(r.job_id, r.lease.fence) for r in held])
+        results = await self.broker.renew(self.holder.model, [(r.job_id, r.lease.fence) for r in held])
         for run in held:
-            code = codes.get(run.job_id)
-            if code is RenewResult.STALE and run.state is RunState.RUNNING:
-                await self.worker.drop(run, "renew: lease no longer held")
-            elif code is RenewResult.CANCEL_REQUESTED:
-                await self.worker.cancel(run.job_id, via="renew")
+            result = results.get(run.job_id)
+            if result is RenewResult.STALE:
+                await self.holder.on_stale(run)
+            elif result is RenewResult.CANCEL_REQUESTED:
+                await self.holder.on_cancel(run.job_id, via="renew")
 
     async def _renew_loop(self) -> None:
         while await self._tick(self.renew_s):
@@ -83,11 +104,11 @@ class LeaseKeeper:
     async def _control_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                async with self.broker.cancel_notices(self.worker.model) as notices:
+                async with self.broker.cancel_notices(self.holder.model) as notices:
                     self.subscribed.set()
                     # Notices sent while we were not subscribed are caught by the next renewal.
                     async for job_id in notices:
-                        await self.worker.cancel(job_id, via="notice")
+                        await self.holder.on_cancel(job_id, via="notice")
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - connection lost: subscribe again
@@ -99,6 +120,6 @@ class LeaseKeeper:
     async def _reap_loop(self) -> None:
         while await self._tick(self.reap_s):
             try:
-                await self.broker.reap(self.worker.model)
+                await self.broker.reap(self.holder.model)
             except Exception:
                 log.exception("reap failed")

@@ -2,8 +2,13 @@
 
 Embeddable: ``await Worker(broker, engine, settings, stop).run()`` (or
 :func:`run_worker`) runs until ``stop`` is set, then drains; it returns the
-process exit code (0, or :data:`EXIT_ENGINE_DEAD`).  :mod:`worker.main` wraps
+process exit code (0, or :data:`EXIT_ENGINE_DEAD`).  :mod:`worker.process` wraps
 it in a process with signals.
+
+Each claimed job becomes a :class:`~worker.run.JobRun`, whose state only its own
+transitions change; the worker calls them, the :class:`~worker.stream.Streamer`
+writes, and the :class:`~worker.leases.LeaseKeeper` reports to the worker
+through the :class:`~worker.leases.LeaseHolder` methods below.
 
 Claim sizing: the worker holds at most ``capacity + waiting_margin`` jobs (and,
 optionally, ``claim_token_budget`` tokens), so the engine's own waiting queue
@@ -18,17 +23,18 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 
 import structlog
 
 from broker.client import Broker
-from broker.contract import JobErrorCode
+from broker.contract import FailOutcome, JobErrorCode
 from broker.models import JobStatus, Lease
 from worker.engine.base import Engine, EngineDeadError, GenRequest, InvalidRequestError, PromptTooLongError
 from worker.leases import LeaseKeeper
+from worker.run import JobRun
 from worker.settings import WorkerSettings
-from worker.stream import JobRun, RunState, Streamer
+from worker.stream import Streamer
 
 log = structlog.get_logger(__name__)
 
@@ -51,6 +57,8 @@ async def _first(*aws: Awaitable[object], timeout: float | None = None) -> None:
 
 
 class Worker:
+    """Feeds one engine from the queue of its model; a :class:`~worker.leases.LeaseHolder`."""
+
     def __init__(
         self, broker: Broker, engine: Engine, settings: WorkerSettings, stop: asyncio.Event | None = None
     ) -> None:
@@ -61,8 +69,8 @@ class Worker:
         self.id = settings.worker_id
         self.model = engine.model_name
         self.runs: dict[str, JobRun] = {}
-        self.streamer = Streamer(broker, self.runs, settings.flush_interval_ms / 1000, self.drop)
-        self.leases = LeaseKeeper(self)
+        self.streamer = Streamer(broker, settings.flush_interval_ms / 1000, self._on_write_refused)
+        self.leases = LeaseKeeper(broker, self)
         self.reap_s = broker.settings.reap_interval_ms / 1000
         self.dead_reason: str | None = None
         self._dead = asyncio.Event()
@@ -187,8 +195,7 @@ class Worker:
 
     def _start(self, lease: Lease) -> None:
         old = self.runs.get(lease.id)
-        if old is not None:  # reaped from us and claimed again: the old attempt is stale
-            old.state = RunState.DROPPED
+        if old is not None and old.drop("reaped and claimed again"):  # the old attempt is stale
             task = asyncio.ensure_future(self._abort(old))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -199,13 +206,12 @@ class Worker:
         if self.first_claim_at is None:
             self.first_claim_at = time.monotonic()
             self.first_claim.set()
-        run.task = asyncio.create_task(self._run_job(run), name=f"genq-job-{lease.id}")
-        run.task.add_done_callback(lambda _t, run=run: self._job_done(run))
+        run.launch(self._run_job, self._job_done)
 
     def _job_done(self, run: JobRun) -> None:
         if self.runs.get(run.job_id) is run:
             del self.runs[run.job_id]
-        run.state = RunState.DONE
+        run.done()
         self._slot_freed.set()
         if not self.runs:
             self._idle.set()
@@ -215,87 +221,90 @@ class Worker:
         try:
             await self._attempt(run)
         except Exception:
-            run.outcome = "write_failed"
+            run.concluded("write_failed")
             run.log.exception("job.final_write_failed")
         finally:
-            if run.outcome in ("succeeded", "cancelled"):
-                run.log.info("job.summary", **run.summary())
-            else:
-                run.log.warning("job.summary", **run.summary())
+            run.log_summary()
 
     async def _attempt(self, run: JobRun) -> None:
         try:
             finish = await self._generate(run)
         except asyncio.CancelledError:
-            run.outcome = "handed_back"  # the worker writes the hand-back for it
+            run.concluded("handed_back")  # the worker writes the hand-back for it
             raise
         except EngineDeadError as e:
             self.engine_died(str(e))
-            return await self._fail(run, JobErrorCode.ENGINE_DEAD, f"engine died: {e}", retry=True)
+            return await self._report_failure(run, JobErrorCode.ENGINE_DEAD, f"engine died: {e}", retry=True)
         except PromptTooLongError as e:
-            return await self._fail(run, JobErrorCode.CONTEXT_LENGTH_EXCEEDED, str(e), retry=False)
+            return await self._report_failure(run, JobErrorCode.CONTEXT_LENGTH_EXCEEDED, str(e), retry=False)
         except InvalidRequestError as e:
-            return await self._fail(run, JobErrorCode.INVALID_REQUEST, str(e), retry=False)
+            return await self._report_failure(run, JobErrorCode.INVALID_REQUEST, str(e), retry=False)
         except Exception as e:
             run.log.exception("job.error")
-            return await self._fail(run, JobErrorCode.WORKER_ERROR, f"{type(e).__name__}: {e}", retry=True)
-        if run.state is RunState.DROPPED:
-            run.outcome = "lost_lease"
+            return await self._report_failure(run, JobErrorCode.WORKER_ERROR, f"{type(e).__name__}: {e}", retry=True)
+        if run.lost:
+            run.concluded("lost_lease")
         elif finish == "abort" and run.cancel_requested:
-            await self._complete(run, finish, JobStatus.CANCELLED)
+            await self._report_completion(run, finish, JobStatus.CANCELLED)
         elif finish == "abort":  # the engine gave up on it without being asked to
-            await self._fail(run, JobErrorCode.ENGINE_ABORT, "the engine aborted the request", retry=True)
+            await self._report_failure(run, JobErrorCode.ENGINE_ABORT, "the engine aborted the request", retry=True)
         else:
-            await self._complete(run, finish, JobStatus.SUCCEEDED)
+            await self._report_completion(run, finish, JobStatus.SUCCEEDED)
 
     async def _generate(self, run: JobRun) -> str:
         """Feed the engine's deltas into the run's buffer; return the finish reason."""
         stream = self.engine.generate(GenRequest.for_job(run.lease.job, run.request_id))
         try:
             async for delta in stream:
-                first = run.first_token_at is None
-                run.add(delta)
+                first = run.add(delta)
                 self._tokens += len(delta.token_ids)
-                self.streamer.poke(urgent=first and run.first_token_at is not None)
+                self.streamer.poke(run, urgent=first)
                 if delta.finish_reason is not None:
                     return delta.finish_reason
-                if run.cancel_requested or run.state is not RunState.RUNNING:
+                if run.interrupted:
                     return "abort"  # abort() raced with the request's start; closing the stream aborts it
             return "abort"
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
 
-    async def _complete(self, run: JobRun, finish: str, status: JobStatus) -> None:
-        result = await self.streamer.complete(run, finish, status)
-        if result == "stale":
-            run.outcome = "lost_lease"
-        else:
-            run.outcome = status.value
-        if run.cancel_at is not None:
-            run.log.info("job.cancelled", cancel_to_complete_ms=round((time.monotonic() - run.cancel_at) * 1000, 1))
+    async def _report_completion(self, run: JobRun, finish: str, status: JobStatus) -> None:
+        run.finishing()
+        written = await self.streamer.queue_completion(run, finish, status)
+        run.concluded(status.value if written else "lost_lease")
+        if (cancel_ms := run.ms_since_cancel()) is not None:
+            run.log.info("job.cancelled", cancel_to_complete_ms=cancel_ms)
 
-    async def _fail(self, run: JobRun, code: JobErrorCode, message: str, *, retry: bool) -> None:
-        result = await self.streamer.fail(run, code, message, retry=retry)
-        run.outcome = "lost_lease" if result == "stale" else f"{code}:{result}"
+    async def _report_failure(self, run: JobRun, code: JobErrorCode, message: str, *, retry: bool) -> None:
+        run.failing()
+        went = await self.streamer.queue_failure(run, code, message, retry=retry)
+        run.concluded("lost_lease" if went is None else f"{code}:{went.value}")
+
+    # -- the lease keeper's and the streamer's reports ----------------------------
+    def held_runs(self) -> Sequence[JobRun]:
+        return [r for r in self.runs.values() if r.leased]
+
+    async def on_stale(self, run: JobRun) -> None:
+        # A finishing run learns it from its final write, which is then refused.
+        if run.running:
+            await self._drop(run, "renew: lease no longer held")
+
+    async def on_cancel(self, job_id: str, *, via: str) -> None:
+        await self.abort_cancelled(job_id, via=via)
+
+    async def _on_write_refused(self, run: JobRun) -> None:
+        await self._drop(run, "append rejected: lease no longer held")
 
     # -- cancel, drop, hand back -----------------------------------------------
-    async def cancel(self, job_id: str, *, via: str) -> None:
+    async def abort_cancelled(self, job_id: str, *, via: str) -> None:
         """A client cancelled a job this worker runs: abort it; its task completes it as cancelled."""
         run = self.runs.get(job_id)
-        if run is None or run.cancel_requested or run.state is not RunState.RUNNING:
-            return
-        run.cancel_requested = True
-        run.cancel_at = time.monotonic()
-        run.log.info("job.cancel_requested", via=via)
-        await self._abort(run)
+        if run is not None and run.cancel_requested_now(via):
+            await self._abort(run)
 
-    async def drop(self, run: JobRun, why: str) -> None:
+    async def _drop(self, run: JobRun, why: str) -> None:
         """The lease went to someone else: stop generating and write nothing more."""
-        if run.state in (RunState.DROPPED, RunState.DONE):
-            return
-        run.state = RunState.DROPPED
-        run.log.warning("job.dropped", reason=why)
-        await self._abort(run)
+        if run.drop(why):
+            await self._abort(run)
 
     async def _abort(self, run: JobRun) -> None:
         try:
@@ -311,28 +320,19 @@ class Worker:
             self._dead.set()
 
     async def _handback(self, code: JobErrorCode, message: str) -> None:
-        """Return every job still running to the queue at once (attempts + 1)."""
-        running = [r for r in self.runs.values() if r.state is RunState.RUNNING]
-        for run in running:
-            run.state = RunState.HANDBACK
-            if run.task is not None:
-                run.task.cancel()  # closing its stream aborts it in the engine
+        """Return every job still running to the queue at once (an engine death spends the attempt)."""
+        running = [r for r in list(self.runs.values()) if r.hand_back()]
         await asyncio.gather(*(r.task for r in running if r.task), return_exceptions=True)
-        futures = [self.streamer.fail(r, code, message, retry=True) for r in running]
+        handback = code is JobErrorCode.WORKER_SHUTDOWN  # a shutdown spends no attempt; an engine death does
+        futures = [self.streamer.queue_failure(r, code, message, retry=True, handback=handback) for r in running]
         results = await asyncio.gather(*futures, return_exceptions=True)
         # Jobs whose own final write is already queued (finishing, or failing after the engine died).
         rest = [r.task for r in self.runs.values() if r.task is not None and not r.task.done()]
         if rest:
             await asyncio.wait(rest, timeout=HANDBACK_TIMEOUT_S)
         if running:
-            outcomes = [str(x) for x in results]
-            log.warning(
-                "worker.handed_back",
-                code=code,
-                jobs=len(running),
-                queued=outcomes.count("queued"),
-                other=len(outcomes) - outcomes.count("queued"),
-            )
+            queued = sum(1 for x in results if x is FailOutcome.QUEUED)
+            log.warning("worker.handed_back", code=code, jobs=len(running), queued=queued, other=len(results) - queued)
 
     # -- heartbeat -------------------------------------------------------------
     def heartbeat_record(self, tokens_per_s: float) -> dict[str, object]:

@@ -65,7 +65,7 @@ def is_complete(folder: Path) -> bool:
         marker = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return marker.get("format_version") == FORMAT_VERSION
+    return isinstance(marker, dict) and marker.get("format_version") == FORMAT_VERSION
 
 
 def prepare_default_model(cache_dir: Path | None = None) -> Path:

@@ -32,23 +32,16 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from worker.engine.base import EngineArgsError, EngineSettings, engine_arg_key, engine_args_text
+from worker.engine.base import (
+    VLLM_SETTING_FIELDS,
+    EngineArgsError,
+    EngineSettings,
+    engine_arg_key,
+    engine_args_text,
+)
 
 # Fields passed through to EngineSettings when set (None = the engine's default).
-ENGINE_FIELDS = (
-    "model",
-    "served_model_name",
-    "max_num_seqs",
-    "max_num_batched_tokens",
-    "max_model_len",
-    "dtype",
-    "gpu_memory_utilization",
-    "tensor_parallel_size",
-    "enforce_eager",
-    "sim_step_ms",
-    "sim_step_ms_per_seq",
-    "sim_tokens_per_step",
-)
+ENGINE_FIELDS = (*VLLM_SETTING_FIELDS, "sim_step_ms", "sim_step_ms_per_seq", "sim_tokens_per_step")
 
 
 def parse_engine_arg(text: str) -> tuple[str, str]:

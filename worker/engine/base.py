@@ -44,7 +44,7 @@ class GenRequest:
     prompt: str | None = None  # plain completion prompt
     # chat messages (OpenAI shape); the engine applies the tokenizer's chat
     # template with add_generation_prompt=True
-    messages: list[dict] | None = None
+    messages: list[dict[str, Any]] | None = None
     # completion tokens already emitted by an earlier attempt
     resume_token_ids: list[int] = field(default_factory=list)
     max_tokens: int = 256  # total completion budget INCLUDING resume_token_ids
@@ -127,6 +127,21 @@ def engine_args_text(value: Any) -> Any:
     return value
 
 
+# EngineSettings fields that are also vLLM engine arguments (same names), so a genq setting
+# and an `--engine-arg` of that name are one setting.
+VLLM_SETTING_FIELDS = (
+    "model",
+    "served_model_name",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "max_model_len",
+    "dtype",
+    "gpu_memory_utilization",
+    "tensor_parallel_size",
+    "enforce_eager",
+)
+
+
 class EngineSettings(BaseModel):
     """How to build an engine.  ``None`` fields are resolved per platform."""
 
@@ -176,7 +191,7 @@ class Engine(Protocol):
 
     def stats(self) -> EngineStats: ...
 
-    def count_prompt_tokens(self, prompt: str | None, messages: list[dict] | None) -> int: ...
+    def count_prompt_tokens(self, prompt: str | None, messages: list[dict[str, Any]] | None) -> int: ...
 
     async def close(self) -> None: ...
 

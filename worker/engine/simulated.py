@@ -32,6 +32,7 @@ import itertools
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -69,7 +70,7 @@ def request_key(req: GenRequest) -> bytes:
     return json.dumps([body, req.sampling.seed], sort_keys=True).encode()
 
 
-def count_words(prompt: str | None, messages: list[dict] | None) -> int:
+def count_words(prompt: str | None, messages: list[dict[str, Any]] | None) -> int:
     if prompt is not None:
         return len(prompt.split())
     total = 0
@@ -149,7 +150,7 @@ class SimulatedEngine(EngineBase):
             kv_cache_usage=min(1.0, used / (self.capacity * self.max_model_len)),
         )
 
-    def count_prompt_tokens(self, prompt: str | None, messages: list[dict] | None) -> int:
+    def count_prompt_tokens(self, prompt: str | None, messages: list[dict[str, Any]] | None) -> int:
         return count_words(prompt, messages)
 
     async def abort(self, request_id: str) -> None:

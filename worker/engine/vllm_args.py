@@ -36,22 +36,10 @@ from typing import Any, NoReturn
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-from worker.engine.base import EngineArgsError, engine_arg_key
+from worker.engine.base import VLLM_SETTING_FIELDS, EngineArgsError, engine_arg_key
 
 # AsyncEngineArgs fields that are also genq settings (same names, flags and GENQ_WORKER_* variables).
-GENQ_SETTINGS = frozenset(
-    {
-        "model",
-        "served_model_name",
-        "max_num_seqs",
-        "max_num_batched_tokens",
-        "max_model_len",
-        "dtype",
-        "gpu_memory_utilization",
-        "tensor_parallel_size",
-        "enforce_eager",
-    }
-)
+GENQ_SETTINGS = frozenset(VLLM_SETTING_FIELDS)
 
 # Fields genq must set itself, with the reason given to whoever tries.
 RESERVED = {
@@ -76,7 +64,8 @@ class _Parser(FlexibleArgumentParser):
 
 @functools.cache
 def _parser() -> tuple[_Parser, dict[str, argparse.Action]]:
-    parser = _Parser(prog="--engine-arg", add_help=False, allow_abbrev=False)
+    # vLLM's FlexibleArgumentParser.__init__(*args, **kwargs) carries no annotations
+    parser = _Parser(prog="--engine-arg", add_help=False, allow_abbrev=False)  # type: ignore[no-untyped-call]
     AsyncEngineArgs.add_cli_args(parser)
     fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
     actions = {

@@ -240,7 +240,7 @@ class VllmEngine(EngineBase):
             log.info("engine.closed", kind="vllm")
 
     # -- prompts ---------------------------------------------------------
-    def _prompt_ids(self, prompt: str | None, messages: list[dict] | None) -> list[int]:
+    def _prompt_ids(self, prompt: str | None, messages: list[dict[str, Any]] | None) -> list[int]:
         tok = self._tokenizer
         if tok is None:
             raise RuntimeError("engine not started")
@@ -250,7 +250,7 @@ class VllmEngine(EngineBase):
             return list(tok.encode(text, add_special_tokens=False))
         return list(tok.encode(prompt or ""))
 
-    def count_prompt_tokens(self, prompt: str | None, messages: list[dict] | None) -> int:
+    def count_prompt_tokens(self, prompt: str | None, messages: list[dict[str, Any]] | None) -> int:
         return len(self._prompt_ids(prompt, messages))
 
     # -- requests --------------------------------------------------------

@@ -1,0 +1,258 @@
+"""One attempt at one job on this worker: its lifecycle and its not-yet-written output.
+
+A :class:`JobRun` is the only owner of its state; every change is a named
+transition, called by the worker (:mod:`worker.loop`)::
+
+    RUNNING ──finishing()──► FINISHING ──done()──► DONE
+       │  └──failing() / hand_back()──► FAILING ──done()──► DONE
+       └──drop(reason) (from any live state)──► DROPPED ──done()──► DONE
+
+- RUNNING: in the engine (or about to be); its lease is renewed, its output streamed.
+- FINISHING: its completion is queued in the streamer; the lease is still renewed.
+- FAILING: its failure (or hand-back to the queue) is queued or about to be; not renewed.
+- DROPPED: the lease went to someone else: nothing more is written for it.
+
+A cancel is not a state but a flag on a RUNNING run (:meth:`JobRun.cancel_requested_now`):
+the engine is asked to abort and the run then finishes as cancelled.
+
+The output buffer (:class:`OutputBuffer`) is what the streamer drains; it knows
+nothing of the lifecycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import structlog
+
+from broker.client import OutputWrite, now_ms
+from broker.models import Lease
+from worker.engine.base import Delta
+
+log = structlog.get_logger(__name__)
+
+
+class RunState(StrEnum):
+    RUNNING = "running"
+    FINISHING = "finishing"
+    FAILING = "failing"
+    DROPPED = "dropped"
+    DONE = "done"
+
+
+LIVE = frozenset({RunState.RUNNING, RunState.FINISHING, RunState.FAILING})
+LEASED = frozenset({RunState.RUNNING, RunState.FINISHING})  # renewed, and their output streamed
+
+
+@dataclass(slots=True, eq=False)
+class OutputBuffer:
+    """A run's output not yet acknowledged by Redis, and what was acknowledged."""
+
+    base: int  # completion tokens of the job in Redis when this attempt began (earlier attempts)
+    job_id: str
+    fence: int
+    text: list[str] = field(default_factory=list)  # buffered, not yet sent
+    ids: list[int] = field(default_factory=list)
+    written: int = 0  # completion tokens acknowledged by Redis in this attempt
+    unacked: list[OutputWrite] = field(default_factory=list)  # sent, outcome unknown: resend as is
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.text or self.ids or self.unacked)
+
+    @property
+    def offset(self) -> int:
+        """Completion tokens of the job in Redis before the next new write (earlier attempts included)."""
+        return self.base + self.written + sum(len(w.token_ids) for w in self.unacked)
+
+    def add(self, text: str, token_ids: list[int]) -> None:
+        self.text.append(text)
+        self.ids.extend(token_ids)
+
+    def take(self) -> tuple[str, list[int]]:
+        """The buffered output, removed from the buffer (it rides on another write)."""
+        text, ids = "".join(self.text), self.ids
+        self.text, self.ids = [], []
+        return text, ids
+
+    def take_unacked(self) -> list[OutputWrite]:
+        writes, self.unacked = self.unacked, []
+        return writes
+
+    def next_writes(self) -> list[OutputWrite]:
+        """Writes for this cycle: unacknowledged ones again (unchanged, so Redis can spot a
+        replay by its offset), then the newly buffered output."""
+        offset = self.offset
+        writes = self.take_unacked()
+        if self.text or self.ids:
+            text, ids = self.take()
+            writes.append(OutputWrite(self.job_id, self.fence, text, ids, offset))
+        return writes
+
+    def acknowledged(self, write: OutputWrite) -> None:
+        self.written += len(write.token_ids)
+
+    def unknown(self, write: OutputWrite) -> None:
+        """A write whose reply was lost: replay it next cycle; Redis dedupes by offset."""
+        self.unacked.append(write)
+
+
+@dataclass(slots=True, eq=False)
+class JobRun:
+    """One attempt at one job on this worker; see the module docstring."""
+
+    lease: Lease
+    request_id: str
+    claimed_ms: int
+    claimed_at: float  # monotonic
+    log: Any  # structlog logger with the job's context bound once
+    output: OutputBuffer
+    _state: RunState = RunState.RUNNING
+    _outcome: str = "unknown"
+    _cancel_at: float | None = None  # monotonic, when a client's cancel reached this worker
+    _task: asyncio.Task[None] | None = None
+    tokens: int = 0  # generated in this attempt
+    prompt_tokens: int | None = None  # as the engine counted them
+    first_token_at: float | None = None
+
+    @classmethod
+    def start(cls, lease: Lease, worker_id: str) -> JobRun:
+        job = lease.job
+        bound = log.bind(job_id=job.id, tenant=job.tenant, attempt=job.attempts, worker=worker_id)
+        output = OutputBuffer(len(job.output_token_ids), job.id, lease.fence)
+        return cls(lease, f"{job.id}-{lease.fence}", now_ms(), time.monotonic(), bound, output)
+
+    # -- reading -------------------------------------------------------------
+    @property
+    def job_id(self) -> str:
+        return self.lease.job.id
+
+    @property
+    def state(self) -> RunState:
+        return self._state
+
+    @property
+    def outcome(self) -> str:
+        return self._outcome
+
+    @property
+    def cost(self) -> int:
+        return self.lease.job.prompt_tokens + self.lease.job.max_tokens
+
+    @property
+    def leased(self) -> bool:
+        """Its lease is to be renewed and its output streamed."""
+        return self._state in LEASED
+
+    @property
+    def running(self) -> bool:
+        return self._state is RunState.RUNNING
+
+    @property
+    def lost(self) -> bool:
+        """The lease went to someone else: write nothing more."""
+        return self._state is RunState.DROPPED
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel_at is not None
+
+    @property
+    def interrupted(self) -> bool:
+        """Generation should stop: cancelled, or no longer running (dropped, handed back)."""
+        return self.cancel_requested or self._state is not RunState.RUNNING
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        return self._task
+
+    def ms_since_cancel(self) -> float | None:
+        return None if self._cancel_at is None else round((time.monotonic() - self._cancel_at) * 1000, 1)
+
+    # -- generation ------------------------------------------------------------
+    def launch(self, work: Callable[[JobRun], Coroutine[Any, Any, None]], on_done: Callable[[JobRun], None]) -> None:
+        """Run ``work(self)`` as this run's task; ``on_done(self)`` once it has ended."""
+        self._task = asyncio.create_task(work(self), name=f"genq-job-{self.job_id}")
+        self._task.add_done_callback(lambda _t: on_done(self))
+
+    def add(self, d: Delta) -> bool:
+        """Buffer one engine delta; True when it carried the run's first token."""
+        first = False
+        if d.token_ids or d.text:
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+                first = True
+            self.output.add(d.text, d.token_ids)
+            self.tokens += len(d.token_ids)
+        self.prompt_tokens = d.prompt_tokens
+        return first
+
+    # -- transitions -------------------------------------------------------------
+    def finishing(self) -> None:
+        """Its completion is being queued. A dropped run stays dropped (the write is skipped)."""
+        if self._state is RunState.RUNNING:
+            self._state = RunState.FINISHING
+
+    def failing(self) -> None:
+        """Its failure is being queued (to the queue again, or failed for good)."""
+        if self._state in LIVE:
+            self._state = RunState.FAILING
+
+    def hand_back(self) -> bool:
+        """A stopping worker returns it: stop generating (cancelling the task closes its engine
+        stream, which aborts it). False, and nothing changes, unless it was running."""
+        if self._state is not RunState.RUNNING:
+            return False
+        self._state = RunState.FAILING
+        if self._task is not None:
+            self._task.cancel()
+        return True
+
+    def drop(self, reason: str) -> bool:
+        """The lease went to someone else. True if this changed anything (then abort it in the engine)."""
+        if self._state not in LIVE:
+            return False
+        self._state = RunState.DROPPED
+        self.log.warning("job.dropped", reason=reason)
+        return True
+
+    def cancel_requested_now(self, via: str) -> bool:
+        """A client cancelled it. True if this is news for a running run (then abort it in the engine)."""
+        if self._cancel_at is not None or self._state is not RunState.RUNNING:
+            return False
+        self._cancel_at = time.monotonic()
+        self.log.info("job.cancel_requested", via=via)
+        return True
+
+    def concluded(self, outcome: str) -> None:
+        """Record how the attempt ended, for its summary line."""
+        self._outcome = outcome
+
+    def done(self) -> None:
+        self._state = RunState.DONE
+
+    # -- the summary line --------------------------------------------------------
+    def log_summary(self) -> None:
+        """The job's one summary log line (a warning unless it succeeded or was cancelled)."""
+        end = time.monotonic()
+        ttft = None if self.first_token_at is None else round((self.first_token_at - self.claimed_at) * 1000, 1)
+        gen_s = end - (self.first_token_at or end)
+        fields = {
+            "queue_wait_ms": max(0, self.claimed_ms - self.lease.job.created_ms),
+            "ttft_ms": ttft,
+            "tokens": self.tokens,
+            "resumed_tokens": self.output.base,
+            "prompt_tokens": self.prompt_tokens,
+            "tokens_per_s": round(self.tokens / gen_s, 1) if gen_s > 0 else None,
+            "run_ms": round((end - self.claimed_at) * 1000, 1),
+            "outcome": self._outcome,
+        }
+        if self._outcome in ("succeeded", "cancelled"):
+            self.log.info("job.summary", **fields)
+        else:
+            self.log.warning("job.summary", **fields)
