@@ -18,7 +18,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import BaseModel, Field
 from sse_starlette import ServerSentEvent
 
@@ -36,6 +36,7 @@ from broker.models import MODEL, TENANT, Job, JobStatus, TenantLimits
 api = APIRouter(prefix="/v1/ui", tags=["console"])
 RT = Annotated[Runtime, Depends(get_runtime)]
 JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
+EVENT_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
 # Jobs read per tenant by a usage view (the broker loads each with its output: keep it small).
 USAGE_SCAN = 250
 DEAD_AFTER_MS = 10 * 60 * 1000  # a worker silent this long is forgotten (shown as dead until then)
@@ -181,9 +182,8 @@ async def cancel(job_id: str, request: Request, who: Auth, rt: RT) -> dict[str, 
     return {"id": job_id, "status": status.value, "cancel_requested": True}
 
 
-async def _follow(rt: Runtime, job: Job) -> AsyncIterator[ServerSentEvent]:
+async def _follow(rt: Runtime, job: Job, after: str | None) -> AsyncIterator[ServerSentEvent]:
     if job.terminal:  # nothing more will be published: the stream is all there is
-        after = None
         while True:
             batch = await rt.hub.backlog(job.id, after)
             for ev in batch:
@@ -192,23 +192,33 @@ async def _follow(rt: Runtime, job: Job) -> AsyncIterator[ServerSentEvent]:
                 return
             after = batch[-1].id
     try:
-        async with contextlib.aclosing(follow(rt, job.id)) as evs:
-            async for ev in evs:
-                if ev is not None:
-                    yield ServerSentEvent(json.dumps(ev.data), event=ev.type, id=ev.id)
+        async with contextlib.aclosing(follow(rt, job.id, after)) as live:
+            async for event in live:
+                if event is not None:
+                    yield ServerSentEvent(json.dumps(event.data), event=event.type, id=event.id)
     except be.NotFound:
         yield ServerSentEvent(json.dumps({"code": "not_found", "message": "the job expired"}), event="error")
 
 
 @api.get(
     "/jobs/{job_id}/events",
-    responses={**openapi_errors(401, 404, 429), 200: {"content": {"text/event-stream": {}}}},
+    responses={**openapi_errors(400, 401, 404, 429), 200: {"content": {"text/event-stream": {}}}},
 )
-async def events(job_id: str, request: Request, who: Auth, rt: RT) -> SlotEventSourceResponse:
-    """The job's events from its first, as SSE, until the terminal one (any tenant's, for an admin)."""
+async def events(
+    job_id: str,
+    request: Request,
+    who: Auth,
+    rt: RT,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
+) -> SlotEventSourceResponse:
+    """The job's events from its first (or after `Last-Event-ID`), as SSE, until the terminal one;
+    any tenant's job for an admin key."""
     note(request, job_id=job_id)
+    if last_event_id is not None and not EVENT_ID.match(last_event_id):
+        raise bad_request("Last-Event-ID must be an event id of this stream, like `1700000000000-0`.", "Last-Event-ID")
     found = await _job(rt, who, job_id)
-    return SlotEventSourceResponse(_follow(rt, found), open_slot(rt, who.tenant), ping=rt.settings.keepalive_s)
+    slot = open_slot(rt, who.tenant)
+    return SlotEventSourceResponse(_follow(rt, found, last_event_id), slot, ping=rt.settings.keepalive_s)
 
 
 async def _usage(rt: Runtime, tenant: str) -> dict[str, int]:

@@ -258,6 +258,24 @@ def test_playground_streams_an_answer(make_stack: Any, console: Any) -> None:  #
     job = get_job(stack, alice, job_id)
     assert job["priority"] == 2 and job["output"] and answer.inner_text() == job["output"]
     c.shot("playground")
+
+    stack.call(lambda b: b.register_model("h", 4096))  # no worker yet: the playground shows the wait
+    hand = HandWorker(stack, "h")
+    c.go("#/jobs")  # away and back: the page reads the models again, the conversation stays
+    expect(c.page.locator("section[data-page=jobs]")).to_have_count(1)
+    c.go("#/playground")
+    expect(c.page.locator("[data-testid=pg-transcript] .msg")).to_have_count(2)
+    c.page.select_option("[data-testid=pg-model]", "h")
+    c.page.fill("[data-testid=pg-message]", "And of Italy?")
+    c.page.get_by_test_id("pg-send").click()
+    expect(c.page.get_by_test_id("pg-state")).to_contain_text(re.compile(r"queued \(0 ahead"))
+    [lease] = hand.claim()
+    assert [m["content"] for m in lease.job.request.messages or []][-1] == "And of Italy?"
+    assert len(lease.job.request.messages or []) == 3  # the conversation so far goes with it
+    hand.token(lease, "Rome.")
+    hand.finish(lease)
+    expect(c.page.locator("[data-testid=pg-answer][data-done=true]")).to_have_count(2)
+    expect(c.page.locator("[data-testid=pg-answer]").last).to_have_text("Rome.")
     c.assert_local()
 
 
@@ -268,6 +286,11 @@ def test_a_tenant_key_sees_only_its_own_jobs_and_no_admin_page(make_stack: Any, 
     alice, bob = stack.key("alice"), stack.key("bob")
     [mine], [theirs] = submit(stack, alice), submit(stack, bob)
     c = console(stack)
+    c.page.goto(f"{stack.url}/ui/")
+    c.page.fill("#key", "gq-not-a-key")
+    c.page.click("button[type=submit]")
+    expect(c.page.get_by_test_id("login-error")).to_have_text("That key is not valid.")
+    c.shot("login")
     c.login(alice, "alice")
     expect(c.page.locator("table[data-testid=jobs] tr[data-job]")).to_have_count(1)
     expect(c.page.locator(f"tr[data-job={mine}]")).to_have_count(1)
@@ -303,3 +326,31 @@ def test_the_console_is_served_whole_by_genq(make_stack: Any) -> None:  # noqa: 
         assert httpx.get(f"{stack.url}/ui/static/{name}").status_code == 200
     for bad in ("..%2Fapp.py", "index.html", ".hidden.js", "nope.js"):
         assert httpx.get(f"{stack.url}/ui/static/{bad}").status_code == 404
+
+
+def test_console_events_resume_and_admin_follows_any_tenant(make_stack: Any) -> None:  # noqa: F811
+    stack = make_stack()
+    alice = stack.key("alice")
+    [job_id] = submit(stack, alice, max_tokens=6)
+
+    def events(key: str, after: str | None = None) -> list[tuple[str, str]]:
+        headers = {**auth(key), **({"Last-Event-ID": after} if after else {})}
+        with httpx.stream("GET", f"{stack.url}/v1/ui/jobs/{job_id}/events", headers=headers, timeout=20) as r:
+            assert r.status_code == 200, r.read()
+            out, fields = [], {}
+            for line in r.iter_lines():
+                if not line and "id" in fields:  # the end of an event
+                    out.append((fields.get("event", "message"), fields["id"]))
+                if not line:
+                    fields = {}
+                elif not line.startswith(":"):
+                    name, _, value = line.partition(":")
+                    fields[name] = value.strip()
+            return out
+
+    everything = events(stack.admin_key)  # an admin follows another tenant's job to its end
+    assert everything[0][0] == "queued" and everything[-1][0] == "done"
+    assert events(alice) == everything
+    assert events(alice, everything[2][1]) == everything[3:]  # Last-Event-ID: only what came after
+    bad = httpx.get(f"{stack.url}/v1/ui/jobs/{job_id}/events", headers={**auth(alice), "Last-Event-ID": "x"})
+    assert bad.status_code == 400

@@ -24,7 +24,10 @@ export async function playgroundPage({ root, signal }) {
   const transcript = h("div", { "data-testid": "pg-transcript" });
   const stats = h("p", { class: "muted", "data-testid": "pg-stats" });
   root.append(h("h1", {}, "Playground"), form, stats, transcript);
-  for (const m of conversation) transcript.append(bubble(m.role, m.content));
+  for (const m of conversation) {
+    const b = transcript.appendChild(bubble(m.role, m.content));
+    if (m.role === "assistant") Object.assign(b.dataset, { testid: "pg-answer", done: "true" });
+  }
 
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
