@@ -320,7 +320,8 @@ def test_the_console_is_served_whole_by_genq(make_stack: Any) -> None:  # noqa: 
         urls = set(re.findall(r"https?://[^\s\"'`)]+", f.read_text()))
         assert urls <= {"http://www.w3.org/2000/svg"}, (f.name, urls)
     stack = make_stack(worker=False)
-    page = httpx.get(f"{stack.url}/ui/")
+    page = httpx.get(f"{stack.url}/ui", follow_redirects=True)
+    assert page.url.path == "/ui/"
     assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
     for name in ("app.js", "lib.js", "app.css", "logo.svg"):
         assert httpx.get(f"{stack.url}/ui/static/{name}").status_code == 200

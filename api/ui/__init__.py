@@ -48,7 +48,7 @@ def _index() -> bytes:
 
 @router.get("/ui")
 async def root() -> RedirectResponse:
-    return RedirectResponse("/ui/", status_code=307)
+    return RedirectResponse("ui/", status_code=307)  # relative: right under a proxy's path prefix too
 
 
 @router.get("/ui/")

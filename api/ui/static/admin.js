@@ -1,5 +1,5 @@
 // Workers and tenants (admin key), and batches (any key: the caller's own).
-import { api, ApiError, badge, bar, errorBox, every, fmtMs, fmtNum, fmtTime, h, limitText } from "./lib.js";
+import { api, ApiError, authHeaders, badge, bar, BASE, errorBox, every, fmtMs, fmtNum, fmtTime, h, limitText } from "./lib.js";
 
 export async function workersPage({ root, signal }) {
   const body = h("div");
@@ -119,7 +119,7 @@ function download(fileId, label, signal) {
   if (!fileId) return null;
   // The key must travel in a header, so the file is fetched here and handed over as a blob.
   return h("button", { class: "secondary", onclick: async () => {
-    const res = await fetch(`/v1/files/${fileId}/content`, { headers: { Authorization: `Bearer ${sessionStorage.getItem("genq.key")}` }, signal });
+    const res = await fetch(`${BASE}/v1/files/${fileId}/content`, { headers: authHeaders(), signal });
     if (!res.ok) return;
     const url = URL.createObjectURL(await res.blob());
     h("a", { href: url, download: `${fileId}.jsonl` }).click();

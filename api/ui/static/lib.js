@@ -1,6 +1,8 @@
 // What every page shares: the key, JSON calls, SSE over fetch, DOM building, formatting.
 
 const KEY = "genq.key";
+// Where the API is mounted (empty unless a proxy serves genq under a path prefix).
+export const BASE = location.pathname.replace(/\/ui(\/.*)?$/, "");
 
 export const session = {
   me: null, // GET /v1/ui/me, once per login
@@ -17,7 +19,7 @@ export class ApiError extends Error {
   }
 }
 
-function authHeaders(extra = {}) {
+export function authHeaders(extra = {}) {
   return { Authorization: `Bearer ${session.key}`, ...extra };
 }
 
@@ -27,7 +29,7 @@ export async function api(path, { method = "GET", body, signal, headers = {} } =
     init.headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
   }
-  const res = await fetch(path, init);
+  const res = await fetch(BASE + path, init);
   const text = await res.text();
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch { data = { error: { message: text } }; }
@@ -44,7 +46,7 @@ export async function* sse(path, { signal, retries = 5 } = {}) {
     if (lastId) headers["Last-Event-ID"] = lastId;
     let res;
     try {
-      res = await fetch(path, { headers, signal });
+      res = await fetch(BASE + path, { headers, signal });
     } catch (e) {
       if (signal?.aborted || attempt >= retries) throw e;
       continue;
