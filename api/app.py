@@ -25,6 +25,7 @@ from api.routes_jobs import router as jobs_router
 from api.routes_openai import router as openai_router
 from api.routes_ops import admin as admin_router
 from api.routes_ops import router as ops_router
+from api.routes_ui import router as ui_router
 from api.runtime import Drain, Runtime, StreamSlots
 from api.settings import ApiSettings
 from broker.client import Broker
@@ -99,7 +100,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     # An upload's multipart body: the file plus a little form overhead.
     uploads = {"/v1/files": settings.max_file_bytes + 64 * 1024}
     app.add_middleware(AccessMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes, uploads=uploads)
-    for router in (ops_router, admin_router, jobs_router, openai_router, files_router, batches_router):
+    for router in (ops_router, admin_router, jobs_router, openai_router, files_router, batches_router, ui_router):
         app.include_router(router)
     return app
 
