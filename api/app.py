@@ -25,6 +25,7 @@ from api.routes_jobs import router as jobs_router
 from api.routes_openai import router as openai_router
 from api.routes_ops import admin as admin_router
 from api.routes_ops import router as ops_router
+from api.routes_ui import router as ui_router
 from api.runtime import Drain, Runtime, StreamSlots
 from api.settings import ApiSettings
 from broker.client import Broker
@@ -37,7 +38,7 @@ class State(TypedDict):
 
 
 @asynccontextmanager
-async def reaper(broker: Broker, settings: ApiSettings) -> AsyncIterator[None]:
+async def reaper(broker: Broker, settings: ApiSettings, metrics: ApiMetrics) -> AsyncIterator[None]:
     """Requeue expired leases of every model, so a model whose last worker died does not
     keep its running jobs forever (workers reap too; reaping twice is harmless)."""
 
@@ -46,7 +47,8 @@ async def reaper(broker: Broker, settings: ApiSettings) -> AsyncIterator[None]:
             await asyncio.sleep(settings.reap_interval_ms / 1000)  # a period, not a wait for an event
             try:
                 for model in await broker.models():
-                    await broker.reap(model)
+                    for _, status in await broker.reap(model):
+                        metrics.job_reaped(model, status)
             except Exception as e:  # noqa: BLE001 - Redis away: try again next period
                 log.warning("reap failed", error=str(e))
 
@@ -71,7 +73,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             await broker.check_server()
             for model in settings.models:  # a worker's record (max_model_len, tokenizer) wins
                 await broker.register_model(model, 0, only_if_absent=True)
-            async with broker.event_hub() as hub, reaper(broker, settings):
+            async with broker.event_hub() as hub, reaper(broker, settings, metrics):
                 rt = Runtime(
                     settings, broker, hub, metrics=metrics, streams=StreamSlots(settings.sse_per_tenant), drain=drain
                 )
@@ -98,7 +100,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     # An upload's multipart body: the file plus a little form overhead.
     uploads = {"/v1/files": settings.max_file_bytes + 64 * 1024}
     app.add_middleware(AccessMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes, uploads=uploads)
-    for router in (ops_router, admin_router, jobs_router, openai_router, files_router, batches_router):
+    for router in (ops_router, admin_router, jobs_router, openai_router, files_router, batches_router, ui_router):
         app.include_router(router)
     return app
 

@@ -23,8 +23,8 @@ global queue full          503     overloaded_error           queue_full (+ Retr
 no live worker (OpenAI)    503     overloaded_error           no_worker (+ Retry-After)
 Redis unreachable          503     overloaded_error           redis_unavailable (+ Retry-After)
 sync OpenAI call too long  504     server_error               timeout (the job is cancelled)
-job still queued at its    504     server_error               deadline_exceeded
-deadline
+job still queued at its    408     invalid_request_error      deadline_exceeded (its own
+deadline                                                      max_time_in_queue_s)
 job failed on its worker   500     server_error               the job's error code (OpenAI routes)
 client went away           499     invalid_request_error      client_closed (nobody reads it)
 anything else              500     server_error               internal_error (no details)
@@ -127,9 +127,9 @@ def from_job_end(event_type: EventType, data: dict[str, Any]) -> ApiError:
     code = str(data.get("code") or "job_failed")
     message = str(data.get("message") or "The job failed.")
     if event_type is EventType.EXPIRED:
-        return ApiError(
-            504, f"The job expired: {message}.", type="server_error", code=JobErrorCode.DEADLINE_EXCEEDED.value
-        )
+        # The client's own deadline passed (408, like a request timeout it set): not a server
+        # error, and not retried by the openai client (the same deadline would pass again).
+        return ApiError(408, f"The job expired: {message}.", code=JobErrorCode.DEADLINE_EXCEEDED.value, headers=final)
     if code in CLIENT_ERRORS:
         return ApiError(400, message, code=code, headers=final)
     return ApiError(500, f"The job failed: {message}", type="server_error", code=code, headers=final)

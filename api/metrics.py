@@ -1,8 +1,17 @@
 """Prometheus metrics of one API process, on a registry of its own (no global state).
 
-Queue gauges come from ``Broker.queue_stats`` at scrape time: the /metrics handler
-takes an async snapshot, then the collector renders it. TTFT and tokens/s are
-observed from finished jobs this process saw finish (each job once).
+Two kinds, aggregated differently across API replicas:
+
+- Queue gauges (``genq_queue_depth``, ``genq_queued_tokens``, ``genq_oldest_wait_seconds``,
+  ``genq_drain_*``, ``genq_leases``, ``genq_workers``) are *global* values read from Redis
+  at scrape time: every replica reports the same figure, so aggregate them with ``max``
+  (never ``sum``).  The /metrics handler takes an async snapshot, then the collector renders it.
+- Request metrics (HTTP requests and latency, rejections by reason, retries its followers
+  saw) are this process's own: ``sum`` them.
+
+Job outcomes and job timings (``genq_jobs_total``, TTFT, queue wait, tokens/s) are counted
+where the job runs, by the workers (:mod:`worker.metrics`), each job once; an API process
+only counts the jobs its reaper ends (``genq_jobs_total{status="failed"|"expired"}``).
 """
 
 from __future__ import annotations
@@ -10,14 +19,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import GC_COLLECTOR, CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from broker.models import Job, QueueStats
+from broker.models import JobStatus, QueueStats
 
-TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
-RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
@@ -52,18 +59,10 @@ class ApiMetrics:
         r = self.registry
         self.queues = _QueueCollector()
         r.register(self.queues)
-        self.ttft = Histogram(
-            "genq_ttft_seconds", "Submission to first token", ["model"], buckets=TTFT_BUCKETS, registry=r
-        )
-        self.tokens_per_s = Histogram(
-            "genq_tokens_per_second",
-            "Completion tokens/s of one job after its first token",
-            ["model"],
-            buckets=RATE_BUCKETS,
-            registry=r,
-        )
-        self.queue_wait = Histogram(
-            "genq_queue_wait_seconds", "Submission to start", ["model"], buckets=TTFT_BUCKETS, registry=r
+        ProcessCollector(registry=r)
+        r.register(GC_COLLECTOR)
+        self.jobs = Counter(
+            "genq_jobs", "Jobs this process's reaper ended (worker_lost, expired)", ["model", "status"], registry=r
         )
         self.retries = Counter("genq_retries", "Retry events seen by followers in this process", ["model"], registry=r)
         self.rejections = Counter("genq_rejections", "Refused requests by reason", ["reason"], registry=r)
@@ -85,16 +84,10 @@ class ApiMetrics:
             self._seen.popitem(last=False)
         return True
 
-    def job_finished(self, job: Job) -> None:
-        if not job.finished_ms or not self._first_time("done:" + job.id):
-            return
-        if job.started_ms:
-            self.queue_wait.labels(job.model).observe(max(0, job.started_ms - job.created_ms) / 1000)
-        if job.first_token_ms:
-            self.ttft.labels(job.model).observe(max(0, job.first_token_ms - job.created_ms) / 1000)
-            span_s = (job.finished_ms - job.first_token_ms) / 1000
-            if job.completion_tokens > 1 and span_s > 0:
-                self.tokens_per_s.labels(job.model).observe((job.completion_tokens - 1) / span_s)
+    def job_reaped(self, model: str, status: JobStatus) -> None:
+        """This process's reaper ended a job (requeues are not an outcome)."""
+        if status in (JobStatus.FAILED, JobStatus.EXPIRED):
+            self.jobs.labels(model, status.value).inc()
 
     def retry_seen(self, model: str, job_id: str, event_id: str) -> None:
         if self._first_time(f"retry:{job_id}:{event_id}"):

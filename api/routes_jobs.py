@@ -145,8 +145,6 @@ async def _events(rt: Runtime, job: Job, last_event_id: str | None) -> AsyncIter
                 if ev.type is EventType.RETRY:
                     rt.metrics.retry_seen(job.model, job.id, ev.id)
                 yield ServerSentEvent(json.dumps(ev.data), event=ev.type, id=ev.id)
-                if ev.type is EventType.DONE:
-                    rt.metrics.job_finished(await rt.broker.get_job(job.id))
     except be.NotFound:  # the job expired between the check and the stream
         yield ServerSentEvent(json.dumps({"code": "not_found", "message": "the job expired"}), event="error")
 

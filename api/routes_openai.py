@@ -190,7 +190,6 @@ async def _complete(caller: Caller, fmt: Formatter, headers: dict[str, str]) -> 
     if ev.type is not EventType.DONE:
         raise from_job_end(ev.type, ev.data)
     job = await rt.broker.get_job(job_id)
-    rt.metrics.job_finished(job)
     usage = usage_dict(job.prompt_tokens, job.completion_tokens)
     return JSONResponse(fmt.full(job.output, ev.data.get("finish_reason") or job.finish_reason, usage), headers=headers)
 
@@ -222,7 +221,6 @@ async def _chunks(caller: Caller, fmt: Formatter) -> AsyncIterator[str]:
                         yield json.dumps(
                             fmt.usage_chunk(usage_dict(u.get("prompt_tokens", 0), u.get("completion_tokens", 0)))
                         )
-                    rt.metrics.job_finished(await rt.broker.get_job(job_id))
                 elif ev.terminal:
                     finished = True
                     yield json.dumps(from_job_end(ev.type, ev.data).body())

@@ -33,7 +33,7 @@ async def readyz(rt: RT) -> JSONResponse:
 
     Workers are not a condition: jobs queue while none is live (scaling workers to zero, a GPU
     outage), so the API stays in its Service. Which models have live workers is reported here
-    for information, and in `/v1/models` (`workers`, `ready`) and the `genq_model_workers` metric.
+    for information, and in `/v1/models` (`workers`, `ready`) and the `genq_workers` metric.
     """
     try:
         async with asyncio.timeout(2.0):
@@ -53,7 +53,9 @@ async def _model_names(rt: Runtime) -> list[str]:
 
 @router.get("/metrics", response_class=Response)
 async def metrics(rt: RT) -> Response:
-    """Prometheus text format; queue gauges are read from Redis at scrape time."""
+    """Prometheus text format. Queue gauges are read from Redis at scrape time and are the same on
+    every replica (aggregate them with `max`); job outcomes and timings come from the workers' own
+    `/metrics`."""
     models = await _model_names(rt)
     stats = await asyncio.gather(*(rt.broker.queue_stats(m) for m in models))
     per_model: dict[str, int] = {}

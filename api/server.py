@@ -71,9 +71,11 @@ if HttpToolsProtocol is not None:
         def data_received(self, data: bytes) -> None:
             if self._refused:
                 return  # lingering after a 431: drop it
+            was_in_head = self._in_head
             super().data_received(data)
-            # Every byte of a chunk after which the head is still incomplete belongs to the head.
-            if self._in_head and not self.transport.is_closing():
+            # Every byte of a chunk after which the head is still incomplete belongs to the head;
+            # a chunk that ended a body (the next head starts after it) is not counted.
+            if was_in_head and self._in_head and not self.transport.is_closing():
                 self._head_bytes += len(data)
                 if self._head_bytes > self.max_head_bytes:
                     self._refuse()

@@ -255,8 +255,6 @@ async def queue_fields(rt: Runtime, job: Job) -> tuple[dict[str, Any] | None, di
 
 async def describe(rt: Runtime, job: Job) -> dict[str, Any]:
     queue, warning = (await queue_fields(rt, job)) if job.status is JobStatus.QUEUED else (None, None)
-    if job.terminal:
-        rt.metrics.job_finished(job)
     return job_view(job, queue, warning)
 
 

@@ -5,6 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh "cpu,dev,bench"
+# The console's browser tests use Debian's chromium (Playwright's own download needs its CDN).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
+  echo "installing chromium for the console tests"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 VENV="${GENQ_VENV:-.venv}"
 if ! "$VENV/bin/python" -c "import redis,sys; redis.Redis().ping()" 2>/dev/null; then
   echo "no Redis on 127.0.0.1:6379: starting one for the tests"

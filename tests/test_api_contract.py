@@ -104,14 +104,15 @@ async def test_a_queued_job_expires_at_its_deadline(make_stack, how: str) -> Non
         assert {q["model"]: q["depth"] for q in queues}["m"] == 1  # its queue slot was freed
 
 
-async def test_an_expired_job_answers_the_openai_client_504(make_stack) -> None:  # noqa: F811
+async def test_an_expired_job_answers_the_openai_client_408(make_stack) -> None:  # noqa: F811
     stack = make_stack(worker=False)
     key = stack.key("acme")
     t0 = time.monotonic()
     async with httpx.AsyncClient(base_url=stack.url, headers=auth(key), timeout=30) as h:
         body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_time_in_queue_s": 0.5}
         r = await h.post("/v1/chat/completions", json=body)
-    assert_error(r, 504, "deadline_exceeded")
+    assert_error(r, 408, "deadline_exceeded")
+    assert r.headers["x-should-retry"] == "false"
     assert time.monotonic() - t0 < 0.5 + stack.settings.reap_interval_ms / 1000 + 3
 
 

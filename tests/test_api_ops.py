@@ -78,8 +78,8 @@ def test_metrics(make_stack) -> None:  # noqa: F811
     assert m[("genq_oldest_wait_seconds", (("model", "idle"),))] >= 0
     assert m[("genq_workers", (("model", "m"),))] == 1
     assert ("genq_leases", (("model", "m"),)) in m and ("genq_drain_jobs_per_second", (("model", "m"),)) in m
-    assert m[("genq_ttft_seconds_count", (("model", "m"),))] == 3
-    assert m[("genq_tokens_per_second_count", (("model", "m"),))] == 3
+    # job timings are the workers' (worker.metrics), counted where the job ran, not where it was watched
+    assert ("genq_ttft_seconds_count", (("model", "m"),)) not in m
     assert (
         m[("genq_http_requests_total", (("method", "POST"), ("route", "/v1/chat/completions"), ("status", "200")))] == 3
     )

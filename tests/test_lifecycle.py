@@ -83,7 +83,7 @@ def test_up_killed_or_hung_up_leaves_no_process(tmp_path: Path, sig: signal.Sign
     try:
         wait_ready(f"http://127.0.0.1:{port}", tmp_path / "api_key", proc)
         kids = children_of(proc.pid)
-        assert len(kids) == 3, kids  # redis, api, worker
+        assert len(kids) == 4, kids  # redis, api, worker, batcher
         proc.send_signal(sig)
         proc.communicate(timeout=30)
         left = wait_gone(kids, 10)

@@ -73,6 +73,10 @@ def worker_command(
     ] = None,
     heartbeat_s: Annotated[float | None, typer.Option(rich_help_panel=_FEED)] = None,
     worker_id: Annotated[str | None, typer.Option(help="Default: host-pid-random.", rich_help_panel=_FEED)] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus /metrics on this port [0 = off].", rich_help_panel=_FEED)
+    ] = None,
+    metrics_host: Annotated[str | None, typer.Option(help="[127.0.0.1]", rich_help_panel=_FEED)] = None,
     redis_url: Annotated[str | None, typer.Option(help="[env GENQ_REDIS_URL]", rich_help_panel=_BROKER)] = None,
     queue: Annotated[str | None, typer.Option(help="[env GENQ_QUEUE]", rich_help_panel=_BROKER)] = None,
     lease_ms: Annotated[int | None, typer.Option(help="[env GENQ_LEASE_MS]", rich_help_panel=_BROKER)] = None,

@@ -23,6 +23,7 @@ import structlog
 
 from broker.client import Broker
 from broker.contract import RenewResult
+from broker.models import JobStatus
 from worker.run import JobRun
 
 log = structlog.get_logger(__name__)
@@ -46,6 +47,10 @@ class LeaseHolder(Protocol):
 
     async def on_cancel(self, job_id: str, *, via: str) -> None:
         """A client cancelled ``job_id`` (it may not be held here)."""
+        ...
+
+    def on_reaped(self, outcomes: Sequence[tuple[str, JobStatus]]) -> None:
+        """This keeper's reap moved these jobs (requeued, failed, expired): for metrics."""
         ...
 
 
@@ -120,6 +125,6 @@ class LeaseKeeper:
     async def _reap_loop(self) -> None:
         while await self._tick(self.reap_s):
             try:
-                await self.broker.reap(self.holder.model)
+                self.holder.on_reaped(await self.broker.reap(self.holder.model))
             except Exception:
                 log.exception("reap failed")

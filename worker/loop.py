@@ -32,6 +32,7 @@ from broker.contract import FailOutcome, JobErrorCode
 from broker.models import JobStatus, Lease
 from worker.engine.base import Engine, EngineDeadError, GenRequest, InvalidRequestError, PromptTooLongError
 from worker.leases import LeaseKeeper
+from worker.metrics import MetricsServer, WorkerMetrics
 from worker.run import JobRun
 from worker.settings import WorkerSettings
 from worker.stream import Streamer
@@ -69,6 +70,7 @@ class Worker:
         self.id = settings.worker_id
         self.model = engine.model_name
         self.runs: dict[str, JobRun] = {}
+        self.metrics = WorkerMetrics(self.model, self.id, settings.engine)
         self.streamer = Streamer(broker, settings.flush_interval_ms / 1000, self._on_write_refused)
         self.leases = LeaseKeeper(broker, self)
         self.reap_s = broker.settings.reap_interval_ms / 1000
@@ -95,6 +97,10 @@ class Worker:
             self._force.set()
 
     async def run(self) -> int:
+        with MetricsServer(self.metrics, self.settings.metrics_port, self.settings.metrics_host):
+            return await self._run()
+
+    async def _run(self) -> int:
         tokenizer = self.settings.tokenizer_folder()
         await self.broker.register_model(self.model, self.engine.max_model_len, tokenizer=tokenizer)
         self.started_at = time.monotonic()
@@ -109,6 +115,7 @@ class Worker:
             capacity=self.engine.capacity,
             waiting_margin=self.settings.waiting_margin,
         )
+        self._update_live()
         self.started.set()
         code = EXIT_OK
         try:
@@ -207,6 +214,7 @@ class Worker:
             self.first_claim_at = time.monotonic()
             self.first_claim.set()
         run.launch(self._run_job, self._job_done)
+        self._update_live()
 
     def _job_done(self, run: JobRun) -> None:
         if self.runs.get(run.job_id) is run:
@@ -215,6 +223,10 @@ class Worker:
         self._slot_freed.set()
         if not self.runs:
             self._idle.set()
+        self._update_live()
+
+    def _update_live(self) -> None:
+        self.metrics.live(self.engine.stats(), len(self.runs), self.engine.capacity)
 
     # -- one job -------------------------------------------------------------
     async def _run_job(self, run: JobRun) -> None:
@@ -225,6 +237,7 @@ class Worker:
             run.log.exception("job.final_write_failed")
         finally:
             run.log_summary()
+            self.metrics.attempt_ended(run)
 
     async def _attempt(self, run: JobRun) -> None:
         try:
@@ -244,6 +257,7 @@ class Worker:
             return await self._report_failure(run, JobErrorCode.WORKER_ERROR, f"{type(e).__name__}: {e}", retry=True)
         if run.lost:
             run.concluded("lost_lease")
+            self.metrics.lease_lost()
         elif finish == "abort" and run.cancel_requested:
             await self._report_completion(run, finish, JobStatus.CANCELLED)
         elif finish == "abort":  # the engine gave up on it without being asked to
@@ -258,6 +272,7 @@ class Worker:
             async for delta in stream:
                 first = run.add(delta)
                 self._tokens += len(delta.token_ids)
+                self.metrics.tokens(len(delta.token_ids))
                 self.streamer.poke(run, urgent=first)
                 if delta.finish_reason is not None:
                     return delta.finish_reason
@@ -271,6 +286,10 @@ class Worker:
         run.finishing()
         written = await self.streamer.queue_completion(run, finish, status)
         run.concluded(status.value if written else "lost_lease")
+        if written:
+            self.metrics.job_ended(run, status)
+        else:
+            self.metrics.lease_lost()
         if (cancel_ms := run.ms_since_cancel()) is not None:
             run.log.info("job.cancelled", cancel_to_complete_ms=cancel_ms)
 
@@ -278,6 +297,12 @@ class Worker:
         run.failing()
         went = await self.streamer.queue_failure(run, code, message, retry=retry)
         run.concluded("lost_lease" if went is None else f"{code}:{went.value}")
+        if went is None:
+            self.metrics.lease_lost()
+        elif went is FailOutcome.QUEUED:
+            self.metrics.retried(code.value)
+        else:  # failed for good, or cancelled (its cancel had been requested)
+            self.metrics.job_ended(run, JobStatus(went.value))
 
     # -- the lease keeper's and the streamer's reports ----------------------------
     def held_runs(self) -> Sequence[JobRun]:
@@ -290,6 +315,12 @@ class Worker:
 
     async def on_cancel(self, job_id: str, *, via: str) -> None:
         await self.abort_cancelled(job_id, via=via)
+
+    def on_reaped(self, outcomes: Sequence[tuple[str, JobStatus]]) -> None:
+        for _, status in outcomes:
+            self.metrics.job_reaped(status)
+            if status is JobStatus.QUEUED:
+                self.metrics.retried(JobErrorCode.WORKER_LOST.value)
 
     async def _on_write_refused(self, run: JobRun) -> None:
         await self._drop(run, "append rejected: lease no longer held")
@@ -330,6 +361,11 @@ class Worker:
         rest = [r.task for r in self.runs.values() if r.task is not None and not r.task.done()]
         if rest:
             await asyncio.wait(rest, timeout=HANDBACK_TIMEOUT_S)
+        for r, x in zip(running, results, strict=True):
+            if x is FailOutcome.QUEUED:
+                self.metrics.retried(code.value)
+            elif isinstance(x, FailOutcome):  # out of attempts (engine death), or cancelled meanwhile
+                self.metrics.job_ended(r, JobStatus(x.value))
         if running:
             queued = sum(1 for x in results if x is FailOutcome.QUEUED)
             log.warning("worker.handed_back", code=code, jobs=len(running), queued=queued, other=len(results) - queued)
@@ -337,6 +373,7 @@ class Worker:
     # -- heartbeat -------------------------------------------------------------
     def heartbeat_record(self, tokens_per_s: float) -> dict[str, object]:
         stats = self.engine.stats()
+        self.metrics.live(stats, len(self.runs), self.engine.capacity)
         return {
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -358,6 +395,7 @@ class Worker:
         while True:
             try:
                 await self.broker.heartbeat(self.id, self.heartbeat_record(tps))
+                self.metrics.heartbeat_written(tps, draining=self._draining)
             except EngineDeadError as e:
                 self.engine_died(str(e))
             except Exception:

@@ -99,6 +99,9 @@ class WorkerSettings(BaseSettings):
     heartbeat_s: float = Field(2.0, gt=0)  # how often the worker announces itself (genq status, /v1/models)
 
     # -- process ------------------------------------------------------------
+    # Serve Prometheus /metrics on this port from the worker process (0 = off).
+    metrics_port: int = Field(0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"  # the address /metrics listens on (0.0.0.0 in containers)
     # Shared with the API: GENQ_LOG_LEVEL / GENQ_JSON_LOGS (GENQ_WORKER_* wins when both are set).
     log_level: str = Field("INFO", validation_alias=AliasChoices("GENQ_WORKER_LOG_LEVEL", "GENQ_LOG_LEVEL"))
     # None = JSON unless stderr is a terminal.
