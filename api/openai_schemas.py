@@ -1,22 +1,24 @@
 """Request bodies (OpenAI-compatible and native) and the OpenAI response objects built from job events.
 
-Unknown OpenAI fields are ignored (clients send many); fields genq cannot honour
-(``n`` > 1, tools, logprobs, echo...) answer 400 with the field named, never a
-silent wrong answer.
+Every sampling parameter of :class:`broker.contract.Sampling` is a field of every body
+(inherited); chat's ``logprobs``/``top_logprobs`` and ``response_format`` are mapped onto
+it. A parameter genq cannot honour (tools, audio, echo...), or does not know, answers 400
+with the field named, never a silent wrong answer.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from api.errors import bad_request
+from api.openai_logprobs import CompletionLogprobs, chat_logprobs
 from api.service import MAX_QUEUE_TIME_S, Submission
-from broker.contract import SAMPLING_FIELDS, Sampling
+from broker.contract import MAX_LOGPROBS, SAMPLING_FIELDS, Sampling, StructuredOutputs, TokenLogprob
 
-SEED = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 Metadata = dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]]
 
 
@@ -54,18 +56,27 @@ StopField = Annotated[
 ]
 
 
-class _Sampling(BaseModel):
+class _Sampling(Sampling):
+    """What every request body shares: the model, the budget, genq's extensions, and every
+    field of :class:`broker.contract.Sampling`, inherited (a new sampling parameter needs
+    nothing here). ``null`` for a sampling field means its default, as clients send it."""
+
+    model_config = ConfigDict(frozen=False, extra="forbid")
+
     model: str = Field(min_length=1, max_length=128)
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: SEED | None = None
-    stop: StopField = None
-    ignore_eos: bool = False  # vLLM extension
+    stop: StopField = None  # OpenAI's spelling: one string or up to four
     priority: int | None = Field(None, ge=0, le=9)  # vLLM extension; X-Priority wins
     metadata: Metadata | None = Field(None, max_length=16)
     # genq: a job still queued this long after admission is expired (X-Max-Queue-Time wins)
     max_time_in_queue_s: float | None = Field(None, gt=0, le=MAX_QUEUE_TIME_S)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in SAMPLING_FIELDS}
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -74,13 +85,17 @@ class _Sampling(BaseModel):
             raise ValueError("stop strings must not be empty")
         return v
 
+    def endpoint_sampling(self) -> dict[str, Any]:
+        """Sampling fields an endpoint spells its own way (chat's logprobs, response_format)."""
+        return {}
+
     def sampling(self) -> Sampling:
         """The job's sampling, built once here from the request's fields (unset ones keep defaults)."""
-        chosen = {name: getattr(self, name) for name in SAMPLING_FIELDS if name in self.model_fields_set}
-        chosen = {k: v for k, v in chosen.items() if v is not None}
+        chosen = {name: getattr(self, name) for name in SAMPLING_FIELDS & self.model_fields_set}
         if "stop" in chosen:
             chosen["stop"] = _stop_list(chosen["stop"])
-        return Sampling(**chosen)
+        chosen.update(self.endpoint_sampling())
+        return Sampling(**{k: v for k, v in chosen.items() if v is not None})
 
     def _common(self, priority: int) -> dict[str, Any]:
         return {
@@ -96,43 +111,116 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # genq always holds the output to the schema
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('response_format {"type": "json_schema"} needs its `json_schema`')
+        return self
+
+    def structured_outputs(self) -> StructuredOutputs | None:
+        if self.type == "json_object":
+            return StructuredOutputs(json_object=True)
+        if self.type == "json_schema" and self.json_schema is not None:
+            return StructuredOutputs(json=self.json_schema.schema_)
+        return None
+
+
+def _off(v: Any) -> bool:
+    return v in (None, False, "", [], {})
+
+
+# OpenAI (and vLLM) parameters genq cannot honour: accepted only with a value that asks for
+# nothing (as OpenAI's own defaults do), else a 400 naming them.
+UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "tools": (_off, "tools (function calling) are not supported."),
+    "tool_choice": (lambda v: v in (None, "none", "auto"), "tool_choice is not supported: genq has no tools."),
+    "functions": (_off, "functions (function calling) are not supported."),
+    "function_call": (lambda v: v in (None, "none", "auto"), "function_call is not supported: genq has no tools."),
+    "parallel_tool_calls": (lambda v: True, ""),  # means nothing without tools
+    "modalities": (lambda v: v in (None, ["text"]), 'only modalities ["text"] are supported.'),
+    "audio": (_off, "audio output is not supported."),
+    "prediction": (_off, "predicted outputs are not supported."),
+    "reasoning_effort": (_off, "reasoning_effort is not supported."),
+    "verbosity": (_off, "verbosity is not supported."),
+    "web_search_options": (_off, "web search is not supported."),
+    "store": (_off, "store is not supported (every job is kept for its result TTL anyway)."),
+    "service_tier": (lambda v: v in (None, "auto", "default"), "service_tier is not supported: use X-Priority."),
+    "echo": (_off, "echo is not supported."),
+    "suffix": (_off, "suffix is not supported."),
+    "best_of": (lambda v: v in (None, 1), "best_of > 1 is not supported."),
+    "prompt_logprobs": (_off, "prompt_logprobs are not supported."),
+}
+# Asked for nothing genq would do differently: labels for the caller's own bookkeeping.
+INFORMATIONAL = frozenset({"user", "safety_identifier", "prompt_cache_key"})
+
+
 class _OpenAI(_Sampling):
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are collected, then refused by name (OpenAI does the same), never dropped.
+    model_config = ConfigDict(extra="allow")
 
     n: int | None = Field(None, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: Any = None
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)  # accepted, ignored
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)  # accepted, ignored
-    user: str | None = None
+    response_format: ResponseFormat | None = None
     background: bool = False  # genq: admit and answer 202 with the job at once
 
     def check_supported(self) -> None:
         if self.n is not None and self.n > 1:
             raise bad_request("n > 1 is not supported: send one request per choice.", "n", "unsupported_value")
-        if self.logprobs not in (None, False, 0):
-            raise bad_request("logprobs are not supported.", "logprobs", "unsupported_value")
+        for name, value in (self.model_extra or {}).items():
+            if name in INFORMATIONAL:
+                continue
+            if name not in UNSUPPORTED:
+                raise bad_request(f"Unrecognized request argument supplied: {name}", name, "unknown_parameter")
+            harmless, message = UNSUPPORTED[name]
+            if not harmless(value):
+                raise bad_request(message, name, "unsupported_value")
+
+    def endpoint_sampling(self) -> dict[str, Any]:
+        if self.response_format is None or self.response_format.type == "text":
+            return {}
+        if self.structured_outputs is not None:
+            raise bad_request("give response_format or structured_outputs, not both.", "response_format")
+        return {"structured_outputs": self.response_format.structured_outputs()}
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.sampling().logprobs is not None
+
 
 class ChatCompletionRequest(_OpenAI):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    # OpenAI's chat spelling; Sampling.logprobs is the number of alternatives
+    logprobs: bool | None = None  # type: ignore[assignment]
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    def endpoint_sampling(self) -> dict[str, Any]:
+        fields = super().endpoint_sampling()
+        if not self.logprobs and self.top_logprobs:
+            raise bad_request("top_logprobs needs logprobs: true.", "top_logprobs")
+        fields["logprobs"] = (self.top_logprobs or 0) if self.logprobs else None
+        return fields
 
     def submission(self, priority: int) -> Submission:
         self.check_supported()
-        if self.tools:
-            raise bad_request("tools are not supported.", "tools", "unsupported_value")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise bad_request(
-                'only response_format {"type": "text"} is supported.', "response_format", "unsupported_value"
-            )
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return Submission(
             kind="chat", messages=[m.as_dict() for m in self.messages], max_tokens=max_tokens, **self._common(priority)
@@ -143,9 +231,6 @@ class CompletionRequest(_OpenAI):
     prompt: str | list[str] | list[int] | list[list[int]]
     # OpenAI's (and vLLM's) default for this endpoint
     max_tokens: int | None = Field(16, ge=1)
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = Field(None, ge=1)
 
     def submission(self, priority: int) -> Submission:
         self.check_supported()
@@ -158,9 +243,6 @@ class CompletionRequest(_OpenAI):
                     "unsupported_value",
                 )
             prompt = prompt[0]
-        for name, bad in (("echo", self.echo), ("suffix", self.suffix), ("best_of", (self.best_of or 1) > 1)):
-            if bad:
-                raise bad_request(f"{name} is not supported.", name, "unsupported_value")
         return Submission(kind="completion", prompt=prompt, max_tokens=self.max_tokens, **self._common(priority))
 
 
@@ -219,6 +301,10 @@ class Formatter:
         self.created = int(time.time()) if created is None else created
         self.include_usage = include_usage
 
+    def logprobs(self, tokens: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        """A choice's ``logprobs`` (None when the request asked for none)."""
+        raise NotImplementedError
+
     def pending(self) -> dict[str, Any]:
         """The object of a job without its answer yet (background mode): no choices, no usage."""
         return {**self._base(self.object_full), "choices": [], "usage": None, "system_fingerprint": None}
@@ -238,13 +324,15 @@ class Formatter:
     def start(self) -> list[dict[str, Any]]:
         return []
 
-    def delta(self, text: str) -> dict[str, Any]:
+    def delta(self, text: str, logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
         raise NotImplementedError
 
     def finish(self, finish_reason: str) -> dict[str, Any]:
         raise NotImplementedError
 
-    def full(self, text: str, finish_reason: str | None, usage: dict[str, int]) -> dict[str, Any]:
+    def full(
+        self, text: str, finish_reason: str | None, usage: dict[str, int], logprobs: list[TokenLogprob] | None = None
+    ) -> dict[str, Any]:
         raise NotImplementedError
 
 
@@ -255,17 +343,22 @@ class ChatFormatter(Formatter):
     def start(self) -> list[dict[str, Any]]:
         return [self.chunk({"delta": {"role": "assistant", "content": ""}, "finish_reason": None})]
 
-    def delta(self, text: str) -> dict[str, Any]:
-        return self.chunk({"delta": {"content": text}, "finish_reason": None})
+    def logprobs(self, tokens: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        return None if tokens is None else chat_logprobs(tokens)
+
+    def delta(self, text: str, logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+        return self.chunk({"delta": {"content": text}, "logprobs": self.logprobs(logprobs), "finish_reason": None})
 
     def finish(self, finish_reason: str) -> dict[str, Any]:
         return self.chunk({"delta": {}, "finish_reason": finish_reason})
 
-    def full(self, text: str, finish_reason: str | None, usage: dict[str, int]) -> dict[str, Any]:
+    def full(
+        self, text: str, finish_reason: str | None, usage: dict[str, int], logprobs: list[TokenLogprob] | None = None
+    ) -> dict[str, Any]:
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": text},
-            "logprobs": None,
+            "logprobs": self.logprobs(logprobs),
             "finish_reason": finish_reason,
         }
         return {**self._base(self.object_full), "choices": [choice], "usage": usage, "system_fingerprint": None}
@@ -275,12 +368,21 @@ class CompletionFormatter(Formatter):
     prefix, object_full, object_chunk = "cmpl", "text_completion", "text_completion"
     path = "/v1/completions"
 
-    def delta(self, text: str) -> dict[str, Any]:
-        return self.chunk({"text": text, "finish_reason": None})
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._logprobs = CompletionLogprobs()  # text offsets run on from chunk to chunk
+
+    def logprobs(self, tokens: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        return None if tokens is None else self._logprobs.build(tokens)
+
+    def delta(self, text: str, logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+        return self.chunk({"text": text, "logprobs": self.logprobs(logprobs), "finish_reason": None})
 
     def finish(self, finish_reason: str) -> dict[str, Any]:
         return self.chunk({"text": "", "finish_reason": finish_reason})
 
-    def full(self, text: str, finish_reason: str | None, usage: dict[str, int]) -> dict[str, Any]:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def full(
+        self, text: str, finish_reason: str | None, usage: dict[str, int], logprobs: list[TokenLogprob] | None = None
+    ) -> dict[str, Any]:
+        choice = {"index": 0, "text": text, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
         return {**self._base(self.object_full), "choices": [choice], "usage": usage, "system_fingerprint": None}

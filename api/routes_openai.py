@@ -59,7 +59,7 @@ from api.runtime import Runtime, get_runtime, note
 from api.service import accepted_view, admit, describe, priority_header, warning_headers
 from api.streams import SlotEventSourceResponse, follow, open_slot, shielded
 from broker import errors as be
-from broker.contract import WAITING_EVENTS, EventType
+from broker.contract import WAITING_EVENTS, EventType, TokenLogprob
 from broker.events import Event
 from broker.models import Job, JobStatus
 
@@ -191,7 +191,18 @@ async def _complete(caller: Caller, fmt: Formatter, headers: dict[str, str]) -> 
         raise from_job_end(ev.type, ev.data)
     job = await rt.broker.get_job(job_id)
     usage = usage_dict(job.prompt_tokens, job.completion_tokens)
-    return JSONResponse(fmt.full(job.output, ev.data.get("finish_reason") or job.finish_reason, usage), headers=headers)
+    finish_reason = ev.data.get("finish_reason") or job.finish_reason
+    return JSONResponse(fmt.full(job.output, finish_reason, usage, await _logprobs(rt, job)), headers=headers)
+
+
+async def _logprobs(rt: Runtime, job: Job) -> list[TokenLogprob] | None:
+    """The job's logprobs if it asked for them (they are read back from its token events)."""
+    return None if job.request.sampling.logprobs is None else await rt.broker.logprobs(job.id)
+
+
+def _event_logprobs(ev: Event) -> list[TokenLogprob] | None:
+    wire = ev.data.get("logprobs")
+    return None if wire is None else [TokenLogprob.from_wire(t) for t in wire]
 
 
 async def _chunks(caller: Caller, fmt: Formatter) -> AsyncIterator[str]:
@@ -202,12 +213,12 @@ async def _chunks(caller: Caller, fmt: Formatter) -> AsyncIterator[str]:
             async for ev in events:
                 if ev is None:
                     continue
-                if ev.type is EventType.TOKEN and ev.data.get("text"):
+                if ev.type is EventType.TOKEN and (ev.data.get("text") or ev.data.get("logprobs")):
                     if not opened:  # like vLLM: the role chunk goes out with the first token, not before
                         opened = True
                         for c in fmt.start():
                             yield json.dumps(c)
-                    yield json.dumps(fmt.delta(ev.data["text"]))
+                    yield json.dumps(fmt.delta(ev.data["text"], _event_logprobs(ev)))
                 elif ev.type is EventType.RETRY:
                     rt.metrics.retry_seen(caller.model, job_id, ev.id)
                 elif ev.type is EventType.DONE:
@@ -305,10 +316,13 @@ async def _serve(
     return await _complete(caller, fmt, headers)
 
 
-def _job_object(fmt: Formatter, view: dict[str, Any], job: Job | None = None) -> dict[str, Any]:
+def _job_object(
+    fmt: Formatter, view: dict[str, Any], job: Job | None = None, logprobs: list[TokenLogprob] | None = None
+) -> dict[str, Any]:
     """The job as an OpenAI object: the completion once it succeeded, else without choices; plus its state."""
     if job is not None and job.status is JobStatus.SUCCEEDED:
-        obj = fmt.full(job.output, job.finish_reason, usage_dict(job.prompt_tokens, job.completion_tokens))
+        usage = usage_dict(job.prompt_tokens, job.completion_tokens)
+        obj = fmt.full(job.output, job.finish_reason, usage, logprobs)
     else:
         obj = fmt.pending()
     obj.update({k: view[k] for k in JOB_FIELDS if k in view})
@@ -336,7 +350,8 @@ async def _retrieve(
     note(request, job_id=job_id)
     job = await owned_job(rt, who, job_id)
     fmt = formatter(job.id, job.model, completion_id=completion_id, created=job.created_ms // 1000)
-    return _job_object(fmt, await describe(rt, job), job)
+    logprobs = await _logprobs(rt, job) if job.status is JobStatus.SUCCEEDED else None
+    return _job_object(fmt, await describe(rt, job), job, logprobs)
 
 
 @router.get("/chat/completions/{completion_id}", responses=openapi_errors(401, 404))

@@ -23,7 +23,7 @@ import structlog
 from broker import errors
 from broker.batches import BatchStore
 from broker.connection import RedisClient, connect_redis, wait_replicas
-from broker.contract import FailOutcome, JobErrorCode, RenewResult
+from broker.contract import EventType, FailOutcome, JobErrorCode, RenewResult, TokenLogprob
 from broker.errors import Code, translated
 from broker.events import ControlListener, EventHub
 from broker.keys import PRIORITIES, Keys
@@ -77,6 +77,8 @@ class OutputWrite:
     # Completion tokens of the job already written before this delta; makes a replayed
     # write (pipeline retried after a lost reply) a no-op. -1 = unchecked.
     offset: int = -1
+    # The tokens' logprobs, when the job asked for them: contract.logprobs_fragment of them.
+    logprobs: str = ""
 
 
 class Broker:
@@ -380,6 +382,7 @@ class Broker:
                     s.events_maxlen,
                     k.channel(d.job_id),
                     d.offset,
+                    d.logprobs,
                 ],
                 client=pipe,
             )
@@ -399,14 +402,15 @@ class Broker:
         *,
         offset: int = -1,
         prompt_tokens: int = 0,
+        logprobs: str = "",
     ) -> None:
         """Finish a running job (succeeded, or cancelled once aborted). Raises StaleLease.
 
         ``offset`` dedupes a replayed last write (see OutputWrite); ``prompt_tokens`` replaces the
-        admission-time count with the engine's exact one.
+        admission-time count with the engine's exact one; ``logprobs`` as in OutputWrite.
         """
         reply = await self._scripts.complete(
-            *self._complete_args(lease, finish_reason, text, token_ids, status, offset, prompt_tokens)
+            *self._complete_args(lease, finish_reason, text, token_ids, status, offset, prompt_tokens, logprobs)
         )
         if int(reply[0]) == Code.STALE_LEASE:
             raise errors.StaleLease(lease.id, lease.fence)
@@ -432,6 +436,7 @@ class Broker:
         status: JobStatus,
         offset: int = -1,
         prompt_tokens: int = 0,
+        logprobs: str = "",
     ) -> tuple[list[str], list[Any]]:
         job, k, s = lease.job, self._keys, self.settings
         return (
@@ -456,6 +461,7 @@ class Broker:
                 job.id,
                 offset,
                 prompt_tokens,
+                logprobs,
             ],
         )
 
@@ -598,6 +604,23 @@ class Broker:
     async def recall_retry_key(self, tenant: str, digest: str) -> str | None:
         key: str | None = await self._redis.get(self._keys.retry_hint(tenant, digest))
         return key
+
+    async def logprobs(self, job_id: str) -> list[TokenLogprob]:
+        """The job's output logprobs so far, in token order (none unless it asked for them).
+
+        Its token events carry them (see contract.TokenLogprob), so nothing stores them twice;
+        this reads the event stream, so call it only for a job that asked.
+        """
+        out: list[TokenLogprob] = []
+        start, page = "-", 1000
+        while True:
+            entries = await self._redis.xrange(self._keys.events(job_id), min=start, max="+", count=page)
+            for _, f in entries:
+                if f.get("t") == EventType.TOKEN:
+                    out.extend(TokenLogprob.from_wire(t) for t in json.loads(f["d"]).get("logprobs") or ())
+            if len(entries) < page:
+                return out
+            start = f"({entries[-1][0]}"
 
     async def followers(self, job_id: str) -> int:
         """API processes following the job's live events now (each process subscribes once)."""

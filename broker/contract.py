@@ -4,8 +4,10 @@ One page for the types the API, the broker (Python and Lua) and the worker share
 
 - :class:`Sampling` — how to sample; the API builds it once, the broker stores it typed
   inside :class:`JobInput`, the worker maps it to its engine in one function
-  (``worker.engine.base.GenRequest.from_job``). Adding a sampling parameter means a
-  field here and a line in that mapping.
+  (``worker.engine.vllm_engine.sampling_params``). Adding a sampling parameter means a
+  field here (the OpenAI bodies inherit it) and, unless vLLM spells it the same, a line
+  in that mapping.
+- :class:`TokenLogprob` — a generated token's logprobs as token events carry them.
 - :class:`JobInput` — the request part of a job (prompt or messages, sampling, metadata),
   stored as the job hash's ``request`` field and decoded typed as ``Job.request``.
 - :class:`JobSpec` — what a caller hands to ``Broker.admit``.
@@ -17,9 +19,12 @@ One page for the types the API, the broker (Python and Lua) and the worker share
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -102,19 +107,96 @@ TENANT = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 MODEL = re.compile(r"^[A-Za-z0-9._/:\-]{1,128}$")
 
 
+TokenId = Annotated[int, Field(ge=0)]
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs, and OpenAI's top_logprobs limit
+
+
+class StructuredOutputs(BaseModel):
+    """Constrained decoding (vLLM's ``StructuredOutputsParams``): exactly one constraint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    # "json" in vLLM's request body; a field of that name would shadow BaseModel.json
+    json_schema: dict[str, Any] | None = Field(None, alias="json", description="a JSON schema the output follows")
+    json_object: bool | None = Field(None, description="any JSON object")
+    regex: str | None = Field(None, min_length=1)
+    choice: list[str] | None = Field(None, min_length=1, description="the output is one of these strings")
+    grammar: str | None = Field(None, min_length=1, description="an EBNF / Lark grammar")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        fields = type(self).model_fields
+        given = [f.alias or name for name, f in fields.items() if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of json, json_object, regex, choice, grammar (got {given or 'none'})")
+        return self
+
+
 class Sampling(BaseModel):
-    """How to sample a job's completion. Defaults are vLLM's (and OpenAI's)."""
+    """How to sample a job's completion: vLLM's ``SamplingParams``, field for field and with
+    its defaults (and OpenAI's where the two share a name). The worker hands every field to
+    the engine by name (``worker.engine.vllm_engine.sampling_params``), so a new vLLM
+    parameter is a field here; the OpenAI request bodies inherit these fields."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1, description="sample from the k most likely tokens; 0 or -1: all")
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, allow_inf_nan=False)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: list[str] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0, description="generate at least this many tokens before EOS or stop")
+    # How many most likely alternatives to return with each token's own logprob (0: just the
+    # token's); None: no logprobs at all. Chat's `logprobs`/`top_logprobs` map onto it.
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logit_bias: dict[TokenId, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    allowed_token_ids: list[TokenId] | None = Field(None, min_length=1)
+    bad_words: list[Annotated[str, Field(min_length=1)]] | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not all(v):
+            raise ValueError("stop strings must not be empty")
+        return v or None
 
 
 SAMPLING_FIELDS = frozenset(Sampling.model_fields)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token's logprob and the ``Sampling.logprobs`` most likely tokens at its
+    position (most likely first). A token event's data carries them as ``logprobs``, a list of
+    :meth:`wire` items, one per token of the event, only when the job asked for logprobs."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+    def wire(self) -> list[Any]:
+        return [self.token, self.logprob, [[t, lp] for t, lp in self.top]]
+
+    @classmethod
+    def from_wire(cls, item: Sequence[Any]) -> TokenLogprob:
+        token, logprob, top = item
+        return cls(str(token), float(logprob), tuple((str(t), float(lp)) for t, lp in top))
+
+
+def logprobs_fragment(items: Sequence[TokenLogprob]) -> str:
+    """The wire items as comma-separated JSON (no brackets): the append script splices it into
+    a token event's data as is, so Redis does no JSON work for it."""
+    return json.dumps([t.wire() for t in items], ensure_ascii=False, separators=(",", ":"))[1:-1] if items else ""
 
 
 def _nest_sampling(data: Any) -> Any:

@@ -31,6 +31,7 @@ from typing import Any
 import structlog
 
 from broker.client import OutputWrite, now_ms
+from broker.contract import TokenLogprob, logprobs_fragment
 from broker.models import Lease
 from worker.engine.base import Delta
 
@@ -58,6 +59,7 @@ class OutputBuffer:
     fence: int
     text: list[str] = field(default_factory=list)  # buffered, not yet sent
     ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of ids, when the job asked for them
     written: int = 0  # completion tokens acknowledged by Redis in this attempt
     unacked: list[OutputWrite] = field(default_factory=list)  # sent, outcome unknown: resend as is
 
@@ -70,15 +72,18 @@ class OutputBuffer:
         """Completion tokens of the job in Redis before the next new write (earlier attempts included)."""
         return self.base + self.written + sum(len(w.token_ids) for w in self.unacked)
 
-    def add(self, text: str, token_ids: list[int]) -> None:
+    def add(self, text: str, token_ids: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
         self.text.append(text)
         self.ids.extend(token_ids)
+        if logprobs:
+            self.logprobs.extend(logprobs)
 
-    def take(self) -> tuple[str, list[int]]:
-        """The buffered output, removed from the buffer (it rides on another write)."""
-        text, ids = "".join(self.text), self.ids
-        self.text, self.ids = [], []
-        return text, ids
+    def take(self) -> tuple[str, list[int], str]:
+        """The buffered output, removed from the buffer (it rides on another write): text, token
+        ids and their logprobs as the broker writes them."""
+        text, ids, logprobs = "".join(self.text), self.ids, logprobs_fragment(self.logprobs)
+        self.text, self.ids, self.logprobs = [], [], []
+        return text, ids, logprobs
 
     def take_unacked(self) -> list[OutputWrite]:
         writes, self.unacked = self.unacked, []
@@ -90,8 +95,8 @@ class OutputBuffer:
         offset = self.offset
         writes = self.take_unacked()
         if self.text or self.ids:
-            text, ids = self.take()
-            writes.append(OutputWrite(self.job_id, self.fence, text, ids, offset))
+            text, ids, logprobs = self.take()
+            writes.append(OutputWrite(self.job_id, self.fence, text, ids, offset, logprobs))
         return writes
 
     def acknowledged(self, write: OutputWrite) -> None:
@@ -187,7 +192,7 @@ class JobRun:
             if self.first_token_at is None:
                 self.first_token_at = time.monotonic()
                 first = True
-            self.output.add(d.text, d.token_ids)
+            self.output.add(d.text, d.token_ids, d.logprobs)
             self.tokens += len(d.token_ids)
         self.prompt_tokens = d.prompt_tokens
         return first

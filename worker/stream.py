@@ -177,7 +177,7 @@ class Streamer:
         if run.lost:
             return False
         offset = run.output.offset
-        text, ids = run.output.take()
+        text, ids, logprobs = run.output.take()
         try:
             await self.broker.complete(
                 run.lease,
@@ -187,6 +187,7 @@ class Streamer:
                 status=f.status,
                 offset=offset,
                 prompt_tokens=run.prompt_tokens or 0,
+                logprobs=logprobs,
             )
         except StaleLease:
             return False

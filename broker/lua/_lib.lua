@@ -155,6 +155,15 @@ local function expire_queued(P, J, jid, now, maxlen)
   return true
 end
 
+-- A token event's data. The logprobs come as JSON items already (the worker encoded them):
+-- spliced in as they are, Redis parses none of it.
+local LOGPROBS_FIELD = ',"logprobs":['
+local function token_event(seq, text, n, logprobs)
+  local data = cjson.encode({seq = seq, text = text, n = n})
+  if logprobs == '' then return data end
+  return string.sub(data, 1, -2) .. LOGPROBS_FIELD .. logprobs .. ']}'
+end
+
 -- Append one delta's text and token ids; O(1) in the output's length.
 local function write_output(J, text, ids)
   if text ~= '' then redis.call('APPEND', J.out, text) end

@@ -10,7 +10,8 @@
 -- ARGV: 1 fence, 2 last text, 3 last token ids (comma separated), 4 last token count,
 --       5 finish reason, 6 final status (succeeded | cancelled), 7 events maxlen, 8 channel,
 --       9 job id, 10 offset of the last delta (as in append.lua; -1 = unchecked),
---       11 prompt tokens as the engine counted them (0 = keep)
+--       11 prompt tokens as the engine counted them (0 = keep), 12 the last delta's logprobs
+--       (as in append.lua)
 -- Returns {0} or {21} (STALE_LEASE: nothing written)
 local J = job_keys_from(KEYS, 1, ARGV[8])
 if not fenced(J.job, ARGV[1]) then return {21} end
@@ -26,7 +27,7 @@ if n > 0 or (n == 0 and ARGV[2] ~= '') then
   redis.call('HSETNX', J.job, 'first_token_ms', now)
   write_output(J, ARGV[2], ARGV[3])
   redis.call('HINCRBY', J.job, 'completion_tokens', n)
-  emit(J, ARGV[7], EVENT.token, cjson.encode({seq = seq, text = ARGV[2], n = n}))
+  emit(J, ARGV[7], EVENT.token, token_event(seq, ARGV[2], n, ARGV[12] or ''))
 end
 local j = redis.call('HMGET', J.job, 'prompt_tokens', 'completion_tokens', 'cost', 'tpm', 'tpm_burst')
 local pt, ct = num(j[1], 0), num(j[2], 0)

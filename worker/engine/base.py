@@ -18,6 +18,7 @@ Stream contract for ``generate()``:
   not re-emitted, generation continues after them, and ``max_tokens`` counts
   them (the engine generates ``max_tokens - len(resume_token_ids)``).  If that
   is <= 0 the stream is a single empty Delta with ``finish_reason="length"``;
+- with ``sampling.logprobs`` set, every Delta carries one :class:`TokenLogprob` per token id;
 - cancelling the consumer (``aclose()`` / task cancellation) aborts the
   request in the engine; ``CancelledError`` is re-raised;
 - raises :class:`EngineDeadError` once the engine has died, and
@@ -34,7 +35,7 @@ from typing import Any, Literal, Protocol, Self, runtime_checkable
 
 from pydantic import BaseModel, Field, field_validator
 
-from broker.contract import Sampling
+from broker.contract import Sampling, TokenLogprob
 from broker.models import Job
 
 
@@ -72,6 +73,8 @@ class Delta:
     token_ids: list[int]  # new token ids since the previous delta
     prompt_tokens: int  # token count of the ORIGINAL prompt (no resume tokens)
     finish_reason: str | None = None  # None while running; stop|length|abort
+    # one per token of token_ids, only when the request asked for logprobs
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(slots=True)

@@ -7,6 +7,8 @@ Behaviour, chosen so tests and load experiments can rely on it:
   parameters other than ``seed`` are ignored.  A request resumed with
   ``resume_token_ids`` of length ``k`` continues at position ``k``, so the
   earlier part plus the resumed stream equal one unresumed stream.
+- Logprobs, when asked for, are FAKE (there is no model): :func:`sim_logprobs`, a
+  function of the token id, the sampled token ranked first.
 - One step loop serves every running sequence.  A step takes
   ``sim_step_ms + sim_step_ms_per_seq * running`` and gives each running
   sequence ``sim_tokens_per_step`` tokens (one Delta per sequence per step).
@@ -36,6 +38,7 @@ from typing import Any
 
 import structlog
 
+from broker.contract import TokenLogprob
 from worker.engine.base import (
     Delta,
     EngineBase,
@@ -62,6 +65,14 @@ def sim_token_id(key: bytes, position: int) -> int:
 
 def sim_token_text(token_id: int) -> str:
     return f" tok{token_id}"
+
+
+def sim_logprobs(token_id: int, top: int) -> TokenLogprob:
+    """FAKE logprobs for a simulated token: its own in (-0.9, -0.01], then ``top`` made-up
+    alternatives (the token itself first, as the most likely), each one nat less likely."""
+    text, logprob = sim_token_text(token_id), -((token_id % 90) + 1) / 100
+    others = [(sim_token_text((token_id + j) % VOCAB_SIZE), logprob - j) for j in range(1, top)]
+    return TokenLogprob(text, logprob, tuple([(text, logprob), *others][:top]))
 
 
 def request_key(req: GenRequest) -> bytes:
@@ -247,7 +258,9 @@ class SimulatedEngine(EngineBase):
             if seq.position >= seq.end:
                 finish = "length"
                 break
-        seq.out.put_nowait(Delta("".join(texts), ids, seq.prompt_tokens, finish))
+        top = seq.req.sampling.logprobs
+        logprobs = None if top is None else [sim_logprobs(tid, top) for tid in ids]
+        seq.out.put_nowait(Delta("".join(texts), ids, seq.prompt_tokens, finish, logprobs))
         if finish is not None:
             seq.done = True
             self._drop(seq)

@@ -55,15 +55,17 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 from vllm import AsyncEngineArgs, SamplingParams, TokensPrompt
 from vllm.config import VllmConfig
 from vllm.exceptions import VLLMClientError
+from vllm.logprobs import Logprob
+from vllm.outputs import CompletionOutput
 from vllm.platforms import current_platform
-from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import (
     EngineDeadError as VllmEngineDeadError,
 )
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from broker.contract import Sampling
+from broker.contract import Sampling, TokenLogprob
 from worker.engine.base import (
     Delta,
     EngineArgsError,
@@ -84,6 +86,7 @@ log = structlog.get_logger(__name__)
 
 CPU_GPU_MEMORY_UTILIZATION = 0.3  # share of host RAM for the KV cache (FACTS)
 GPU_MEMORY_UTILIZATION = 0.9
+MIN_LOGPROB = -9999.0  # what vLLM's server answers for -inf
 
 
 @dataclass(slots=True)
@@ -114,17 +117,50 @@ class _SchedulerStatsTap(StatLoggerBase):
         pass
 
 
-def sampling_params(sampling: Sampling, max_tokens: int) -> SamplingParams:
-    """The one mapping of genq's :class:`~broker.contract.Sampling` onto vLLM's."""
+def sampling_params(sampling: Sampling, max_tokens: int, emitted: int = 0) -> SamplingParams:
+    """The one mapping of genq's :class:`~broker.contract.Sampling` onto vLLM's.
+
+    Every field goes over by name (``Sampling`` mirrors ``SamplingParams``); named here are
+    only those that need more: the constraint becomes vLLM's ``StructuredOutputsParams``, and
+    a resumed request (``emitted`` tokens from an earlier attempt, ``max_tokens`` what is left
+    of the budget) owes only the rest of ``min_tokens``.
+    """
+    fields = sampling.model_dump(exclude={"structured_outputs", "min_tokens"})
+    so = sampling.structured_outputs
     return SamplingParams(
+        **fields,
         max_tokens=max_tokens,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        seed=sampling.seed,
-        stop=sampling.stop,
-        ignore_eos=sampling.ignore_eos,
+        min_tokens=min(max(sampling.min_tokens - emitted, 0), max_tokens),
+        structured_outputs=None if so is None else StructuredOutputsParams(**so.model_dump(by_alias=True)),
         output_kind=RequestOutputKind.DELTA,
     )
+
+
+def token_logprobs(comp: CompletionOutput, top: int) -> list[TokenLogprob] | None:
+    """The new tokens' logprobs of a (delta) output, with the ``top`` most likely at each position.
+
+    vLLM gives one ``{token id: Logprob}`` per token: the sampled token and the ranks 1..top
+    (one dict entry fewer when the sampled token is among them). -inf is clamped as vLLM's
+    own server does, so it stays valid JSON.
+    """
+    if comp.logprobs is None:
+        return None
+    out = []
+    for token_id, position in zip(comp.token_ids, comp.logprobs, strict=True):
+        chosen = position[token_id]
+        ranked = sorted((lp for lp in position.values() if lp.rank is not None and lp.rank <= top), key=_rank)
+        out.append(
+            TokenLogprob(
+                chosen.decoded_token or "",
+                max(chosen.logprob, MIN_LOGPROB),
+                tuple((lp.decoded_token or "", max(lp.logprob, MIN_LOGPROB)) for lp in ranked),
+            )
+        )
+    return out
+
+
+def _rank(lp: Logprob) -> int:
+    return lp.rank or 0
 
 
 class VllmEngine(EngineBase):
@@ -297,10 +333,11 @@ class VllmEngine(EngineBase):
             yield Delta("", [], n_prompt, "length")
             return
         try:
-            params = sampling_params(req.sampling, remaining)
+            params = sampling_params(req.sampling, remaining, len(req.resume_token_ids))
         except (VLLMClientError, ValueError) as exc:
             raise InvalidRequestError(str(exc)) from exc
         flight = self._inflight[req.request_id] = _InFlight()
+        top_logprobs = req.sampling.logprobs
         finished = False
         stream = llm.generate(
             TokensPrompt(prompt_token_ids=all_ids),
@@ -324,6 +361,7 @@ class VllmEngine(EngineBase):
                     token_ids=list(comp.token_ids) if comp else [],
                     prompt_tokens=n_prompt,
                     finish_reason=reason,
+                    logprobs=token_logprobs(comp, top_logprobs) if comp and top_logprobs is not None else None,
                 )
                 if finished:
                     return
