@@ -139,7 +139,11 @@ class ResponseFormat(BaseModel):
 
 
 def _off(v: Any) -> bool:
-    return v in (None, False, "", [], {})
+    return v in (None, False, "", [])
+
+
+def _absent(v: Any) -> bool:
+    return v is None  # even an empty object asks for something (web_search_options: {} searches)
 
 
 # OpenAI (and vLLM) parameters genq cannot honour: accepted only with a value that asks for
@@ -151,17 +155,17 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "function_call": (lambda v: v in (None, "none", "auto"), "function_call is not supported: genq has no tools."),
     "parallel_tool_calls": (lambda v: True, ""),  # means nothing without tools
     "modalities": (lambda v: v in (None, ["text"]), 'only modalities ["text"] are supported.'),
-    "audio": (_off, "audio output is not supported."),
-    "prediction": (_off, "predicted outputs are not supported."),
-    "reasoning_effort": (_off, "reasoning_effort is not supported."),
-    "verbosity": (_off, "verbosity is not supported."),
-    "web_search_options": (_off, "web search is not supported."),
+    "audio": (_absent, "audio output is not supported."),
+    "prediction": (_absent, "predicted outputs are not supported."),
+    "reasoning_effort": (_absent, "reasoning_effort is not supported."),
+    "verbosity": (_absent, "verbosity is not supported."),
+    "web_search_options": (_absent, "web search is not supported."),
     "store": (_off, "store is not supported (every job is kept for its result TTL anyway)."),
     "service_tier": (lambda v: v in (None, "auto", "default"), "service_tier is not supported: use X-Priority."),
     "echo": (_off, "echo is not supported."),
     "suffix": (_off, "suffix is not supported."),
     "best_of": (lambda v: v in (None, 1), "best_of > 1 is not supported."),
-    "prompt_logprobs": (_off, "prompt_logprobs are not supported."),
+    "prompt_logprobs": (_absent, "prompt_logprobs are not supported."),
 }
 # Asked for nothing genq would do differently: labels for the caller's own bookkeeping.
 INFORMATIONAL = frozenset({"user", "safety_identifier", "prompt_cache_key"})
