@@ -123,10 +123,15 @@ class StructuredOutputs(BaseModel):
     choice: list[str] | None = Field(None, min_length=1, description="the output is one of these strings")
     grammar: str | None = Field(None, min_length=1, description="an EBNF / Lark grammar")
 
+    @field_validator("json_object")
+    @classmethod
+    def _false_is_unset(cls, v: bool | None) -> bool | None:
+        return v or None
+
     @model_validator(mode="after")
     def _exactly_one(self) -> StructuredOutputs:
         fields = type(self).model_fields
-        given = [f.alias or name for name, f in fields.items() if getattr(self, name) not in (None, False)]
+        given = [f.alias or name for name, f in fields.items() if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of json, json_object, regex, choice, grammar (got {given or 'none'})")
         return self

@@ -131,7 +131,9 @@ def sampling_params(sampling: Sampling, max_tokens: int, emitted: int = 0) -> Sa
         **fields,
         max_tokens=max_tokens,
         min_tokens=min(max(sampling.min_tokens - emitted, 0), max_tokens),
-        structured_outputs=None if so is None else StructuredOutputsParams(**so.model_dump(by_alias=True)),
+        structured_outputs=None
+        if so is None
+        else StructuredOutputsParams(**so.model_dump(by_alias=True, exclude_none=True)),
         output_kind=RequestOutputKind.DELTA,
     )
 
