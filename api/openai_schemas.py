@@ -8,8 +8,9 @@ with the field named, never a silent wrong answer.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -182,8 +183,6 @@ class _OpenAI(_Sampling):
     background: bool = False  # genq: admit and answer 202 with the job at once
 
     def check_supported(self) -> None:
-        if self.n is not None and self.n > 1:
-            raise bad_request("n > 1 is not supported: send one request per choice.", "n", "unsupported_value")
         for name, value in (self.model_extra or {}).items():
             if name in INFORMATIONAL:
                 continue
@@ -203,6 +202,29 @@ class _OpenAI(_Sampling):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+    def submission(self, priority: int) -> Submission:
+        raise NotImplementedError
+
+    def submissions(self, priority: int) -> list[Submission]:
+        """One job per choice (the job model has one output): choice i samples with seed + i, as
+        vLLM's parallel sampling does, so a seeded request still gets ``n`` different answers."""
+        first = self.submission(priority)
+        subs = [first]
+        for i in range(1, self.choices):
+            seed = first.sampling.seed
+            sampling = first.sampling if seed is None else first.sampling.model_copy(update={"seed": _wrap(seed + i)})
+            subs.append(dataclasses.replace(first, sampling=sampling, choice=i))
+        return subs
+
+
+def _wrap(seed: int) -> int:
+    """Keep a seed a signed 64-bit integer."""
+    return (seed + 2**63) % 2**64 - 2**63
 
     @property
     def wants_logprobs(self) -> bool:
@@ -283,8 +305,13 @@ def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+# One choice's answer: text, finish reason, logprobs (None when not asked for).
+Choice = tuple[str, str | None, list[TokenLogprob] | None]
+
+
 class Formatter:
-    """Builds OpenAI objects for one job; subclasses say chat or text completion."""
+    """Builds OpenAI objects for one request (``n`` choices, each a job); subclasses say chat or
+    text completion. Streaming methods take the choice's ``index``."""
 
     prefix = ""
     object_full = ""
@@ -305,7 +332,7 @@ class Formatter:
         self.created = int(time.time()) if created is None else created
         self.include_usage = include_usage
 
-    def logprobs(self, tokens: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    def logprobs(self, tokens: list[TokenLogprob] | None, index: int = 0) -> dict[str, Any] | None:
         """A choice's ``logprobs`` (None when the request asked for none)."""
         raise NotImplementedError
 
@@ -316,8 +343,8 @@ class Formatter:
     def _base(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
-        out = {**self._base(self.object_chunk), "choices": [{"index": 0, "logprobs": None, **choice}]}
+    def chunk(self, choice: dict[str, Any], index: int = 0) -> dict[str, Any]:
+        out = {**self._base(self.object_chunk), "choices": [{"index": index, "logprobs": None, **choice}]}
         if self.include_usage:
             out["usage"] = None
         return out
@@ -325,47 +352,48 @@ class Formatter:
     def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
         return {**self._base(self.object_chunk), "choices": [], "usage": usage}
 
-    def start(self) -> list[dict[str, Any]]:
+    def start(self, index: int = 0) -> list[dict[str, Any]]:
         return []
 
-    def delta(self, text: str, logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+    def delta(self, text: str, logprobs: list[TokenLogprob] | None = None, index: int = 0) -> dict[str, Any]:
         raise NotImplementedError
 
-    def finish(self, finish_reason: str) -> dict[str, Any]:
+    def finish(self, finish_reason: str, index: int = 0) -> dict[str, Any]:
         raise NotImplementedError
 
-    def full(
-        self, text: str, finish_reason: str | None, usage: dict[str, int], logprobs: list[TokenLogprob] | None = None
-    ) -> dict[str, Any]:
+    def choice(self, index: int, answer: Choice) -> dict[str, Any]:
         raise NotImplementedError
+
+    def full(self, answers: Sequence[Choice], usage: dict[str, int]) -> dict[str, Any]:
+        choices = [self.choice(i, answer) for i, answer in enumerate(answers)]
+        return {**self._base(self.object_full), "choices": choices, "usage": usage, "system_fingerprint": None}
 
 
 class ChatFormatter(Formatter):
     prefix, object_full, object_chunk = "chatcmpl", "chat.completion", "chat.completion.chunk"
     path = "/v1/chat/completions"
 
-    def start(self) -> list[dict[str, Any]]:
-        return [self.chunk({"delta": {"role": "assistant", "content": ""}, "finish_reason": None})]
-
-    def logprobs(self, tokens: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    def logprobs(self, tokens: list[TokenLogprob] | None, index: int = 0) -> dict[str, Any] | None:
         return None if tokens is None else chat_logprobs(tokens)
 
-    def delta(self, text: str, logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
-        return self.chunk({"delta": {"content": text}, "logprobs": self.logprobs(logprobs), "finish_reason": None})
+    def start(self, index: int = 0) -> list[dict[str, Any]]:
+        return [self.chunk({"delta": {"role": "assistant", "content": ""}, "finish_reason": None}, index)]
 
-    def finish(self, finish_reason: str) -> dict[str, Any]:
-        return self.chunk({"delta": {}, "finish_reason": finish_reason})
+    def delta(self, text: str, logprobs: list[TokenLogprob] | None = None, index: int = 0) -> dict[str, Any]:
+        lp = self.logprobs(logprobs)
+        return self.chunk({"delta": {"content": text}, "logprobs": lp, "finish_reason": None}, index)
 
-    def full(
-        self, text: str, finish_reason: str | None, usage: dict[str, int], logprobs: list[TokenLogprob] | None = None
-    ) -> dict[str, Any]:
-        choice = {
-            "index": 0,
+    def finish(self, finish_reason: str, index: int = 0) -> dict[str, Any]:
+        return self.chunk({"delta": {}, "finish_reason": finish_reason}, index)
+
+    def choice(self, index: int, answer: Choice) -> dict[str, Any]:
+        text, finish_reason, logprobs = answer
+        return {
+            "index": index,
             "message": {"role": "assistant", "content": text},
             "logprobs": self.logprobs(logprobs),
             "finish_reason": finish_reason,
         }
-        return {**self._base(self.object_full), "choices": [choice], "usage": usage, "system_fingerprint": None}
 
 
 class CompletionFormatter(Formatter):
@@ -374,19 +402,20 @@ class CompletionFormatter(Formatter):
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
-        self._logprobs = CompletionLogprobs()  # text offsets run on from chunk to chunk
+        self._logprobs: dict[int, CompletionLogprobs] = {}  # per choice: text offsets run on across chunks
 
-    def logprobs(self, tokens: list[TokenLogprob] | None) -> dict[str, Any] | None:
-        return None if tokens is None else self._logprobs.build(tokens)
+    def logprobs(self, tokens: list[TokenLogprob] | None, index: int = 0) -> dict[str, Any] | None:
+        if tokens is None:
+            return None
+        return self._logprobs.setdefault(index, CompletionLogprobs()).build(tokens)
 
-    def delta(self, text: str, logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
-        return self.chunk({"text": text, "logprobs": self.logprobs(logprobs), "finish_reason": None})
+    def delta(self, text: str, logprobs: list[TokenLogprob] | None = None, index: int = 0) -> dict[str, Any]:
+        return self.chunk({"text": text, "logprobs": self.logprobs(logprobs, index), "finish_reason": None}, index)
 
-    def finish(self, finish_reason: str) -> dict[str, Any]:
-        return self.chunk({"text": "", "finish_reason": finish_reason})
+    def finish(self, finish_reason: str, index: int = 0) -> dict[str, Any]:
+        return self.chunk({"text": "", "finish_reason": finish_reason}, index)
 
-    def full(
-        self, text: str, finish_reason: str | None, usage: dict[str, int], logprobs: list[TokenLogprob] | None = None
-    ) -> dict[str, Any]:
-        choice = {"index": 0, "text": text, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
-        return {**self._base(self.object_full), "choices": [choice], "usage": usage, "system_fingerprint": None}
+    def choice(self, index: int, answer: Choice) -> dict[str, Any]:
+        text, finish_reason, logprobs = answer
+        lp = None if logprobs is None else CompletionLogprobs().build(logprobs)
+        return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}

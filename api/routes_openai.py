@@ -38,6 +38,7 @@ from fastapi.responses import JSONResponse
 from api.auth import Auth, Principal
 from api.errors import (
     ApiError,
+    bad_request,
     client_closed,
     from_broker,
     from_job_end,
@@ -48,6 +49,7 @@ from api.errors import (
 from api.openai_schemas import (
     ChatCompletionRequest,
     ChatFormatter,
+    Choice,
     CompletionFormatter,
     CompletionRequest,
     Formatter,
@@ -56,12 +58,12 @@ from api.openai_schemas import (
 from api.orphans import cancel_quietly
 from api.routes_jobs import owned_job
 from api.runtime import Runtime, get_runtime, note
-from api.service import accepted_view, admit, describe, priority_header, warning_headers
-from api.streams import SlotEventSourceResponse, follow, open_slot, shielded
+from api.service import Submission, accepted_view, admit, describe, priority_header, warning_headers
+from api.streams import SlotEventSourceResponse, follow, follow_many, open_slot, shielded
 from broker import errors as be
 from broker.contract import WAITING_EVENTS, EventType, TokenLogprob
 from broker.events import Event
-from broker.models import Job, JobStatus
+from broker.models import Admission, Job, JobStatus
 
 log = structlog.get_logger(__name__)
 
@@ -166,33 +168,58 @@ async def _terminal_event(rt: Runtime, job_id: str, model: str) -> Event:
     raise be.BrokerError(f"event stream of {job_id} ended without a terminal event")
 
 
-async def _complete(caller: Caller, fmt: Formatter, headers: dict[str, str]) -> JSONResponse:
-    rt, job_id = caller.rt, caller.job_id
-    waiter = asyncio.create_task(_terminal_event(rt, job_id, caller.model))
-    gone = asyncio.create_task(caller.client_gone())
+async def _complete(callers: list[Caller], fmt: Formatter, headers: dict[str, str]) -> JSONResponse:
+    """Wait for every choice's job; one that fails ends the wait (the others are cancelled)."""
+    rt = callers[0].rt
+    waiters = [asyncio.create_task(_terminal_event(rt, c.job_id, c.model)) for c in callers]
+    gone = asyncio.create_task(callers[0].client_gone())
+    deadline = asyncio.get_running_loop().time() + rt.settings.sync_timeout_s
     try:
-        done, _ = await asyncio.wait(
-            {waiter, gone}, timeout=rt.settings.sync_timeout_s, return_when=asyncio.FIRST_COMPLETED
-        )
+        while not gone.done() and not _one_failed(waiters):
+            left, unfinished = deadline - asyncio.get_running_loop().time(), [w for w in waiters if not w.done()]
+            if not unfinished or left <= 0:
+                break
+            await asyncio.wait([*unfinished, gone], timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        client_left = gone.done() and not gone.cancelled()
     finally:
         gone.cancel()
-        if not waiter.done():
-            waiter.cancel()
-    if waiter not in done:
+        for w in waiters:
+            if not w.done():
+                w.cancel()
+    finished = [(c, w) for c, w in zip(callers, waiters, strict=True) if w.done() and not w.cancelled()]
+    for _, w in finished:
+        w.result()  # a follower's own error
+    failed = next((w.result() for _, w in finished if w.result().type is not EventType.DONE), None)
+    if failed is None and len(finished) == len(callers):
+        return JSONResponse(await _answer(rt, fmt, [w.result() for w in waiters], callers), headers=headers)
+    rest = [c for c, w in zip(callers, waiters, strict=True) if (c, w) not in finished]  # still running
+    for w in waiters:
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await waiter  # let it unsubscribe (before abandon: a follower keeps an orphan alive)
-        if gone in done:
-            await caller.abandon()
-            return client_closed().response()
-        await cancel_quietly(rt.broker, job_id, caller.who.tenant)  # the answer says it is cancelled
-        raise sync_timeout(rt.settings.sync_timeout_s)
-    ev = waiter.result()
-    if ev.type is not EventType.DONE:
-        raise from_job_end(ev.type, ev.data)
-    job = await rt.broker.get_job(job_id)
-    usage = usage_dict(job.prompt_tokens, job.completion_tokens)
-    finish_reason = ev.data.get("finish_reason") or job.finish_reason
-    return JSONResponse(fmt.full(job.output, finish_reason, usage, await _logprobs(rt, job)), headers=headers)
+            await w  # let it unsubscribe (before abandon: a follower keeps an orphan alive)
+    if failed is not None:
+        for c in rest:  # its sibling choice failed: the answer cannot be whole
+            await cancel_quietly(rt.broker, c.job_id, c.who.tenant)
+        raise from_job_end(failed.type, failed.data)
+    if client_left:
+        for c in rest:
+            await c.abandon()
+        return client_closed().response()
+    for c in rest:
+        await cancel_quietly(rt.broker, c.job_id, c.who.tenant)  # the answer says it is cancelled
+    raise sync_timeout(rt.settings.sync_timeout_s)
+
+
+def _one_failed(waiters: list[asyncio.Task[Event]]) -> bool:
+    return any(w.done() and (w.exception() is not None or w.result().type is not EventType.DONE) for w in waiters)
+
+
+async def _answer(rt: Runtime, fmt: Formatter, events: list[Event], callers: list[Caller]) -> dict[str, Any]:
+    """The whole completion: one choice per job; the prompt counted once, as vLLM reports it."""
+    jobs = [await rt.broker.get_job(c.job_id) for c in callers]
+    answers: list[Choice] = []
+    for job, ev in zip(jobs, events, strict=True):
+        answers.append((job.output, ev.data.get("finish_reason") or job.finish_reason, await _logprobs(rt, job)))
+    return fmt.full(answers, usage_dict(jobs[0].prompt_tokens, sum(j.completion_tokens for j in jobs)))
 
 
 async def _logprobs(rt: Runtime, job: Job) -> list[TokenLogprob] | None:
@@ -205,40 +232,59 @@ def _event_logprobs(ev: Event) -> list[TokenLogprob] | None:
     return None if wire is None else [TokenLogprob.from_wire(t) for t in wire]
 
 
-async def _chunks(caller: Caller, fmt: Formatter) -> AsyncIterator[str]:
-    rt, job_id = caller.rt, caller.job_id
-    finished = opened = False
+async def _chunks(callers: list[Caller], fmt: Formatter) -> AsyncIterator[str]:
+    """The chunks of every choice as their tokens arrive (each with its ``index``)."""
+    rt, model = callers[0].rt, callers[0].model
+    running = set(range(len(callers)))  # choices whose job has not ended
+    opened: set[int] = set()
+    usage = [0, 0]  # the prompt once, every choice's completion tokens
     try:
-        async with contextlib.aclosing(follow(rt, job_id)) as events:
-            async for ev in events:
-                if ev is None:
-                    continue
+        async with contextlib.aclosing(follow_many(rt, [c.job_id for c in callers])) as events:
+            async for i, ev in events:
                 if ev.type is EventType.TOKEN and (ev.data.get("text") or ev.data.get("logprobs")):
-                    if not opened:  # like vLLM: the role chunk goes out with the first token, not before
-                        opened = True
-                        for c in fmt.start():
+                    if i not in opened:  # like vLLM: the role chunk goes out with the first token, not before
+                        opened.add(i)
+                        for c in fmt.start(i):
                             yield json.dumps(c)
-                    yield json.dumps(fmt.delta(ev.data["text"], _event_logprobs(ev)))
+                    yield json.dumps(fmt.delta(ev.data["text"], _event_logprobs(ev), i))
                 elif ev.type is EventType.RETRY:
-                    rt.metrics.retry_seen(caller.model, job_id, ev.id)
+                    rt.metrics.retry_seen(model, callers[i].job_id, ev.id)
                 elif ev.type is EventType.DONE:
-                    finished = True
-                    if not opened:
-                        for c in fmt.start():
+                    running.discard(i)
+                    if i not in opened:
+                        opened.add(i)
+                        for c in fmt.start(i):
                             yield json.dumps(c)
-                    yield json.dumps(fmt.finish(ev.data.get("finish_reason") or "stop"))
-                    if fmt.include_usage:
-                        u = ev.data.get("usage") or {}
-                        yield json.dumps(
-                            fmt.usage_chunk(usage_dict(u.get("prompt_tokens", 0), u.get("completion_tokens", 0)))
-                        )
+                    yield json.dumps(fmt.finish(ev.data.get("finish_reason") or "stop", i))
+                    u = ev.data.get("usage") or {}
+                    usage[0] = usage[0] or u.get("prompt_tokens", 0)
+                    usage[1] += u.get("completion_tokens", 0)
+                    if fmt.include_usage and not running:
+                        yield json.dumps(fmt.usage_chunk(usage_dict(*usage)))
                 elif ev.terminal:
-                    finished = True
+                    running.discard(i)
                     yield json.dumps(from_job_end(ev.type, ev.data).body())
+                    break  # the other choices are abandoned below: the answer cannot be whole
         yield "[DONE]"
     finally:
-        if not finished:  # client went away (or the stream broke): nobody will read the output
-            await caller.abandon()
+        for i in sorted(running):  # client went away (or the stream broke): nobody will read the output
+            await callers[i].abandon()
+
+
+async def _admit_choices(
+    rt: Runtime, request: Request, who: Principal, subs: list[Submission], retry_key: str | None
+) -> tuple[list[Admission], dict[str, str]]:
+    """Admit one job per choice, all or none."""
+    admitted: list[Admission] = []
+    try:
+        for sub in subs:
+            adm, headers = await admit(rt, request, who, sub, retry_key)
+            admitted.append(adm)
+    except Exception:
+        for adm in admitted:
+            await shielded(cancel_quietly(rt.broker, adm.job_id, who.tenant))
+        raise
+    return admitted, headers
 
 
 async def _retry_key(
@@ -270,6 +316,13 @@ async def _retry_key(
     return await _fresh_retry_key(rt, who, digest), digest
 
 
+async def _given_up(rt: Runtime, admitted: list[Admission]) -> bool:
+    for adm in admitted:
+        if adm.duplicate and (await rt.broker.get_job(adm.job_id)).status in RETRY_ANEW:
+            return True
+    return False
+
+
 async def _fresh_retry_key(rt: Runtime, who: Principal, digest: str) -> str:
     key = "oai-" + secrets.token_hex(16)
     await rt.broker.remember_retry_key(who.tenant, digest, key, RETRY_HINT_MS)
@@ -283,37 +336,45 @@ async def _serve(
     body: ChatCompletionRequest | CompletionRequest,
     formatter: type[Formatter],
 ) -> Any:
-    sub = body.submission(priority_header(request, body.priority if body.priority is not None else 5))
+    background = _background(request, body)
+    if background and body.choices > 1:
+        raise bad_request("background mode takes one choice (n = 1).", "n", "unsupported_value")
+    subs = body.submissions(priority_header(request, body.priority if body.priority is not None else 5))
     retry_key, digest = await _retry_key(rt, request, who, body)
-    adm, headers = await admit(rt, request, who, sub, retry_key)
-    if retry_key is not None and adm.duplicate and (await rt.broker.get_job(adm.job_id)).status in RETRY_ANEW:
-        # the first attempt's job was given up (its client left, or it failed): the retry is a new try
-        adm, headers = await admit(rt, request, who, sub, await _fresh_retry_key(rt, who, digest))
-    if adm.duplicate:
-        rt.orphans.adopt(adm.job_id)  # a retry with the same key: the job is wanted again
-    if _background(request, body):
+    admitted, headers = await _admit_choices(rt, request, who, subs, retry_key)
+    if retry_key is not None and await _given_up(rt, admitted):
+        # the first attempt's jobs were given up (its client left, or one failed): the retry is a new try
+        admitted, headers = await _admit_choices(rt, request, who, subs, await _fresh_retry_key(rt, who, digest))
+    for a in admitted:
+        if a.duplicate:
+            rt.orphans.adopt(a.job_id)  # a retry with the same key: the job is wanted again
+    adm = admitted[0]
+    if background:
         view = await accepted_view(rt, who, adm)
         fmt = formatter(adm.job_id, body.model, completion_id=adm.job_id, created=view["created_at"])
         return JSONResponse(_job_object(fmt, view), status_code=202, headers={**headers, **warning_headers(view)})
-    caller = Caller(rt, request, who, adm.job_id, body.model)
-    refused = await caller.wait_for_worker()
+    callers = [Caller(rt, request, who, a.job_id, body.model) for a in admitted]
+    refused = await callers[0].wait_for_worker()  # a worker for the model serves every choice
     if refused is not None:
+        for c in callers[1:]:
+            await c.abandon()
         return refused.response()
     fmt = formatter(adm.job_id, body.model, include_usage=body.include_usage)
     if body.stream:
         try:
             slot = open_slot(rt, who.tenant)
         except ApiError:
-            await caller.abandon()  # admitted, but nobody can follow it
+            for c in callers:
+                await c.abandon()  # admitted, but nobody can follow it
             raise
         return SlotEventSourceResponse(
-            _chunks(caller, fmt),
+            _chunks(callers, fmt),
             slot,
             ping=rt.settings.keepalive_s,
             headers=headers,
             shutdown_grace_period=rt.settings.drain_grace_s,
         )
-    return await _complete(caller, fmt, headers)
+    return await _complete(callers, fmt, headers)
 
 
 def _job_object(
@@ -322,7 +383,7 @@ def _job_object(
     """The job as an OpenAI object: the completion once it succeeded, else without choices; plus its state."""
     if job is not None and job.status is JobStatus.SUCCEEDED:
         usage = usage_dict(job.prompt_tokens, job.completion_tokens)
-        obj = fmt.full(job.output, job.finish_reason, usage, logprobs)
+        obj = fmt.full([(job.output, job.finish_reason, logprobs)], usage)
     else:
         obj = fmt.pending()
     obj.update({k: view[k] for k in JOB_FIELDS if k in view})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ class Submission:
     priority: int = 5
     metadata: dict[str, str] | None = None
     max_time_in_queue_s: float | None = None
+    # Which of an OpenAI request's `n` choices this job is (each choice is a job of its own).
+    choice: int = 0
 
 
 def priority_header(request: Request, default: int) -> int:
@@ -69,6 +72,16 @@ def idempotency_header(request: Request) -> str | None:
     if key is not None and not IDEMPOTENCY_KEY.match(key):
         raise bad_request("Idempotency-Key must be 1-128 characters of [A-Za-z0-9._:-].", "Idempotency-Key")
     return key
+
+
+def choice_key(key: str | None, choice: int) -> str | None:
+    """Choices after the first of an ``n`` > 1 request get keys of their own, derived from its key."""
+    if key is None or choice == 0:
+        return key
+    suffix = f":choice{choice}"
+    if len(key) + len(suffix) > 128:
+        key = hashlib.sha256(key.encode()).hexdigest()
+    return key + suffix
 
 
 def _check_text(sub: Submission) -> None:
@@ -116,7 +129,7 @@ async def admit(
         sampling=sub.sampling,
         priority=sub.priority,
         prompt_tokens=prompt_tokens,
-        idempotency_key=idempotency_header(request) or idempotency_key,
+        idempotency_key=choice_key(idempotency_header(request) or idempotency_key, sub.choice),
         metadata=sub.metadata,
         deadline_ms=None if queue_time_s is None else now_ms() + math.ceil(queue_time_s * 1000),
     )

@@ -12,9 +12,10 @@ runs in a shielded scope with a deadline.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import anyio
@@ -51,6 +52,46 @@ async def follow(
         with anyio.move_on_after(CLEANUP_S, shield=True):
             with contextlib.suppress(Exception):
                 await events.aclose()  # unsubscribes (synchronously: safe when cancelled)
+
+
+async def follow_many(rt: Runtime, job_ids: Sequence[str]) -> AsyncIterator[tuple[int, Event]]:
+    """Several jobs' events (``n`` choices), each tagged with its job's index, merged in arrival
+    order until every job's terminal event. One job is followed directly, with no task per job.
+
+    Closing the iterator early stops the followers (their clean-up runs in their own tasks).
+    """
+    if len(job_ids) == 1:
+        async with contextlib.aclosing(follow(rt, job_ids[0])) as events:
+            async for ev in events:
+                if ev is not None:
+                    yield 0, ev
+        return
+    merged: asyncio.Queue[tuple[int, Event | Exception | None]] = asyncio.Queue()
+
+    async def pump(i: int, job_id: str) -> None:
+        try:
+            async with contextlib.aclosing(follow(rt, job_id)) as events:
+                async for ev in events:
+                    if ev is not None:
+                        merged.put_nowait((i, ev))
+            merged.put_nowait((i, None))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            merged.put_nowait((i, e))
+
+    pumps = [asyncio.create_task(pump(i, job_id), name=f"genq-follow-{job_id}") for i, job_id in enumerate(job_ids)]
+    try:
+        left = len(pumps)
+        while left:
+            i, item = await merged.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is None:
+                left -= 1
+            else:
+                yield i, item
+    finally:
+        for task in pumps:
+            task.cancel()  # synchronous: safe in a cancelled scope
 
 
 async def shielded(coro: Any) -> Any:

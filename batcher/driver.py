@@ -261,7 +261,9 @@ class Run:
             return False, L.response_line(self.id, line, 500, err, v)
         if job.status is JobStatus.CANCELLED and self.stopping:
             return False, L.never_ran_line(self.id, line, self.stopping)
-        return L.job_line(self.id, line, job, self.rec["endpoint"])
+        asked = job.status is JobStatus.SUCCEEDED and job.request.sampling.logprobs is not None
+        logprobs = await self.d.broker.logprobs(v) if asked else None
+        return L.job_line(self.id, line, job, self.rec["endpoint"], logprobs)
 
     async def collect(self, timeout_s: float) -> int:
         """Wait up to ``timeout_s`` for lines to finish; write and checkpoint those that did."""

@@ -30,7 +30,7 @@ from api.openai_schemas import (
 from api.service import Submission
 from api.tokens import TokenCounter
 from broker import errors as be
-from broker.contract import EventType, JobStatus
+from broker.contract import EventType, JobStatus, TokenLogprob
 from broker.models import Job, JobSpec
 
 ENDPOINTS: dict[str, tuple[type[ChatCompletionRequest] | type[CompletionRequest], type]] = {
@@ -87,7 +87,8 @@ def _check(n: int, raw: bytes, endpoint: str, models: set[str]) -> Line | LineEr
         return LineError("invalid_request", f"Line {n}: a batch request cannot stream.", n, "body.stream")
     schema, _ = ENDPOINTS[endpoint]
     try:
-        sub = schema.model_validate(body).submission(9)
+        request = schema.model_validate(body)
+        sub = request.submission(9)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
@@ -96,6 +97,8 @@ def _check(n: int, raw: bytes, endpoint: str, models: set[str]) -> Line | LineEr
         return LineError(
             e.code or "invalid_request", f"Line {n}: {e.message}", n, f"body.{e.param}" if e.param else None
         )
+    if request.choices > 1:  # a line is one job; the OpenAI API gives each choice a job of its own
+        return LineError("unsupported_value", f"Line {n}: n > 1 is not supported in a batch.", n, "body.n")
     if sub.model not in models:
         return LineError("model_not_found", f"Line {n}: the model `{sub.model[:128]}` does not exist.", n, "body.model")
     return Line(n, cid, "chat" if endpoint == "/v1/chat/completions" else "completion", sub)
@@ -200,13 +203,16 @@ def never_ran_line(batch_id: str, line: Line, code: str) -> dict[str, Any]:
 _END_EVENT = {JobStatus.FAILED: EventType.FAILED, JobStatus.CANCELLED: EventType.CANCELLED}
 
 
-def job_line(batch_id: str, line: Line, job: Job, endpoint: str) -> tuple[bool, dict[str, Any]]:
-    """(succeeded, the output line) of a finished job."""
+def job_line(
+    batch_id: str, line: Line, job: Job, endpoint: str, logprobs: list[TokenLogprob] | None = None
+) -> tuple[bool, dict[str, Any]]:
+    """(succeeded, the output line) of a finished job (``logprobs``: the job's, if it asked)."""
     if job.status is JobStatus.SUCCEEDED:
         _, fmt_cls = ENDPOINTS[endpoint]
         created = (job.finished_ms or job.created_ms) // 1000
         fmt = fmt_cls(job.id, job.model, created=created)
-        body = fmt.full(job.output, job.finish_reason, usage_dict(job.prompt_tokens, job.completion_tokens))
+        usage = usage_dict(job.prompt_tokens, job.completion_tokens)
+        body = fmt.full([(job.output, job.finish_reason, logprobs)], usage)
         return True, response_line(batch_id, line, 200, body, job.id)
     err = from_job_end(_END_EVENT.get(job.status, EventType.EXPIRED), job.error or {})
     return False, response_line(batch_id, line, err.status, err.body(), job.id)

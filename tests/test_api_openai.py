@@ -159,8 +159,8 @@ def test_models(stack: Stack, key: str) -> None:
 def test_client_errors_are_typed(stack: Stack, key: str) -> None:
     c = client(stack, key)
     with pytest.raises(openai.BadRequestError) as e:
-        c.chat.completions.create(model="m", messages=MESSAGES, n=2)
-    assert e.value.body["param"] == "n" and "n > 1" in e.value.body["message"]
+        c.chat.completions.create(model="m", messages=MESSAGES, tool_choice="required")
+    assert e.value.body["param"] == "tool_choice" and e.value.body["code"] == "unsupported_value"
     with pytest.raises(openai.NotFoundError) as e:
         c.chat.completions.create(model="nope", messages=MESSAGES)
     assert e.value.body["code"] == "model_not_found"

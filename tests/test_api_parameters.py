@@ -225,3 +225,79 @@ def test_harmless_values_of_unsupported_parameters_are_accepted(stack: Stack, ke
     )
     assert r.choices[0].finish_reason == "length"
     assert c.completions.create(model="m", prompt="x", max_tokens=2, echo=False, best_of=1).choices
+
+
+# -- n choices: one job each ---------------------------------------------------------------
+def sim_text(n: int, **req: Any) -> str:
+    return "".join(t.token for t in fake_logprobs(n, 0, **req))
+
+
+def test_n_choices_non_stream(stack: Stack, key: str) -> None:
+    c = client(stack, key)
+    r = c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=4, n=3, seed=5, logprobs=True)
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    # choice i samples with seed + i (as vLLM's parallel sampling): three different answers
+    for i, ch in enumerate(r.choices):
+        assert ch.message.content == sim_text(4, messages=MESSAGES, sampling=Sampling(seed=5 + i))
+        assert "".join(t.token for t in ch.logprobs.content) == ch.message.content
+    assert len({ch.message.content for ch in r.choices}) == 3
+    assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens == 3  # the prompt counted once
+    jobs = stack.call(lambda b: b.list_jobs("acme"))
+    assert sorted(j.request.sampling.seed for j in jobs) == [5, 6, 7]
+    t = c.completions.create(model="m", prompt="Once", max_tokens=3, n=2, seed=1, logprobs=1)
+    assert [ch.text for ch in t.choices] == [sim_text(3, prompt="Once", sampling=Sampling(seed=s)) for s in (1, 2)]
+    assert all(
+        ch.logprobs.text_offset == [0, len(ch.logprobs.tokens[0]), sum(map(len, ch.logprobs.tokens[:2]))]
+        for ch in t.choices
+    )
+
+
+def test_n_choices_stream(stack: Stack, key: str) -> None:
+    chunks = list(
+        client(stack, key).chat.completions.create(
+            model="m",
+            messages=MESSAGES,
+            max_tokens=5,
+            n=2,
+            seed=9,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    for i in (0, 1):
+        mine = [ch.choices[0] for ch in chunks if ch.choices and ch.choices[0].index == i]
+        assert mine[0].delta.role == "assistant"
+        assert "".join(x.delta.content or "" for x in mine) == sim_text(
+            5, messages=MESSAGES, sampling=Sampling(seed=9 + i)
+        )
+        assert [x.finish_reason for x in mine if x.finish_reason] == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert len({ch.id for ch in chunks}) == 1
+
+
+def test_n_choices_with_idempotency_key_and_background(stack: Stack, key: str) -> None:
+    with httpx.Client(base_url=stack.url, headers=auth(key), timeout=30) as h:
+        body = {"model": "m", "messages": MESSAGES, "max_tokens": 3, "n": 2, "seed": 3}
+        first = h.post("/v1/chat/completions", json=body, headers={"Idempotency-Key": "k" * 128})
+        again = h.post("/v1/chat/completions", json=body, headers={"Idempotency-Key": "k" * 128})
+        assert first.status_code == again.status_code == 200, first.text
+        assert again.headers["idempotent-replayed"] == "true" and again.json()["choices"] == first.json()["choices"]
+        assert len(h.get("/v1/jobs").json()["data"]) == 2  # one job per choice, each found again
+        refused = h.post("/v1/chat/completions", json={**body, "background": True})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "n"
+
+
+def test_n_choices_all_cancelled_when_the_stream_is_dropped(make_stack) -> None:  # noqa: F811
+    slow = make_stack(worker=False)
+    slow.add_worker("m", sim_step_ms=20.0)
+    key = slow.key("acme")
+    with httpx.Client(base_url=slow.url, headers=auth(key), timeout=30) as h:
+        body = {"model": "m", "messages": MESSAGES, "max_tokens": 2000, "n": 2, "stream": True}
+        with h.stream("POST", "/v1/chat/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and '"content": " tok' in line:
+                    break
+        for job in h.get("/v1/jobs").json()["data"]:
+            with h.stream("GET", f"/v1/jobs/{job['id']}/events") as events:
+                kinds = [line[7:] for line in events.iter_lines() if line.startswith("event: ")]
+            assert kinds[-1] == "cancelled", kinds
