@@ -331,6 +331,17 @@ def _ask_france(stack: Stack, model: str) -> None:
         ch.choices[0].delta.content or "" for ch in c.chat.completions.create(**kw, stream=True) if ch.choices
     )
     assert "Paris" in streamed and streamed == r.choices[0].message.content  # greedy: same text
+    # real logprobs in OpenAI's shape; the tokens spell the answer (then the end token, as vLLM's server)
+    lp = c.chat.completions.create(**kw, logprobs=True, top_logprobs=2)
+    content = lp.choices[0].logprobs.content
+    assert lp.choices[0].message.content == r.choices[0].message.content
+    assert "".join(t.token for t in content).startswith(lp.choices[0].message.content)
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token and t.logprob <= 0 for t in content)
+    ask = [{"role": "user", "content": "Give me a JSON object with a name and an age."}]
+    js = c.chat.completions.create(
+        model=model, messages=ask, max_tokens=80, temperature=0, response_format={"type": "json_object"}
+    )
+    assert isinstance(json.loads(js.choices[0].message.content), dict), js.choices[0].message.content
 
     async def async_side() -> None:
         ac = openai.AsyncOpenAI(base_url=stack.url + "/v1", api_key=key, max_retries=0, timeout=300)
