@@ -66,7 +66,7 @@ class _Sampling(Sampling):
 
     model: str = Field(min_length=1, max_length=128)
     max_tokens: int | None = Field(None, ge=1)
-    stop: StopField = None  # OpenAI's spelling: one string or up to four
+    stop: StopField = None  # type: ignore[assignment]  # OpenAI's spelling: one string or up to four
     priority: int | None = Field(None, ge=0, le=9)  # vLLM extension; X-Priority wins
     metadata: Metadata | None = Field(None, max_length=16)
     # genq: a job still queued this long after admission is expired (X-Max-Queue-Time wins)
@@ -81,7 +81,7 @@ class _Sampling(Sampling):
 
     @field_validator("stop")
     @classmethod
-    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:  # type: ignore[override]
         if isinstance(v, str) and not v:
             raise ValueError("stop strings must not be empty")
         return v
@@ -135,7 +135,7 @@ class ResponseFormat(BaseModel):
         if self.type == "json_object":
             return StructuredOutputs(json_object=True)
         if self.type == "json_schema" and self.json_schema is not None:
-            return StructuredOutputs(json=self.json_schema.schema_)
+            return StructuredOutputs(json_schema=self.json_schema.schema_)
         return None
 
 
@@ -225,10 +225,6 @@ class _OpenAI(_Sampling):
 def _wrap(seed: int) -> int:
     """Keep a seed a signed 64-bit integer."""
     return (seed + 2**63) % 2**64 - 2**63
-
-    @property
-    def wants_logprobs(self) -> bool:
-        return self.sampling().logprobs is not None
 
 
 class ChatCompletionRequest(_OpenAI):

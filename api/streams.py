@@ -54,7 +54,7 @@ async def follow(
                 await events.aclose()  # unsubscribes (synchronously: safe when cancelled)
 
 
-async def follow_many(rt: Runtime, job_ids: Sequence[str]) -> AsyncIterator[tuple[int, Event]]:
+async def follow_many(rt: Runtime, job_ids: Sequence[str]) -> AsyncGenerator[tuple[int, Event], None]:
     """Several jobs' events (``n`` choices), each tagged with its job's index, merged in arrival
     order until every job's terminal event. One job is followed directly, with no task per job.
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import time
 from collections.abc import AsyncIterator
@@ -149,7 +150,8 @@ def token_logprobs(comp: CompletionOutput, top: int) -> list[TokenLogprob] | Non
         return None
     out = []
     for token_id, position in zip(comp.token_ids, comp.logprobs, strict=True):
-        chosen = position[token_id]
+        position = position or {}
+        chosen = position.get(token_id) or Logprob(-math.inf)  # vLLM always records the sampled token
         ranked = sorted((lp for lp in position.values() if lp.rank is not None and lp.rank <= top), key=_rank)
         out.append(
             TokenLogprob(
