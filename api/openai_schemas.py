@@ -231,7 +231,7 @@ class ChatCompletionRequest(_OpenAI):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     # OpenAI's chat spelling; Sampling.logprobs is the number of alternatives
-    logprobs: bool | None = None  # type: ignore[assignment]
+    logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     def endpoint_sampling(self) -> dict[str, Any]:
