@@ -10,6 +10,11 @@ What this module does on top of vLLM, and why:
   ``count_prompt_tokens`` uses the same rendering, so it matches exactly.
 - ``max_tokens`` counts resume tokens, and is clipped so prompt + completion
   fit in ``max_model_len``; vLLM then ends the stream with ``"length"``.
+  ``min_tokens`` counts them too. Known gap of resuming: vLLM sees resumed tokens
+  as prompt, so a structured-output grammar starts again after them (a retried
+  constrained job may not conform) and presence/frequency penalties forget them.
+- Sampling maps onto ``SamplingParams`` in one function, :func:`sampling_params`;
+  logprobs come back per token (:func:`token_logprobs`) only when asked for.
 - Start-up (model conversion, weight load, engine-core process spawn) blocks
   for tens of seconds, so it runs in a thread and the event loop stays free.
   vLLM spawns its engine core: the entry script needs an
