@@ -9,6 +9,7 @@ known function of each token, so every value is checked.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -301,3 +302,29 @@ def test_n_choices_all_cancelled_when_the_stream_is_dropped(make_stack) -> None:
             with h.stream("GET", f"/v1/jobs/{job['id']}/events") as events:
                 kinds = [line[7:] for line in events.iter_lines() if line.startswith("event: ")]
             assert kinds[-1] == "cancelled", kinds
+
+
+# -- batches: a line is one job --------------------------------------------------------------
+def test_batch_lines_keep_logprobs_and_refuse_n(make_stack, tmp_path: Path) -> None:  # noqa: F811
+    from test_batches import Batcher, finished, jsonl, lines_of, upload
+
+    stack = make_stack(files_url=str(tmp_path / "files"))
+    batcher = Batcher(stack)
+    try:
+        c = client(stack, stack.key("acme"))
+        body = {"model": "m", "messages": MESSAGES, "max_tokens": 3, "logprobs": True, "top_logprobs": 1}
+        row = {"custom_id": "lp", "method": "POST", "url": "/v1/chat/completions", "body": body}
+        b = finished(c, c.batches.create(input_file_id=upload(c, jsonl([row])), **BATCH).id)
+        (out,) = lines_of(c, b.output_file_id)
+        content = out["response"]["body"]["choices"][0]["logprobs"]["content"]
+        assert [(t["token"], t["logprob"]) for t in content] == [
+            (w.token, w.logprob) for w in fake_logprobs(3, 1, messages=MESSAGES)
+        ]
+        two = {**row, "body": {**body, "n": 2}}
+        b = finished(c, c.batches.create(input_file_id=upload(c, jsonl([two])), **BATCH).id)
+        assert b.status == "failed" and b.errors.data[0].param == "body.n"
+    finally:
+        batcher.stop()
+
+
+BATCH = {"endpoint": "/v1/chat/completions", "completion_window": "24h"}
