@@ -24,6 +24,7 @@ import structlog
 from broker.client import Broker
 from broker.contract import RenewResult
 from broker.models import JobStatus
+from worker.errlog import ErrorLog
 from worker.run import JobRun
 
 log = structlog.get_logger(__name__)
@@ -63,6 +64,9 @@ class LeaseKeeper:
         self.subscribed = asyncio.Event()  # the control channel is being listened to
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
+        self._renew_errors = ErrorLog("worker.renew_failed", logger=log)
+        self._reap_errors = ErrorLog("worker.reap_failed", logger=log)
+        self._control_errors = ErrorLog("worker.control_channel_lost", logger=log)
 
     def start(self) -> None:
         self._tasks = [
@@ -102,8 +106,9 @@ class LeaseKeeper:
         while await self._tick(self.renew_s):
             try:
                 await self.renew_once()
-            except Exception:
-                log.exception("lease renewal failed")
+                self._renew_errors.ok()
+            except Exception as e:  # noqa: BLE001 - Redis away: retried; logged rate-limited
+                self._renew_errors.error(e)
 
     # -- cancel notices --------------------------------------------------------
     async def _control_loop(self) -> None:
@@ -111,6 +116,7 @@ class LeaseKeeper:
             try:
                 async with self.broker.cancel_notices(self.holder.model) as notices:
                     self.subscribed.set()
+                    self._control_errors.ok()
                     # Notices sent while we were not subscribed are caught by the next renewal.
                     async for job_id in notices:
                         await self.holder.on_cancel(job_id, via="notice")
@@ -118,7 +124,7 @@ class LeaseKeeper:
                 raise
             except Exception as e:  # noqa: BLE001 - connection lost: subscribe again
                 self.subscribed.clear()
-                log.warning("control channel lost; re-subscribing", error=str(e))
+                self._control_errors.error(e, resubscribing=True)
                 await self._tick(RECONNECT_S)
 
     # -- reaping ---------------------------------------------------------------
@@ -126,5 +132,6 @@ class LeaseKeeper:
         while await self._tick(self.reap_s):
             try:
                 self.holder.on_reaped(await self.broker.reap(self.holder.model))
-            except Exception:
-                log.exception("reap failed")
+                self._reap_errors.ok()
+            except Exception as e:  # noqa: BLE001 - Redis away: retried; logged rate-limited
+                self._reap_errors.error(e)

@@ -24,9 +24,14 @@ from broker.client import Broker, OutputWrite
 from broker.contract import FailOutcome, JobErrorCode
 from broker.errors import StaleLease
 from broker.models import JobStatus
+from worker.errlog import ErrorLog
 from worker.run import JobRun
 
 log = structlog.get_logger(__name__)
+
+
+class WriteAbandoned(Exception):
+    """The streamer gave up on Redis (a stopping worker's deadline): this write was never made."""
 
 
 @dataclass(slots=True, eq=False)
@@ -61,6 +66,9 @@ class Streamer:
         self._closing = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.flushes = 0
+        self._writing: list[_Completion | _Failure] = []  # finals being written in this cycle
+        self._abandoned = False
+        self.errors = ErrorLog("worker.flush_failed", logger=log)
 
     # -- producer side -----------------------------------------------------
     def poke(self, run: JobRun, urgent: bool = False) -> None:
@@ -89,10 +97,13 @@ class Streamer:
         return fut
 
     def _check_running(self) -> None:
-        if self._task is None or self._task.done():
+        if not self._abandoned and (self._task is None or self._task.done()):
             raise RuntimeError("streamer is not running")
 
     def _queue(self, final: _Completion | _Failure) -> None:
+        if self._abandoned:
+            self._fail([final])
+            return
         self._finals.append(final)
         self._dirty.set()
 
@@ -101,11 +112,31 @@ class Streamer:
         self._task = asyncio.create_task(self._loop(), name="genq-worker-streamer")
 
     async def close(self) -> None:
-        """Write what is buffered, then stop."""
+        """Write what is buffered, then stop (retrying while Redis fails: bound it, then :meth:`abandon`)."""
         self._closing.set()
         self._dirty.set()
         if self._task is not None:
             await self._task
+
+    def abandon(self) -> int:
+        """Stop now, writing nothing more: every queued final fails with :class:`WriteAbandoned`.
+        Returns how many finals were dropped (their leases lapse; the jobs are retried elsewhere).
+        Does not wait for the cycle under way: a Redis client retrying may take its time to cancel."""
+        self._closing.set()
+        self._abandoned = True
+        if self._task is not None:
+            self._task.cancel()
+        finals, self._finals = self._finals + self._writing, []
+        self._writing = []
+        self._dirty_runs = set()
+        return self._fail(finals)
+
+    @staticmethod
+    def _fail(finals: list[_Completion | _Failure]) -> int:
+        for f in finals:
+            if not f.done.done():
+                f.done.set_exception(WriteAbandoned("the worker gave up on Redis"))
+        return len(finals)
 
     async def _loop(self) -> None:
         while True:
@@ -119,8 +150,9 @@ class Streamer:
             self._urgent = False
             try:
                 await self.flush()
-            except Exception:
-                log.exception("flush failed; retrying")
+                self.errors.ok()
+            except Exception as e:  # noqa: BLE001 - Redis away: retried; logged rate-limited
+                self.errors.error(e, retrying=True)
                 self._dirty.set()
                 if not self._closing.is_set():
                     await asyncio.sleep(self.interval)  # back-off between failing cycles
@@ -146,7 +178,10 @@ class Streamer:
                 for run, w in batch:
                     run.output.unknown(w)
                     self._dirty_runs.add(run)
-                self._finals[:0] = finals
+                if self._abandoned:
+                    self._fail(finals)
+                else:
+                    self._finals[:0] = finals
                 raise
             self.flushes += 1
             for run, w in batch:
@@ -156,7 +191,9 @@ class Streamer:
                 if not accepted.get(run.job_id, False):
                     await self.on_stale(run)
         if finals:
+            self._writing = finals
             await asyncio.gather(*(self._write_final(f) for f in finals))
+            self._writing = []
 
     async def _write_final(self, f: _Completion | _Failure) -> None:
         try:
