@@ -28,6 +28,7 @@ class ErrorLog:
         self.failures = 0  # since the last success
         self.suppressed = 0  # since the last line written
         self._last_line = 0.0  # monotonic
+        self._last_trace = -EVERY_S * 1e6  # monotonic: a traceback at most once per every_s
 
     def error(self, e: BaseException, **fields: object) -> None:
         """Record one failure of the loop; write a line if it is the first, or if ``every_s`` passed."""
@@ -36,7 +37,12 @@ class ErrorLog:
         reason = f"{type(e).__name__}: {e}"
         if self.failures == 1:
             self._last_line = now
-            self.log.error(self.event, reason=reason, exc_info=e, **fields)
+            # A loop that flaps (fails, recovers, fails) repeats no traceback within every_s.
+            if now - self._last_trace >= self.every_s:
+                self._last_trace = now
+                self.log.error(self.event, reason=reason, exc_info=e, **fields)
+            else:
+                self.log.error(self.event, reason=reason, **fields)
         elif now - self._last_line >= self.every_s:
             self._last_line = now
             self.log.error(self.event, reason=reason, failures=self.failures, suppressed=self.suppressed, **fields)
