@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import Auth, Principal
 from api.errors import bad_request, batch_not_cancellable, no_such, openapi_errors
-from api.openai_schemas import Metadata
+from api.openai_schemas import Metadata, openai_list
 from api.routes_files import owned_file
 from api.runtime import Runtime, get_runtime, note
 from batcher.lines import ENDPOINTS
@@ -122,13 +122,7 @@ async def list_batches(
     """The caller's batches, newest first; `after` is the last id of the previous page."""
     page = await rt.broker.batches.list_batches(who.tenant, limit, after)
     data = [batch_object(r) for r in page.items]
-    return {
-        "object": "list",
-        "data": data,
-        "has_more": page.has_more,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-    }
+    return openai_list(data, page.has_more)
 
 
 @router.get("/{batch_id}", responses=openapi_errors(401, 404))

@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 
 from api.auth import Auth, Principal
 from api.errors import bad_request, file_too_large, no_such, openapi_errors
+from api.openai_schemas import openai_list
 from api.runtime import Runtime, get_runtime, note
 from batcher.storage import FileStore, TooLarge, store
 
@@ -92,13 +93,7 @@ async def list_files(
     """The caller's files, newest first; `after` is the last id of the previous page."""
     page = await rt.broker.batches.list_files(who.tenant, limit, after, purpose)
     data = [file_object(r) for r in page.items]
-    return {
-        "object": "list",
-        "data": data,
-        "has_more": page.has_more,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-    }
+    return openai_list(data, page.has_more)
 
 
 @router.get("/{file_id}", responses=openapi_errors(401, 404))

@@ -116,13 +116,5 @@ async def get_tenant(tenant: TenantName, _: Admin, rt: RT) -> dict[str, Any]:
     limits = await rt.broker.get_tenant(tenant)
     if limits is not None:
         return _tenant_view(tenant, limits, "tenant")
-    s = rt.settings
-    defaults = TenantLimits(
-        rpm=s.default_rpm,
-        rpm_burst=s.default_rpm_burst,
-        tpm=s.default_tpm,
-        tpm_burst=s.default_tpm_burst,
-        max_queued=s.default_max_queued,
-        weight=s.default_weight,
-    )
+    defaults = rt.settings.default_limits()
     return _tenant_view(tenant, defaults, "defaults")

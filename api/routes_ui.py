@@ -31,7 +31,7 @@ from api.streams import SlotEventSourceResponse, follow, open_slot
 from broker import errors as be
 from broker.client import now_ms
 from broker.contract import EventType
-from broker.models import MODEL, TENANT, Job, JobStatus, TenantLimits
+from broker.models import MODEL, TENANT, Job, JobStatus
 
 api = APIRouter(prefix="/v1/ui", tags=["console"])
 RT = Annotated[Runtime, Depends(get_runtime)]
@@ -250,15 +250,7 @@ def _created(key: dict[str, Any]) -> int:
 @api.get("/tenants", responses=openapi_errors(401, 403))
 async def tenants(_: Admin, rt: RT) -> dict[str, Any]:
     """Every tenant with a key: its limits (its own, or the defaults), usage against them, and keys."""
-    s = rt.settings
-    defaults = TenantLimits(
-        rpm=s.default_rpm,
-        rpm_burst=s.default_rpm_burst,
-        tpm=s.default_tpm,
-        tpm_burst=s.default_tpm_burst,
-        max_queued=s.default_max_queued,
-        weight=s.default_weight,
-    )
+    defaults = rt.settings.default_limits()
     keys = await rt.broker.api_keys()
     out = []
     for tenant in await _tenants(rt):

@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from broker.models import TenantLimits
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 
@@ -57,6 +59,17 @@ class BrokerSettings(BaseSettings):
 
         parse_redis_url(url)  # BadRedisUrl is a ValueError: pydantic reports it
         return url
+
+    def default_limits(self) -> TenantLimits:
+        """The limits a tenant without a record of its own runs under."""
+        return TenantLimits(
+            rpm=self.default_rpm,
+            rpm_burst=self.default_rpm_burst,
+            tpm=self.default_tpm,
+            tpm_burst=self.default_tpm_burst,
+            max_queued=self.default_max_queued,
+            weight=self.default_weight,
+        )
 
     @property
     def result_ttl_ms(self) -> int:
