@@ -84,3 +84,22 @@ def e2e_command(
     engine_kw = {"max_num_seqs": max_num_seqs, "model": model}
     for line in e2e.run(redis_url, prompts, levels, ttft_samples, max_tokens, engine_kw):
         Console(soft_wrap=True).print(line, highlight=False)
+
+
+@bench_app.command("redis", help="Redis CPU and commands per job step and per streamed delta (one server, Cluster).")
+def redis_command(
+    jobs: Annotated[int | None, typer.Option(help="Jobs in the lifecycle phase [2000].")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Flushes per streaming phase [200].")] = None,
+    tokens_per_delta: Annotated[int | None, typer.Option(help="Tokens in each delta [1].")] = None,
+    cluster: Annotated[bool, typer.Option(help="Also measure on a 3-master Redis Cluster.")] = True,
+    quick: Annotated[bool, typer.Option(help="Small numbers, no Cluster: for tests.")] = False,
+) -> None:
+    import dataclasses
+
+    from benchmarks import redis_cost
+    from broker.logs import configure_logging
+
+    configure_logging()
+    cfg = redis_cost.Config.quick() if quick else redis_cost.Config(cluster=cluster)
+    given = {"jobs": jobs, "rounds": rounds, "tokens_per_delta": tokens_per_delta}
+    redis_cost.main(dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None}))

