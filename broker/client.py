@@ -81,6 +81,9 @@ class OutputWrite:
     logprobs: str = ""
 
 
+APPEND_CHUNK = 128  # writes per append call: one flush of a full worker, a bounded time inside Redis
+
+
 class Broker:
     max_tenants = 64  # backlogged tenants read to estimate a queue position
 
@@ -366,30 +369,33 @@ class Broker:
         return {jid: _RENEWED[Code(int(c))] for (jid, _), c in zip(pairs, reply, strict=True)}
 
     async def append_many(self, writes: Sequence[OutputWrite]) -> dict[str, bool]:
-        """Write one flush of output for many jobs in one pipeline; False = stale lease."""
+        """Write one flush of output for many jobs: one script call per ``APPEND_CHUNK`` writes,
+        pipelined; False = stale lease (nothing written for that job)."""
         if not writes:
             return {}
         k, s = self._keys, self.settings
         pipe = self._redis.pipeline(transaction=False)
-        for d in writes:
-            await self._scripts.append(
-                [k.job(d.job_id), k.events(d.job_id), k.output(d.job_id), k.output_ids(d.job_id)],
-                [
+        chunks = [writes[i : i + APPEND_CHUNK] for i in range(0, len(writes), APPEND_CHUNK)]
+        for chunk in chunks:
+            keys: list[str] = []
+            args: list[Any] = [s.events_maxlen]
+            for d in chunk:
+                keys += [k.job(d.job_id), k.events(d.job_id), k.output(d.job_id), k.output_ids(d.job_id)]
+                args += [
                     d.fence,
                     d.text,
                     ",".join(map(str, d.token_ids)),
                     len(d.token_ids),
-                    s.events_maxlen,
                     k.channel(d.job_id),
                     d.offset,
                     d.logprobs,
-                ],
-                client=pipe,
-            )
+                ]
+            await self._scripts.append(keys, args, client=pipe)
         replies = await pipe.execute()
         ok: dict[str, bool] = {}
-        for d, r in zip(writes, replies, strict=True):  # a job may have several writes in one flush
-            ok[d.job_id] = ok.get(d.job_id, True) and int(r[0]) == Code.OK
+        for chunk, codes in zip(chunks, replies, strict=True):
+            for d, c in zip(chunk, codes, strict=True):  # a job may have several writes in one flush
+                ok[d.job_id] = ok.get(d.job_id, True) and int(c) == Code.OK
         return ok
 
     async def complete(

@@ -55,11 +55,13 @@ end
 
 -- Append one event to the job's stream and publish "<id>\n<n>\n<type>\n<data>" on its
 -- channel; n counts the job's events (1, 2, ...) so a live follower can tell a gap.
-local function emit(J, maxlen, etype, data)
-  local n = redis.call('HINCRBY', J.job, 'evn', 1)
+local function emit_numbered(J, maxlen, n, etype, data)  -- n: the job's evn, already counted
   local id = redis.call('XADD', J.ev, 'MAXLEN', '~', maxlen, '*', 'n', n, 't', etype, 'd', data)
   redis.call('PUBLISH', J.ch, id .. '\n' .. n .. '\n' .. etype .. '\n' .. data)
   return id
+end
+local function emit(J, maxlen, etype, data)
+  return emit_numbered(J, maxlen, redis.call('HINCRBY', J.job, 'evn', 1), etype, data)
 end
 
 -- Token bucket: current level (refilled to now) of field f in hash state.

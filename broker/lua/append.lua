@@ -1,25 +1,39 @@
--- append: add streamed output (one coalesced delta) to a running job, fenced.
--- KEYS[1] job hash  P:job:<id>
--- KEYS[2] events    P:ev:<id>
--- KEYS[3] output    P:out:<id>
--- KEYS[4] token ids P:oid:<id>
--- ARGV: 1 fence, 2 text, 3 token ids (comma separated), 4 token count,
---       5 events maxlen, 6 channel, 7 offset: completion tokens already written before this
---       delta (-1 = unchecked). A delta whose tokens are already there (a pipeline replayed
---       after its reply was lost) is acknowledged without being written twice.
---       8 the tokens' logprobs: JSON items without the brackets ('' = none asked for)
--- Returns {0, event id} ({0, ''} for a replay) or {21} (STALE_LEASE: nothing written)
-local J = job_keys_from(KEYS, 1, ARGV[6])
-if not fenced(J.job, ARGV[1]) then return {21} end
-local offset = tonumber(ARGV[7] or '-1')
-if offset >= 0 and num(redis.call('HGET', J.job, 'completion_tokens'), 0) > offset then
-  return {0, ''}
+-- append: add streamed output (one coalesced delta per write) to running jobs, fenced,
+-- for every write of one worker flush in one call.
+-- KEYS, 4 per write w (i = 4w - 3): job hash P:job:<id>, events P:ev:<id>, output P:out:<id>,
+--   token ids P:oid:<id>
+-- ARGV[1] events maxlen; then 7 per write (j = 1 + 7(w - 1)): j+1 fence, j+2 text, j+3 token ids
+--   (comma separated), j+4 token count, j+5 channel, j+6 offset: completion tokens already
+--   written before this delta (-1 = unchecked; a delta whose tokens are already there, a call
+--   replayed after its reply was lost, is acknowledged without being written twice),
+--   j+7 the tokens' logprobs: JSON items without the brackets ('' = none asked for)
+-- Returns one code per write, in order: 0 (written or a replay) or 21 (STALE_LEASE: nothing
+-- written for that write). Writes of one job come in order; each sees the ones before it.
+--
+-- Per write: one HMGET, two APPENDs, one HSET, XADD and PUBLISH (the counters a delta moves
+-- are read together and written together; TIME once per call).
+local maxlen, now = ARGV[1], now_ms()
+local out = {}
+for w = 1, #KEYS / 4 do
+  local i, j = 4 * w - 3, 1 + 7 * (w - 1)
+  local J = job_keys_from(KEYS, i, ARGV[j + 5])
+  local h = redis.call('HMGET', J.job, 'status', 'fence', 'completion_tokens', 'seq_out', 'evn', 'first_token_ms')
+  local written, offset = num(h[3], 0), tonumber(ARGV[j + 6])
+  if h[1] ~= STATUS.running or h[2] ~= ARGV[j + 1] then
+    out[w] = 21
+  elseif offset >= 0 and written > offset then
+    out[w] = 0
+  else
+    local text, n = ARGV[j + 2], tonumber(ARGV[j + 4])
+    local seq, evn = num(h[4], 0) + 1, num(h[5], 0) + 1
+    write_output(J, text, ARGV[j + 3])
+    if h[6] then
+      redis.call('HSET', J.job, 'seq_out', seq, 'evn', evn, 'completion_tokens', written + n)
+    else
+      redis.call('HSET', J.job, 'seq_out', seq, 'evn', evn, 'completion_tokens', written + n, 'first_token_ms', now)
+    end
+    emit_numbered(J, maxlen, evn, EVENT.token, token_event(seq, text, n, ARGV[j + 7]))
+    out[w] = 0
+  end
 end
-local now = now_ms()
-local seq = redis.call('HINCRBY', J.job, 'seq_out', 1)
-redis.call('HSETNX', J.job, 'first_token_ms', now)
-write_output(J, ARGV[2], ARGV[3])
-redis.call('HINCRBY', J.job, 'completion_tokens', tonumber(ARGV[4]))
-local id = emit(J, ARGV[5], EVENT.token,
-  token_event(seq, ARGV[2], tonumber(ARGV[4]), ARGV[8] or ''))
-return {0, id}
+return out
