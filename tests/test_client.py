@@ -19,6 +19,7 @@ from test_api_support import Stack, make_stack  # noqa: F401 (fixture)
 import genq
 from broker.models import TenantLimits
 from genq.client import (
+    APIConnectionError,
     AsyncClient,
     AuthenticationError,
     BadRequestError,
@@ -157,6 +158,22 @@ async def test_a_stream_cut_twice_resumes_with_no_repeated_text(stack: Stack, fl
     assert 0 < tokens.index(resumed[0]) < tokens.index(resumed[1]) < len(tokens) - 1
 
 
+def test_a_stream_that_keeps_breaking_gives_up_after_max_reconnects(stack: Stack) -> None:
+    key = stack.key("acme")
+    with (
+        CutProxy(stack, cut_streams(times=100, after_tokens=0)) as proxy,
+        Client(proxy.url, key, max_reconnects=2) as c,
+    ):
+        job = c.submit(model="m", messages=MESSAGES, max_tokens=60)
+        events: list[Event] = []
+        with pytest.raises(APIConnectionError):
+            events.extend(c.stream(job.id))
+        # every connection broke at its first token: the first brought queued and started, the
+        # two reconnections allowed brought nothing, and no third was tried
+        stored = [e.type for e in events if e.type is not EventType.POSITION]
+        assert proxy.cuts == 3 and stored == [EventType.QUEUED, EventType.STARTED]
+
+
 def test_run_many_keeps_input_order_and_reports_progress(stack: Stack) -> None:
     # later requests are shorter, so they finish out of input order
     lengths = [10 + 8 * (6 - i) for i in range(7)]
@@ -288,6 +305,7 @@ def test_importing_the_client_loads_no_server_code() -> None:
     assert "httpx" in loaded and "genq" in loaded
     assert not loaded & {"redis", "fastapi", "starlette", "uvicorn", "broker", "api", "worker", "vllm", "typer"}
     assert genq.Client is Client and genq.AsyncClient is AsyncClient
+    assert genq.__all__ == sorted(genq.client.__all__) and all(getattr(genq, n) for n in genq.__all__)
 
 
 def test_base_url_and_key_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

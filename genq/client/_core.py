@@ -252,7 +252,6 @@ class EventCursor:
         self.opts, self.job_id, self.last_id = opts, job_id, last_event_id
         self.stopped = stopped or _never
         self.done = False
-        self.connections = 0
         self.timeout_s = timeout_s
         self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self._failures = 0
@@ -261,7 +260,6 @@ class EventCursor:
     def connect(self) -> tuple[str, dict[str, str], httpx.Timeout]:
         """Path, headers and timeout of the next connection."""
         self.check_deadline()
-        self.connections += 1
         headers = {"Accept": "text/event-stream", "Cache-Control": "no-store"}
         if self.last_id:
             headers["Last-Event-ID"] = self.last_id

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Literal, overload
 
@@ -147,7 +147,7 @@ class AsyncClient:
     @overload
     async def run_many(
         self,
-        requests: Sequence[RequestLike],
+        requests: Iterable[RequestLike],
         *,
         concurrency: int = ...,
         on_progress: Callable[[Progress[Job]], object] | None = ...,
@@ -158,7 +158,7 @@ class AsyncClient:
     @overload
     async def run_many(
         self,
-        requests: Sequence[RequestLike],
+        requests: Iterable[RequestLike],
         *,
         concurrency: int = ...,
         on_progress: Callable[[Progress[Job | GenqError]], object] | None = ...,
@@ -168,7 +168,7 @@ class AsyncClient:
 
     async def run_many(
         self,
-        requests: Sequence[RequestLike],
+        requests: Iterable[RequestLike],
         *,
         concurrency: int = 8,
         on_progress: Callable[[Any], object] | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from types import TracebackType
 from typing import Any, Literal, overload
@@ -169,7 +169,7 @@ class Client:
     @overload
     def run_many(
         self,
-        requests: Sequence[RequestLike],
+        requests: Iterable[RequestLike],
         *,
         concurrency: int = ...,
         on_progress: Callable[[Progress[Job]], object] | None = ...,
@@ -180,7 +180,7 @@ class Client:
     @overload
     def run_many(
         self,
-        requests: Sequence[RequestLike],
+        requests: Iterable[RequestLike],
         *,
         concurrency: int = ...,
         on_progress: Callable[[Progress[Job | GenqError]], object] | None = ...,
@@ -190,7 +190,7 @@ class Client:
 
     def run_many(
         self,
-        requests: Sequence[RequestLike],
+        requests: Iterable[RequestLike],
         *,
         concurrency: int = 8,
         on_progress: Callable[[Any], object] | None = None,
