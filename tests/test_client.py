@@ -115,6 +115,27 @@ def test_wait_times_out_and_the_job_keeps_running(make_stack) -> None:  # noqa: 
         assert c.get(job.id).status is JobStatus.QUEUED
 
 
+def test_wait_polls_with_back_off_when_no_stream_can_be_opened(make_stack) -> None:  # noqa: F811
+    stack = make_stack(worker=False, sse_per_tenant=1)
+    stack.add_worker("m", sim_step_ms=15.0)
+    key = stack.key("acme")
+    seen: list[tuple[str, str]] = []
+    hooks = {"request": [lambda r: seen.append((r.method, r.url.path))]}
+    http = httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {key}"}, event_hooks=hooks)
+    with Client(stack.url, key) as holder, Client(http_client=http, max_retries=0) as c, http:
+        long = holder.submit(model="m", prompt="long", max_tokens=2000)
+        events = holder.stream(long.id)
+        next(events)  # holds the tenant's one stream slot
+        job = c.submit(model="m", prompt="short", max_tokens=20)
+        done = c.wait(job.id, timeout_s=30)
+        events.close()
+        holder.cancel(long.id)
+    assert done.status is JobStatus.SUCCEEDED and done.usage.completion_tokens == 20
+    path = f"/v1/jobs/{job.id}"
+    assert seen.count(("GET", path + "/events")) == 1  # refused (429 too_many_streams): then polled
+    assert seen.count(("GET", path)) >= 3
+
+
 def test_the_same_idempotency_key_is_the_same_job(stack: Stack) -> None:
     with Client(stack.url, stack.key("acme")) as c:
         a = c.submit(model="m", prompt="once", max_tokens=3, idempotency_key="order-17")

@@ -237,8 +237,9 @@ class EventCursor:
 
     Each connection asks for the events after ``last_id`` (``Last-Event-ID``); an event at or
     before it is dropped, so a resumed stream never repeats text. A broken connection is
-    reconnected at once (after a short back-off, or the server's ``retry:``); ``max_reconnects``
-    connections in a row that bring no event end it with :class:`APIConnectionError`.
+    reconnected at once (after a short back-off, or the server's ``retry:``); after
+    ``max_reconnects`` reconnections in a row that bring no event, the next break ends it with
+    :class:`APIConnectionError`.
     """
 
     def __init__(
@@ -292,7 +293,10 @@ class EventCursor:
             if self.last_id and _order(sse.id) <= _order(self.last_id):
                 return None
             eid = self.last_id = sse.id
-        data = json.loads(sse.data) if sse.data else {}
+        try:
+            data = json.loads(sse.data) if sse.data else {}
+        except ValueError as e:
+            raise APIConnectionError(f"events of {self.job_id}: a {etype} event whose data is not JSON") from e
         if etype is EventType.ERROR:
             raise NotFoundError(404, str(data.get("message", "the job expired")), code=data.get("code"))
         self._failures = 0
