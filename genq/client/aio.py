@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Literal, overload
 
@@ -97,11 +97,11 @@ class AsyncClient:
                 return
             after = page.next_after
 
-    async def stream(self, job_id: str, *, last_event_id: str | None = None) -> AsyncIterator[Event]:
-        async for event in self._follow(_core.EventCursor(self.options, job_id, last_event_id)):
-            yield event
+    def stream(self, job_id: str, *, last_event_id: str | None = None) -> AsyncGenerator[Event, None]:
+        """``async for event in client.stream(job_id)``; ``aclose()`` it to stop early."""
+        return self._follow(_core.EventCursor(self.options, job_id, last_event_id))
 
-    async def _follow(self, cursor: _core.EventCursor) -> AsyncIterator[Event]:
+    async def _follow(self, cursor: _core.EventCursor) -> AsyncGenerator[Event, None]:
         while not cursor.done:
             path, headers, timeout = cursor.connect()
             try:
