@@ -201,7 +201,8 @@ class Client:
         input order. ``on_progress(Progress)`` is called (in this thread) as each one finishes.
         Each request gets its idempotency key up front, so a retried submit never makes a second
         job. A failure raises at once (requests not yet started are not submitted; jobs already
-        queued keep running); with ``return_exceptions`` its error takes the request's place."""
+        queued keep running); with ``return_exceptions`` its error takes the request's place.
+        ``timeout_s`` bounds each job's wait (``WaitTimeout``)."""
         reqs = [_core.as_request(r) for r in requests]
         results: list[Any] = [None] * len(reqs)
         if not reqs:
