@@ -20,9 +20,25 @@ from pathlib import Path
 from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
 
-# Read outside the settings classes (paths used before any settings object exists).
+# Read outside the settings classes: paths used before any settings object exists, and what the
+# Python client (genq.Client, which has no settings object: it reads the environment only) and
+# `genq submit` use. (name, type, default, meaning, used by)
 EXTRA = [
-    ("GENQ_MODEL_CACHE", "path", "~/.cache/genq/models", "where the default model is converted once"),
+    (
+        "GENQ_MODEL_CACHE",
+        "path",
+        "~/.cache/genq/models",
+        "where the default model is converted once",
+        "genq up, worker",
+    ),
+    ("GENQ_URL", "str", "http://127.0.0.1:8000", "the API the Python client and `genq submit` talk to", "client"),
+    (
+        "GENQ_API_KEY",
+        "str",
+        "",
+        "the key the Python client and `genq submit` send (`genq submit` falls back to the one `genq up` keeps)",
+        "client",
+    ),
 ]
 
 
@@ -104,7 +120,7 @@ def all_variables() -> list[Variable]:
     api_only = variables(ApiSettings, "api", skip=frozenset(BrokerSettings.model_fields))
     from batcher.settings import BatcherSettings
 
-    extra = [Variable(n, t, d, m, "genq up, worker") for n, t, d, m in EXTRA]
+    extra = [Variable(*row) for row in EXTRA]
     batcher_only = variables(BatcherSettings, "batcher", skip=frozenset(ApiSettings.model_fields))
     return [*shared, *api_only, *variables(WorkerSettings, "worker"), *batcher_only, *extra]
 

@@ -110,37 +110,33 @@ def submit_command(
     temperature: float = 0.0,
 ) -> None:
     """Submit one chat job through the native API and stream its text as it arrives."""
-    import httpx
-
     from broker.settings import DEFAULT_MODEL
+    from genq.client import APIError, Client, GenqError
 
     if key is None:
         key_file = Path(os.environ.get("GENQ_DATA_DIR", Path.home() / ".local/share/genq")) / "api_key"
         key = key_file.read_text().strip() if key_file.exists() else ""
-    headers = {"Authorization": f"Bearer {key}"}
-    body = {
-        "model": model or DEFAULT_MODEL,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "priority": priority,
-        "temperature": temperature,
-    }
-    with httpx.Client(base_url=url, headers=headers, timeout=None) as http:
-        r = http.post("/v1/jobs", json=body)
-        if r.status_code >= 400:
-            typer.echo(f"error {r.status_code}: {r.text}", err=True)
-            raise typer.Exit(1)
-        job = r.json()
-        where = f" at position {job['queue_position']}" if job.get("queue_position") is not None else ""
-        typer.echo(f"job {job['id']} {job['status']}{where}", err=True)
-        with http.stream("GET", f"/v1/jobs/{job['id']}/events") as events:
-            etype = ""
-            for line in events.iter_lines():
-                if line.startswith("event:"):
-                    etype = line[6:].strip()
-                elif line.startswith("data:") and etype == "token":
-                    typer.echo(json.loads(line[5:])["text"], nl=False)
-                elif line.startswith("data:") and etype in ("done", "failed", "cancelled"):
+    with Client(url, key) as client:
+        try:
+            job = client.submit(
+                model=model or DEFAULT_MODEL,
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=max_tokens,
+                priority=priority,
+                temperature=temperature,
+            )
+            where = f" at position {job.queue_position}" if job.queue_position is not None else ""
+            typer.echo(f"job {job.id} {job.status}{where}", err=True)
+            for event in client.stream(job.id):
+                if event.text:
+                    typer.echo(event.text, nl=False)
+                elif event.terminal:
                     typer.echo("")
-                    typer.echo(f"[{etype}] {line[5:].strip()}", err=True)
-                    raise typer.Exit(0 if etype == "done" else 1)
+                    typer.echo(f"[{event.type}] {json.dumps(event.data)}", err=True)
+                    raise typer.Exit(0 if event.type == "done" else 1)
+        except APIError as e:
+            typer.echo(f"error {e.status}: {json.dumps(e.body) if e.body is not None else e.message}", err=True)
+            raise typer.Exit(1) from None
+        except GenqError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
