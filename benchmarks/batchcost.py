@@ -200,7 +200,7 @@ def report(cfg: Config, s: Phase, u: Phase, url: str) -> None:
     rows: list[tuple[str, float, float, str]] = [
         ("Redis CPU, us", s.per_job(s.cpu_s) * 1e6, u.per_job(u.cpu_s) * 1e6, ",.0f"),
         ("Redis commands", s.per_job(s.calls), u.per_job(u.calls), ",.1f"),
-        ("  script calls (EVALSHA)", cmd(s, "evalsha"), cmd(u, "evalsha"), ",.1f"),
+        ("  Lua script calls", cmd(s, "evalsha"), cmd(u, "evalsha"), ",.1f"),
         ("  XADD", cmd(s, "xadd"), cmd(u, "xadd"), ",.1f"),
         ("  PUBLISH", cmd(s, "publish"), cmd(u, "publish"), ",.1f"),
         ("token events", s.per_job(s.token_events), u.per_job(u.token_events), ",.1f"),

@@ -151,3 +151,24 @@ async def test_stale_completion_of_an_unstreamed_job_writes_nothing(broker: Brok
     events = await short.event_hub().backlog(jid)
     assert [e.type for e in events][-2:] == ["token", "done"]
     assert [e.data["text"] for e in events if e.type == "token"] == [text]
+
+
+async def test_a_hand_back_writes_the_buffered_output_and_the_next_worker_resumes(broker: Broker) -> None:
+    ids = await admit(broker, [spec(i, max_tokens=1500, stream=False) for i in range(2)])
+    engine = counting_engine(after=30)
+    async with running(broker, engine, drain_grace_s=0.0, checkpoint_interval_ms=NO_CHECKPOINT) as r:
+        await asyncio.wait_for(engine.reached.wait(), 10)
+        assert [(await broker.get_job(j)).completion_tokens for j in ids] == [0, 0]
+        await r.stop()
+    jobs = [await broker.get_job(j) for j in ids]
+    assert [j.status for j in jobs] == [JobStatus.QUEUED] * 2
+    assert all(j.output_token_ids == expected(j)[1][: len(j.output_token_ids)] for j in jobs)
+    assert max(len(j.output_token_ids) for j in jobs) >= 30  # what was made is kept for the next attempt
+    async with running(broker, sim_engine(step_ms=0.5), checkpoint_interval_ms=NO_CHECKPOINT):
+        followed = await follow_all(broker, ids)
+    for jid, before in zip(ids, jobs, strict=True):
+        await check_succeeded(broker, jid, followed[jid])  # the handed-back part + the rest, nothing twice
+        tokens = [t["n"] for t in followed[jid].tokens]
+        assert tokens == (
+            [len(before.output_token_ids), 1500 - len(before.output_token_ids)] if before.output_token_ids else [1500]
+        )
