@@ -182,6 +182,10 @@ class _OpenAI(_Sampling):
     response_format: ResponseFormat | None = None
     background: bool = False  # genq: admit and answer 202 with the job at once
 
+    def _common(self, priority: int) -> dict[str, Any]:
+        # Only a streamed answer follows the job token by token (background mode: see _serve).
+        return {**super()._common(priority), "stream": self.stream}
+
     def check_supported(self) -> None:
         for name, value in (self.model_extra or {}).items():
             if name in INFORMATIONAL:
@@ -276,6 +280,12 @@ class JobRequest(_Sampling):
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     prompt: str | None = None
     priority: int = Field(5, ge=0, le=9)
+    stream: bool = Field(
+        True,
+        description="Deliver the output token by token (a `token` event every flush). false: nobody follows "
+        "it live, so it is written once at completion (one `token` event with all of it, before `done`), "
+        "which costs Redis far less; GET and the events still show the whole text.",
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> JobRequest:
@@ -284,7 +294,7 @@ class JobRequest(_Sampling):
         return self
 
     def submission(self, priority: int) -> Submission:
-        common = self._common(priority)
+        common = {**self._common(priority), "stream": self.stream}
         if self.messages is not None:
             return Submission(
                 kind="chat", messages=[m.as_dict() for m in self.messages], max_tokens=self.max_tokens, **common

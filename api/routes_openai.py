@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -340,6 +341,8 @@ async def _serve(
     if background and body.choices > 1:
         raise bad_request("background mode takes one choice (n = 1).", "n", "unsupported_value")
     subs = body.submissions(priority_header(request, body.priority if body.priority is not None else 5))
+    if background:  # answered with the job at once: nobody is there to follow it token by token
+        subs = [dataclasses.replace(s, stream=False) for s in subs]
     retry_key, digest = await _retry_key(rt, request, who, body)
     admitted, headers = await _admit_choices(rt, request, who, subs, retry_key)
     if retry_key is not None and await _given_up(rt, admitted):

@@ -36,6 +36,8 @@ class Submission:
     max_time_in_queue_s: float | None = None
     # Which of an OpenAI request's `n` choices this job is (each choice is a job of its own).
     choice: int = 0
+    # Does anyone follow the output token by token? (JobSpec.stream)
+    stream: bool = True
 
 
 def priority_header(request: Request, default: int) -> int:
@@ -131,6 +133,7 @@ async def admit(
         prompt_tokens=prompt_tokens,
         idempotency_key=choice_key(idempotency_header(request) or idempotency_key, sub.choice),
         metadata=sub.metadata,
+        stream=sub.stream,
         deadline_ms=None if queue_time_s is None else now_ms() + math.ceil(queue_time_s * 1000),
     )
     try:
@@ -232,6 +235,7 @@ def job_view(job: Job, queue: dict[str, Any] | None = None, warning: dict[str, s
         "created_at": job.created_ms // 1000,
         "attempts": job.attempts,
         "max_tokens": job.max_tokens,
+        "stream": job.request.stream,
         "output": job.output,
         "finish_reason": job.finish_reason,
         "usage": usage,

@@ -57,6 +57,34 @@ def sse_command(
     sse.main(dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None}))
 
 
+@bench_app.command("batchcost", help="Redis CPU and commands per job, streamed against written once (batch lines).")
+def batchcost_command(
+    jobs: Annotated[int | None, typer.Option(help="Jobs per phase [200].")] = None,
+    tokens: Annotated[int | None, typer.Option(help="Tokens per job [128].")] = None,
+    tokens_per_s: Annotated[float | None, typer.Option(help="Simulated tokens/s per sequence [50].")] = None,
+    capacity: Annotated[int | None, typer.Option(help="Engine sequence slots [64].")] = None,
+    flush_interval_ms: Annotated[int | None, typer.Option(help="The worker's flush interval [20].")] = None,
+    checkpoint_interval_ms: Annotated[int | None, typer.Option(help="Unstreamed checkpoint period [5000].")] = None,
+    quick: Annotated[bool, typer.Option(help="Small numbers, for tests.")] = False,
+) -> None:
+    import dataclasses
+
+    from benchmarks import batchcost
+    from broker.logs import configure_logging
+
+    configure_logging(level="WARNING")  # no summary line per job
+    cfg = batchcost.Config.quick() if quick else batchcost.Config()
+    given = {
+        "jobs": jobs,
+        "tokens": tokens,
+        "tokens_per_s": tokens_per_s,
+        "capacity": capacity,
+        "flush_interval_ms": flush_interval_ms,
+        "checkpoint_interval_ms": checkpoint_interval_ms,
+    }
+    batchcost.main(dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None}))
+
+
 @bench_app.command("e2e", help="genq (broker → Redis → one worker) against vLLM's AsyncLLM called directly.")
 def e2e_command(
     redis_url: Annotated[str, typer.Option(help="Redis for the genq path (a random namespace, removed after).")] = (

@@ -10,7 +10,9 @@ One page for the types the API, the broker (Python and Lua) and the worker share
 - :class:`TokenLogprob` — a generated token's logprobs as token events carry them.
 - :class:`JobInput` — the request part of a job (prompt or messages, sampling, metadata),
   stored as the job hash's ``request`` field and decoded typed as ``Job.request``.
-- :class:`JobSpec` — what a caller hands to ``Broker.admit``.
+- :class:`JobSpec` — what a caller hands to ``Broker.admit``. Its ``stream`` says whether
+  anyone follows the output token by token: an unstreamed job (a batch line, a
+  non-streaming OpenAI call) gets its output written once, with its completion.
 - :class:`JobStatus`, :class:`EventType`, :class:`JobErrorCode` — the strings stored in
   Redis and written by the Lua scripts (a test checks every literal the scripts emit is a
   member), with named sets.
@@ -225,6 +227,9 @@ class JobInput(BaseModel):
     messages: list[dict[str, Any]] | None = None
     sampling: Sampling = Sampling()
     metadata: dict[str, str] | None = None
+    # False: nobody follows the output token by token, so the worker writes it once with the
+    # completion (plus a checkpoint every few seconds), not a delta every flush.
+    stream: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -255,6 +260,8 @@ class JobSpec(BaseModel):
     # How long the result is kept once finished; None = the broker's setting.
     result_ttl_s: int | None = Field(None, ge=1)
     metadata: dict[str, str] | None = None
+    # Whether the output is streamed (a delta event every flush) or written once at completion.
+    stream: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -280,12 +287,19 @@ class JobSpec(BaseModel):
     @property
     def input(self) -> JobInput:
         return JobInput(
-            kind=self.kind, prompt=self.prompt, messages=self.messages, sampling=self.sampling, metadata=self.metadata
+            kind=self.kind,
+            prompt=self.prompt,
+            messages=self.messages,
+            sampling=self.sampling,
+            metadata=self.metadata,
+            stream=self.stream,
         )
 
     def request_json(self) -> str:
         return self.input.to_json()
 
     def fingerprint_source(self) -> str:
-        """What must be equal for a repeated Idempotency-Key to name the same request."""
-        return f"{self.model}\n{self.priority}\n{self.max_tokens}\n{self.request_json()}"
+        """What must be equal for a repeated Idempotency-Key to name the same request. How the
+        output is delivered (``stream``) is not: a repeat finds the job either way."""
+        request = self.input.model_dump_json(exclude_defaults=True, exclude={"stream"})
+        return f"{self.model}\n{self.priority}\n{self.max_tokens}\n{request}"

@@ -146,6 +146,39 @@ async def test_async_client_concurrent(stack: Stack, key: str) -> None:
     await c.close()
 
 
+def job_delivery(stack: Stack, key: str) -> dict[str, tuple[bool, list[int]]]:
+    """Each of the tenant's jobs: (streamed?, tokens per token event)."""
+    with httpx.Client(base_url=stack.url, headers=auth(key), timeout=30) as h:
+        jobs = h.get("/v1/jobs").json()["data"]
+
+    async def events(b, jid: str) -> list[int]:  # type: ignore[no-untyped-def]
+        return [e.data["n"] for e in await b.event_hub().backlog(jid) if e.type == "token"]
+
+    return {j["id"]: (j["stream"], stack.call(lambda b, jid=j["id"]: events(b, jid))) for j in jobs}
+
+
+def test_only_streamed_calls_stream_their_jobs(stack: Stack) -> None:
+    key = stack.key("delivery")
+    c = client(stack, key)
+    # non-streaming, n=2, seeded, with logprobs: each choice a job written once, the answer as before
+    r = c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=40, n=2, seed=3, logprobs=True)
+    assert [ch.message.content for ch in r.choices] == [expected(40, messages=MESSAGES, seed=s)[0] for s in (3, 4)]
+    assert all(len(ch.logprobs.content) == 40 for ch in r.choices)
+    first = dict(job_delivery(stack, key))
+    assert sorted(first.values()) == [(False, [40]), (False, [40])]
+    # the same request streamed: its jobs stream (the 5 ms flush of the test worker: several deltas)
+    chunks = list(
+        c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=40, n=2, seed=3, logprobs=True, stream=True)
+    )
+    for i, ch in enumerate(r.choices):
+        parts = [x.choices[0] for x in chunks if x.choices and x.choices[0].index == i]
+        assert "".join(p.delta.content or "" for p in parts) == ch.message.content
+        streamed_lp = [t for p in parts if p.logprobs for t in p.logprobs.content]
+        assert [(t.token, t.logprob) for t in streamed_lp] == [(t.token, t.logprob) for t in ch.logprobs.content]
+    second = {j: d for j, d in job_delivery(stack, key).items() if j not in first}
+    assert len(second) == 2 and all(streamed and len(n) > 1 and sum(n) == 40 for streamed, n in second.values())
+
+
 def test_models(stack: Stack, key: str) -> None:
     c = client(stack, key)
     models = c.models.list()
@@ -217,6 +250,7 @@ def test_background_mode_answers_an_object_the_openai_client_parses(stack: Stack
         assert done.id == r.id and done.status == "succeeded" and done.object == "chat.completion"
         assert done.choices[0].message.content == expected(4, messages=MESSAGES)[0]
         assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 4
+        assert h.get(f"/v1/jobs/{r.id}").json()["stream"] is False  # nobody follows a background job live
 
         raw = c.completions.with_raw_response.create(
             model="m", prompt="x", max_tokens=4, extra_body={"background": True}

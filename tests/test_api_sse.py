@@ -156,3 +156,35 @@ def test_events_errors(stack: Stack) -> None:
             assert r.status_code == 200  # the largest id is still an id
         r = h.get("/v1/jobs/job_" + "0" * 32 + "/events")
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_unstreamed_job_follower_gets_the_whole_text_in_one_event(stack: Stack) -> None:
+    key = stack.key("acme")
+    body = {"model": "m", "messages": MESSAGES, "max_tokens": 120}
+    with httpx.Client(base_url=stack.url, headers=auth(key), timeout=30) as h:
+        job = h.post("/v1/jobs", json={**body, "stream": False}).json()
+        assert job["stream"] is False
+        seen, mid = Reader(), None
+        with h.stream("GET", f"/v1/jobs/{job['id']}/events") as r:
+            cur = Sse()
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    cur.event = line[7:]
+                elif line.startswith("data: "):
+                    cur.data += line[6:]
+                elif line == "" and cur.event:
+                    seen.events.append(cur)
+                    if cur.event == "started":  # running: look at the job before its completion
+                        mid = h.get(f"/v1/jobs/{job['id']}").json()
+                    if cur.event in TERMINAL:
+                        break
+                    cur = Sse()
+        final = h.get(f"/v1/jobs/{job['id']}").json()
+        streamed = h.post("/v1/jobs", json=body).json()
+        assert streamed["stream"] is True  # the default, as before
+    assert [e.event for e in seen.events if e.event != "position"] == ["queued", "started", "token", "done"]
+    assert final["status"] == "succeeded" and final["usage"]["completion_tokens"] == 120
+    assert text_of(seen.events) == final["output"] and [
+        json.loads(e.data)["n"] for e in seen.events if e.event == "token"
+    ] == [120]
+    assert mid is not None and mid["output"] in ("", final["output"])  # never a part of it

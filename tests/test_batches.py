@@ -21,7 +21,7 @@ from typing import Any
 
 import openai
 import pytest
-from test_api_openai import expected
+from test_api_openai import expected, job_delivery
 from test_api_support import HandWorker, Stack, make_stack  # noqa: F401 (fixture)
 
 from batcher.settings import BatcherSettings
@@ -150,7 +150,8 @@ def test_file_size_limit(make_stack, tmp_path: Path) -> None:  # noqa: F811
 
 # -- batches --------------------------------------------------------------------------------
 def test_batch_round_trip(stack: Stack, batcher: Batcher) -> None:
-    c = client(stack, stack.key("acme"))
+    key = stack.key("acme")
+    c = client(stack, key)
     rows = [chat_line(i, 3 + i % 4) for i in range(30)]
     fid = upload(c, jsonl(rows))
     b = c.batches.create(
@@ -172,6 +173,10 @@ def test_batch_round_trip(stack: Stack, batcher: Batcher) -> None:
         assert body["choices"][0]["message"]["content"] == text
         assert body["choices"][0]["finish_reason"] == reason
         assert body["usage"]["completion_tokens"] == 3 + i % 4
+    # nobody follows a batch line: each job's output was written once, as one token event
+    delivery = job_delivery(stack, key)
+    assert len(delivery) == 30
+    assert all(not streamed and len(n) == 1 for streamed, n in delivery.values()), delivery
     assert [x.id for x in c.batches.list()] == [b.id]
     assert c.files.retrieve(b.output_file_id).purpose == "batch_output"
     with pytest.raises(openai.ConflictError):

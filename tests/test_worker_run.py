@@ -14,8 +14,9 @@ from worker.run import JobRun, RunState
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def new_run(resumed: list[int] | None = None) -> JobRun:
+def new_run(resumed: list[int] | None = None, stream: bool = True) -> JobRun:
     job = SimpleNamespace(id="j1", tenant="t", attempts=1, output_token_ids=resumed or [], created_ms=0)
+    job.request = SimpleNamespace(stream=stream)
     return JobRun.start(SimpleNamespace(job=job, fence=7), "w")  # type: ignore[arg-type]
 
 
@@ -66,6 +67,18 @@ def test_output_buffer_offsets_and_replays() -> None:
     assert run.output.next_writes() == [w, OutputWrite("j1", 7, "c", [12], 4)]
     run.output.acknowledged(w)
     assert run.output.offset == 4 and not run.output.pending
+
+
+def test_an_unstreamed_buffer_is_checkpointed_only_when_due() -> None:
+    run = new_run(stream=False)
+    assert not run.output.streamed
+    run.add(Delta("a", [10], prompt_tokens=3))
+    assert not run.output.checkpoint_due(3600.0)  # just started: the output waits
+    assert not run.output.checkpoint_due(0.0)  # 0: never a checkpoint of its own
+    run.output.last_write_at -= 3600.0  # as if an hour passed
+    assert run.output.checkpoint_due(3600.0)
+    (w,) = run.output.next_writes()
+    assert w.text == "a" and not run.output.checkpoint_due(3600.0)  # the clock restarts at each write
 
 
 def test_run_state_is_assigned_only_in_worker_run() -> None:

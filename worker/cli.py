@@ -62,6 +62,10 @@ def worker_command(
     flush_interval_ms: Annotated[
         int | None, typer.Option(help="Delta coalescing window [20].", rich_help_panel=_FEED)
     ] = None,
+    checkpoint_interval_ms: Annotated[
+        int | None,
+        typer.Option(help="Unstreamed jobs: output checkpoint period [5000; 0 = none].", rich_help_panel=_FEED),
+    ] = None,
     drain_grace_s: Annotated[
         float | None, typer.Option(help="On SIGTERM, time for running jobs [30].", rich_help_panel=_FEED)
     ] = None,

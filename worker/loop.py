@@ -76,7 +76,9 @@ class Worker:
         self.model = engine.model_name
         self.runs: dict[str, JobRun] = {}
         self.metrics = WorkerMetrics(self.model, self.id, settings.engine)
-        self.streamer = Streamer(broker, settings.flush_interval_ms / 1000, self._on_write_refused)
+        self.streamer = Streamer(
+            broker, settings.flush_interval_ms / 1000, self._on_write_refused, settings.checkpoint_interval_ms / 1000
+        )
         self.leases = LeaseKeeper(broker, self)
         self.reap_s = broker.settings.reap_interval_ms / 1000
         self.dead_reason: str | None = None

@@ -7,7 +7,8 @@ transition, called by the worker (:mod:`worker.loop`)::
        │  └──failing() / hand_back()──► FAILING ──done()──► DONE
        └──drop(reason) (from any live state)──► DROPPED ──done()──► DONE
 
-- RUNNING: in the engine (or about to be); its lease is renewed, its output streamed.
+- RUNNING: in the engine (or about to be); its lease is renewed, its output streamed (an
+  unstreamed job's only checkpointed: see :class:`worker.stream.Streamer`).
 - FINISHING: its completion is queued in the streamer; the lease is still renewed.
 - FAILING: its failure (or hand-back to the queue) is queued or about to be; not renewed.
 - DROPPED: the lease went to someone else: nothing more is written for it.
@@ -62,6 +63,14 @@ class OutputBuffer:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # of ids, when the job asked for them
     written: int = 0  # completion tokens acknowledged by Redis in this attempt
     unacked: list[OutputWrite] = field(default_factory=list)  # sent, outcome unknown: resend as is
+    # False: nobody follows the job token by token (contract.JobSpec.stream); its output is
+    # written with its completion, or as a checkpoint once ``checkpoint_due``.
+    streamed: bool = True
+    last_write_at: float = field(default_factory=time.monotonic)  # when new output was last sent
+
+    def checkpoint_due(self, interval_s: float) -> bool:
+        """An unstreamed buffer's output is worth a write of its own (0: never, it waits for the completion)."""
+        return interval_s > 0 and time.monotonic() - self.last_write_at >= interval_s
 
     @property
     def pending(self) -> bool:
@@ -97,6 +106,7 @@ class OutputBuffer:
         if self.text or self.ids:
             text, ids, logprobs = self.take()
             writes.append(OutputWrite(self.job_id, self.fence, text, ids, offset, logprobs))
+            self.last_write_at = time.monotonic()
         return writes
 
     def acknowledged(self, write: OutputWrite) -> None:
@@ -129,7 +139,7 @@ class JobRun:
     def start(cls, lease: Lease, worker_id: str) -> JobRun:
         job = lease.job
         bound = log.bind(job_id=job.id, tenant=job.tenant, attempt=job.attempts, worker=worker_id)
-        output = OutputBuffer(len(job.output_token_ids), job.id, lease.fence)
+        output = OutputBuffer(len(job.output_token_ids), job.id, lease.fence, streamed=job.request.stream)
         return cls(lease, f"{job.id}-{lease.fence}", now_ms(), time.monotonic(), bound, output)
 
     # -- reading -------------------------------------------------------------

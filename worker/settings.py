@@ -88,6 +88,10 @@ class WorkerSettings(BaseSettings):
     # -- feeding the engine -------------------------------------------------
     # Deltas of each job are coalesced this long, then written for all jobs in one pipeline.
     flush_interval_ms: int = Field(20, ge=1, le=10_000)
+    # A job nobody streams (batch lines, non-streaming OpenAI calls) writes its output once, with
+    # its completion, plus a checkpoint this often, from which a retried attempt resumes; 0 = no
+    # checkpoints (a retry starts over).
+    checkpoint_interval_ms: int = Field(5_000, ge=0, le=3_600_000)
     # On SIGTERM: how long running jobs may finish before the rest is handed back.
     drain_grace_s: float = Field(30.0, ge=0)
     # Tokens (prompt + max_tokens) of the jobs held at once; None = no bound.  Soft by one job:

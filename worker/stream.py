@@ -8,6 +8,17 @@ through the same cycles, after that cycle's appends, so a job's writes reach
 Redis in order from a single writer and a job's last text rides on its
 completion.
 
+A job nobody streams (``JobSpec.stream`` false: batch lines, non-streaming OpenAI
+calls, background jobs) is not poked per delta: its whole output rides on its
+completion, one fenced call that writes the text, the usage, the finish reason,
+one token event with all of it and the terminal event.  So that a long generation
+lost to a crash need not start over, such a job's output is also written as one
+ordinary delta (a checkpoint) every ``checkpoint_interval``; a retried attempt
+resumes after the last checkpoint as it would after any delta (0: no checkpoints,
+a retry starts over; nothing of the lost attempt was visible).  A failure or a
+hand-back writes the buffered output first, as for any job, so the retry resumes
+after it.
+
 Lifecycle is the worker's: the streamer reads whether a run is still leased,
 and reports a write Redis refused (a stale lease) through ``on_stale``.
 """
@@ -55,9 +66,16 @@ class _Failure:
 class Streamer:
     """The single writer of job output; see the module docstring."""
 
-    def __init__(self, broker: Broker, flush_interval_s: float, on_stale: Callable[[JobRun], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        flush_interval_s: float,
+        on_stale: Callable[[JobRun], Awaitable[None]],
+        checkpoint_interval_s: float = 0.0,
+    ) -> None:
         self.broker = broker
         self.interval = flush_interval_s
+        self.checkpoint_s = checkpoint_interval_s
         self.on_stale = on_stale
         self._dirty_runs: set[JobRun] = set()  # with output to write (or to write again)
         self._finals: list[_Completion | _Failure] = []
@@ -73,7 +91,12 @@ class Streamer:
     # -- producer side -----------------------------------------------------
     def poke(self, run: JobRun, urgent: bool = False) -> None:
         """``run`` has new output buffered: a cycle will run within one flush interval, or at
-        once when ``urgent`` (a job's first token: time to first token is not coalesced)."""
+        once when ``urgent`` (a job's first token: time to first token is not coalesced).
+        An unstreamed run's output waits for its completion, or for its next checkpoint."""
+        if not run.output.streamed:
+            if not run.output.checkpoint_due(self.checkpoint_s):
+                return
+            urgent = False
         self._dirty_runs.add(run)
         if urgent:
             self._urgent = True
