@@ -13,9 +13,13 @@
 local P, model = ARGV[1], ARGV[2]
 local mp = k_model(P, model)
 local max_jobs, max_tok, lease = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local maxlen = ARGV[7]
+local maxlen, worker = ARGV[7], ARGV[6]
 local now = now_ms()
 local out, tokens, full = {}, 0, false
+-- Counters a claim moves are added up here and written once at the end: jobs and tokens
+-- per priority, queued jobs per tenant, the global fence and queued count, the leases.
+local fence0 = num(redis.call('HGET', KEYS[3], 'fence'), 0)
+local by_prio, by_tenant, leased = {}, {}, {}
 
 for p = 0, 9 do
   if full or #out >= max_jobs then break end
@@ -25,12 +29,14 @@ for p = 0, 9 do
       local top = redis.call('ZRANGE', tz, 0, 0, 'WITHSCORES')
       if #top == 0 then break end
       local tenant, vt = top[1], tonumber(top[2])
-      local jid = redis.call('ZRANGE', k_tenant_queue(mp, p, tenant), 0, 0)[1]
+      local tq = k_tenant_queue(mp, p, tenant)
+      local jid = redis.call('ZRANGE', tq, 0, 0)[1]
       if not jid then
         leave(mp, p, tenant)
       else
         local J = job_keys(P, jid)
-        local j = redis.call('HMGET', J.job, 'cost', 'weight', 'deadline_ms', 'attempts')
+        local j = redis.call('HMGET', J.job, 'cost', 'weight', 'deadline_ms', 'attempts', 'started_ms', 'evn',
+          'seq_out')
         local cost = num(j[1], 0)
         local deadline = num(j[3], 0)
         if deadline > 0 and deadline < now and num(j[4], 0) == 0 then
@@ -38,19 +44,33 @@ for p = 0, 9 do
         else
           if #out > 0 and tokens + cost > max_tok then full = true; break end
           redis.call('ZADD', tz, vt + cost / num(j[2], 1), tenant)
-          unqueue(P, mp, jid, tenant, p, cost)
-          local fence = redis.call('HINCRBY', KEYS[3], 'fence', 1)
-          local attempt = redis.call('HINCRBY', J.job, 'attempts', 1)
-          redis.call('HSET', J.job, 'status', STATUS.running, 'fence', fence, 'worker', ARGV[6])
-          redis.call('HSETNX', J.job, 'started_ms', now)
-          redis.call('ZADD', KEYS[2], now + lease, jid)
-          emit(J, maxlen, EVENT.started, cjson.encode({attempt = attempt, worker = ARGV[6]}))
+          -- unqueue, its counters deferred (the job is its tenant queue's head)
+          redis.call('ZREM', tq, jid)
+          if redis.call('ZCARD', tq) == 0 then leave(mp, p, tenant) end
+          redis.call('ZREM', k_queued(mp), jid)
+          if deadline > 0 then redis.call('ZREM', k_deadlines(mp), jid) end
+          local bp = by_prio[p] or {0, 0}
+          by_prio[p] = {bp[1] + 1, bp[2] + cost}
+          by_tenant[tenant] = (by_tenant[tenant] or 0) + 1
+          local fence = fence0 + #out + 1
+          local attempt, evn = num(j[4], 0) + 1, num(j[6], 0) + 1
+          if j[5] then
+            redis.call('HSET', J.job, 'status', STATUS.running, 'fence', fence, 'worker', worker,
+              'attempts', attempt, 'evn', evn)
+          else
+            redis.call('HSET', J.job, 'status', STATUS.running, 'fence', fence, 'worker', worker,
+              'attempts', attempt, 'evn', evn, 'started_ms', now)
+          end
+          leased[#leased + 1] = now + lease
+          leased[#leased + 1] = jid
+          emit_numbered(J, maxlen, evn, EVENT.started, cjson.encode({attempt = attempt, worker = worker}))
           local rec = redis.call('HGETALL', J.job)
-          -- what earlier attempts emitted: the worker resumes after it
+          -- what earlier attempts emitted: the worker resumes after it (none before a first delta)
+          local streamed = num(j[7], 0) > 0
           rec[#rec + 1] = 'output'
-          rec[#rec + 1] = redis.call('GET', J.out) or ''
+          rec[#rec + 1] = streamed and (redis.call('GET', J.out) or '') or ''
           rec[#rec + 1] = 'output_ids'
-          rec[#rec + 1] = redis.call('GET', J.oid) or ''
+          rec[#rec + 1] = streamed and (redis.call('GET', J.oid) or '') or ''
           table.insert(rec, 1, tostring(fence))
           table.insert(rec, 1, jid)
           out[#out + 1] = rec
@@ -58,6 +78,21 @@ for p = 0, 9 do
         end
       end
     end
+  end
+end
+
+if #out > 0 then
+  for p, c in pairs(by_prio) do
+    redis.call('HINCRBY', KEYS[1], 'd' .. p, -c[1])
+    redis.call('HINCRBY', KEYS[1], 'k' .. p, -c[2])
+  end
+  for tenant, n in pairs(by_tenant) do
+    redis.call('HINCRBY', k_tenant_state(P, tenant), 'q', -n)
+  end
+  redis.call('HSET', KEYS[3], 'fence', fence0 + #out)
+  redis.call('HINCRBY', KEYS[3], 'queued', -#out)
+  for i = 1, #leased, 256 do  -- unpack stays far below Lua's stack limit
+    redis.call('ZADD', KEYS[2], unpack(leased, i, math.min(i + 255, #leased)))
   end
 end
 return out
