@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 import httpx
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
-RETRYABLE = (502, 503, 504)  # the API restarting or Redis away: worth another poll
+RETRYABLE = (429, 502, 503, 504)  # the API restarting, Redis away, a rate limit: worth another poll
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import httpx
 import pytest
-from test_api_support import Stack, make_stack  # noqa: F401 (fixture)
+import test_api_support
+from test_api_support import LiveServer, Stack, make_stack  # noqa: F401 (fixture)
 from test_batches import Batcher, chat_line, jsonl, wait_for
 
 from genq import batch_api as ba
@@ -206,6 +207,35 @@ def test_sigint_then_rerun_resumes_the_same_batch(stack: Stack, batcher: Batcher
 
 def test_kill_9_then_rerun_resumes_the_same_batch(stack: Stack, batcher: Batcher, key: str, tmp_path: Path) -> None:
     _interrupted_then_resumed(stack, key, tmp_path, signal.SIGKILL)
+
+
+def test_run_rides_out_an_api_restart(
+    stack: Stack, batcher: Batcher, key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API goes away mid-run and comes back on the same port: the run keeps following."""
+    rows = write_input(tmp_path / "in.jsonl", 150, tokens=6)
+    out = tmp_path / "out.jsonl"
+    first = spawn(stack, key, "run", str(tmp_path / "in.jsonl"), "-o", str(out), "--poll-s", "0.2")
+    try:
+        state_file = ba.state_path(out)
+        wait_for(lambda: state_file.exists() and json.loads(state_file.read_text())["batch_id"], 60, "the batch id")
+        batch_id = json.loads(state_file.read_text())["batch_id"]
+        stack.server.stop()
+        completed = lambda: int(stack.call(lambda br: br.batches.get_batch(batch_id))["completed"])  # noqa: E731
+        at_stop = completed()
+        wait_for(lambda: completed() >= at_stop + 30, 60, "30 more lines while the API is away")
+        assert first.poll() is None  # still following
+        monkeypatch.setattr(test_api_support, "_free_port", lambda: stack.server.port)
+        stack.server = LiveServer(stack.settings)
+        stack.server.start()
+        _, stderr = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(10)
+    assert first.returncode == 0, stderr
+    assert [b["id"] for b in batches(stack, key)] == [batch_id]
+    assert sorted(x["custom_id"] for x in read_jsonl(out)) == sorted(r["custom_id"] for r in rows)
 
 
 def test_killed_after_upload_reuses_the_file(stack: Stack, batcher: Batcher, key: str, tmp_path: Path) -> None:
