@@ -41,9 +41,9 @@ class Prepared:
 def start_or_resume(c: ba.BatchApi, prep: Prepared, out: Path, src: str, new: bool) -> dict[str, Any]:
     state = None if new else ba.load_state(out)
     if state is not None and state.api_url != c.url:
-        say(f"{out} was being made by {state.api_url}; starting a new batch on {c.url}.")
+        say(escape(f"{out} was being made by {state.api_url}; starting a new batch on {c.url}."))
         state = None
-    if state is not None and state.input_sha256 != prep.sha256:
+    if state is not None and (state.input_sha256, state.endpoint) != (prep.sha256, prep.endpoint):
         was = f" (batch {state.batch_id})" if state.batch_id else ""
         say(f"[yellow]the input changed[/] since the last run{was}: starting a new batch.")
         state = None

@@ -238,22 +238,35 @@ def test_run_rides_out_an_api_restart(
     assert sorted(x["custom_id"] for x in read_jsonl(out)) == sorted(r["custom_id"] for r in rows)
 
 
-def test_killed_after_upload_reuses_the_file(stack: Stack, batcher: Batcher, key: str, tmp_path: Path) -> None:
-    """A run that died after the upload (state has the file, no batch) creates its batch from that file."""
+@pytest.mark.parametrize("created", [False, True], ids=["before-create", "before-saving-the-batch-id"])
+def test_killed_after_upload_reuses_the_file(
+    stack: Stack, batcher: Batcher, key: str, tmp_path: Path, created: bool
+) -> None:
+    """A run that died after the upload (its state has the file, no batch) does not upload again,
+    and finds the batch it created if it died before saving the batch's id."""
     write_input(tmp_path / "in.jsonl", 20)
     out = tmp_path / "out.jsonl"
     with api(stack, key) as c:
         fid = c.post(
             "/v1/files", files={"file": ("in.jsonl", (tmp_path / "in.jsonl").read_bytes())}, data={"purpose": "batch"}
         ).json()["id"]
+        other = c.post("/v1/files", files={"file": ("x.jsonl", jsonl([chat_line(0)]))}, data={"purpose": "batch"})
+        c.post("/v1/batches", json={"input_file_id": other.json()["id"], "endpoint": "/v1/chat/completions"})
+        if created:
+            made = c.post("/v1/batches", json={"input_file_id": fid, "endpoint": "/v1/chat/completions"}).json()
+        c.post("/v1/batches", json={"input_file_id": other.json()["id"], "endpoint": "/v1/chat/completions"})
     state = ba.RunState(stack.url, ba.sha256(tmp_path / "in.jsonl"), "in.jsonl", "/v1/chat/completions", fid)
     ba.save_state(out, state)
     r = genq(stack, key, "run", str(tmp_path / "in.jsonl"), "-o", str(out))
     assert r.returncode == 0, r.stderr
-    (b,) = batches(stack, key)
-    assert b["input_file_id"] == fid and len(read_jsonl(out)) == 20
+    mine = [b for b in batches(stack, key) if b["input_file_id"] == fid]
+    assert len(mine) == 1 and len(read_jsonl(out)) == 20
+    if created:
+        assert mine[0]["id"] == made["id"] and f"resuming batch {made['id']}" in r.stderr
+    assert json.loads(ba.state_path(out).read_text())["batch_id"] == mine[0]["id"]
     with api(stack, key) as c:
-        assert len(c.get("/v1/files").json()["data"]) == 2  # the input and the output: no second upload
+        names = sorted(f["filename"] for f in c.get("/v1/files").json()["data"])
+    assert names.count("in.jsonl") == 1  # no second upload
 
 
 # -- the single calls -------------------------------------------------------------------------
