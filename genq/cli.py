@@ -7,6 +7,7 @@ import typer
 
 from api.cli import api_command, keys_app
 from batcher.cli import batcher_command
+from genq.batch_cli import app as batch_app
 from genq.ops import logs_command, status_command, submit_command, up_command
 from worker.cli import worker_command
 
@@ -19,6 +20,11 @@ app.command("batcher", help="Run batch orchestration (arq): files -> jobs -> out
 app.command("status", help="Show workers and queues.")(status_command)
 app.command("submit", help="Submit one job and stream its output.")(submit_command)
 app.add_typer(keys_app, name="keys", help="Manage API keys.")
+app.add_typer(
+    batch_app,
+    name="batch",
+    help="OpenAI batches from scripts: run (resumable), submit, status, list, cancel, download.",
+)
 
 
 @app.command("config")
