@@ -167,6 +167,7 @@ async def to_spec(
         prompt_tokens=prompt_tokens,
         idempotency_key=f"{batch_id}:{line.n}",
         metadata={**(sub.metadata or {}), "batch_id": batch_id},
+        webhook_url="",  # the batch's webhook says when it ends, not each line's
     )
 
 
