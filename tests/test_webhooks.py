@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import queue
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -322,3 +325,17 @@ def test_webhooks_due_survive_a_batcher_that_was_not_running(stack: Stack, recei
         wait_for(lambda: stack.call(lambda b: b.webhooks.pending()) == 0, TIMEOUT_S, "the entry to go")
     finally:
         batcher.stop()
+
+
+def test_genq_keys_create_sets_a_checked_tenant_default(make_stack) -> None:  # noqa: F811
+    stack = make_stack(worker=False)
+    env = {**os.environ, "GENQ_REDIS_URL": stack.settings.redis_url, "GENQ_QUEUE": stack.settings.queue}
+    genq = [sys.executable, "-m", "genq.cli", "keys", "create", "--tenant", "cli-t", "--webhook-url"]
+    url = "http://127.0.0.1:9/hook"
+    refused = subprocess.run([*genq, url], env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "private" in refused.stderr
+    assert stack.call(lambda b: b.get_tenant("cli-t")) is None
+    env["GENQ_WEBHOOKS_ALLOW_PRIVATE"] = "true"
+    made = subprocess.run([*genq, url], env=env, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    assert stack.call(lambda b: b.get_tenant("cli-t")).webhook_url == url
