@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from datetime import UTC, datetime
@@ -28,7 +29,7 @@ from arq import ArqRedis, Retry
 from standardwebhooks.webhooks import Webhook as Signer
 
 from batcher.settings import BatcherSettings
-from batcher.webhook_urls import UrlRefused, check_url
+from batcher.webhook_urls import UrlRefused, check_url, pinned
 from broker import Broker
 from broker import errors as be
 from broker.contract import Webhook, WebhookKind, WebhookState
@@ -85,10 +86,14 @@ class Deliverer:
         s = self.settings
         return float(min(s.webhook_backoff_max_s, s.webhook_backoff_s * 2 ** max(0, attempts - 1)))
 
-    async def _post(self, url: str, msg_id: str, body: str, secret: str) -> tuple[int | None, str | None]:
-        """(status code, error) of one POST; the answer's body is never read."""
+    async def _post(
+        self, url: str, addresses: list[str], msg_id: str, body: str, secret: str
+    ) -> tuple[int | None, str | None]:
+        """(status code, error) of one POST to the checked ``addresses``; the answer's body is never read."""
+        target, host, extensions = pinned(url, addresses)
         now = datetime.now(UTC)
         headers = {
+            **host,
             "content-type": "application/json",
             "user-agent": "genq-webhooks",
             "webhook-id": msg_id,
@@ -96,7 +101,10 @@ class Deliverer:
             "webhook-signature": Signer(secret).sign(msg_id, now, body),
         }
         try:
-            async with self.http.stream("POST", url, content=body.encode(), headers=headers) as answer:
+            request = self.http.build_request(
+                "POST", target, content=body.encode(), headers=headers, extensions=extensions
+            )
+            async with contextlib.aclosing(await self.http.send(request, stream=True)) as answer:
                 return answer.status_code, None
         except httpx.HTTPError as e:
             return None, f"{type(e).__name__}: {e}"[:300]
@@ -114,14 +122,15 @@ class Deliverer:
         code: int | None = None
         error: str | None = None
         refused = False
+        addresses: list[str] = []
         try:
-            await check_url(hook.url, allow_private=self.settings.webhooks_allow_private)
+            addresses = await check_url(hook.url, allow_private=self.settings.webhooks_allow_private)
         except UrlRefused as e:  # what the name resolves to changed since submission
             error, refused = str(e), True
         if not refused:
             secret = await self.broker.webhooks.secret(tenant)
             body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-            code, error = await self._post(hook.url, f"msg_{object_id}", body, secret)
+            code, error = await self._post(hook.url, addresses, f"msg_{object_id}", body, secret)
             if code is not None and not 200 <= code < 300:
                 error = f"HTTP {code}"
         attempts.append(

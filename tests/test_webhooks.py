@@ -27,9 +27,12 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from test_api_support import Stack, auth, make_stack  # noqa: F401 (fixture)
 from test_batches import Batcher, chat_line, jsonl, lines_of, wait_for
 
+from batcher.settings import BatcherSettings
+from batcher.webhook_urls import pinned
 from batcher.webhooks import Deliverer
 from broker import Broker
 from broker.contract import WebhookKind
+from broker.webhooks import new_secret
 
 TIMEOUT_S = 30.0
 
@@ -69,7 +72,7 @@ def receiver() -> Iterator[Receiver]:
             self.send_response(status)
             self.send_header("content-length", "0")
             self.end_headers()
-            rec.got.put(Delivery(self.path, dict(self.headers.items()), body))
+            rec.got.put(Delivery(self.path, {k.lower(): v for k, v in self.headers.items()}, body))
 
         def log_message(self, *args: Any) -> None:  # http.server prints to stderr otherwise
             pass
@@ -339,3 +342,30 @@ def test_genq_keys_create_sets_a_checked_tenant_default(make_stack) -> None:  # 
     made = subprocess.run([*genq, url], env=env, capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
     assert stack.call(lambda b: b.get_tenant("cli-t")).webhook_url == url
+
+
+# -- connecting to the checked address ----------------------------------------------------------
+def test_a_delivery_connects_to_the_address_it_checked() -> None:
+    url, headers, ext = pinned("https://hooks.example.com:8443/p?q=1", ["93.184.216.34"])
+    assert str(url) == "https://93.184.216.34:8443/p?q=1"
+    assert headers == {"host": "hooks.example.com:8443"} and ext == {"sni_hostname": "hooks.example.com"}
+    url, headers, ext = pinned("http://hooks.example.com/p", ["2606:2800:220:1::1"])
+    assert (str(url), headers, ext) == ("http://[2606:2800:220:1::1]/p", {"host": "hooks.example.com"}, {})
+    assert pinned("http://hooks.example.com/p", []) == (httpx.URL("http://hooks.example.com/p"), {}, {})
+
+
+def test_a_pinned_post_reaches_the_address_with_the_name_as_host(make_stack, receiver: Receiver) -> None:  # noqa: F811
+    stack = make_stack(worker=False)
+    port = receiver.server.server_port
+    key = new_secret()
+
+    async def post(b: Broker) -> tuple[int | None, str | None]:
+        async with httpx.AsyncClient() as h:
+            d = Deliverer(b, BatcherSettings(**stack.settings.model_dump()), h)
+            # .invalid never resolves: only the pinned address can be what was reached
+            return await d._post(f"http://hooks.invalid:{port}/pin", ["127.0.0.1"], "msg_x", '{"a":1}', key)
+
+    assert stack.call(post) == (200, None)
+    d = receiver.next()
+    assert d.path == "/pin" and d.headers["host"] == f"hooks.invalid:{port}"
+    assert verified(d, key) == {"a": 1}
