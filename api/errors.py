@@ -108,19 +108,18 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_req
     return ApiError(400, message, code=code, param=param)
 
 
-_WEBHOOK_REFUSALS = {
-    "malformed": "webhook_url must be an absolute http:// or https:// URL with a host",
-    "unresolvable": "webhook_url names a host that does not resolve",
-    "private": "webhook_url points at a private, loopback, link-local or otherwise non-public address",
-}
-
-
-def bad_webhook_url(reason: str, detail: str) -> ApiError:
-    """A webhook URL genq will not POST to (see batcher.webhook_urls); ``reason`` is its Refusal."""
-    hint = " (set GENQ_WEBHOOKS_ALLOW_PRIVATE=true to allow it)" if reason == "private" else ""
-    return bad_request(
-        f"{_WEBHOOK_REFUSALS.get(reason, 'webhook_url is refused')}: {detail[:200]}{hint}.", "webhook_url"
-    )
+def bad_webhook_url(reason: str, url: str, detail: str) -> ApiError:
+    """A webhook URL genq will not POST to; ``reason`` is its batcher.webhook_urls.Refusal."""
+    if reason == "private":
+        message = (
+            f"webhook_url points at a non-public address ({detail[:80]}: private, loopback, link-local, "
+            "multicast or reserved); set GENQ_WEBHOOKS_ALLOW_PRIVATE=true to allow such addresses."
+        )
+    elif reason == "unresolvable":
+        message = f"webhook_url names a host that does not resolve: {detail[:200]!r}."
+    else:
+        message = f"webhook_url must be an absolute http:// or https:// URL with a host, got {url[:200]!r}."
+    return bad_request(message, "webhook_url")
 
 
 def too_many_streams(limit: int) -> ApiError:

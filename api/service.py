@@ -110,7 +110,7 @@ async def checked_webhook_url(rt: Runtime, url: str | None) -> str | None:
     try:
         await check_url(url, allow_private=rt.settings.webhooks_allow_private)
     except UrlRefused as e:
-        raise bad_webhook_url(e.reason, e.detail or url) from None
+        raise bad_webhook_url(e.reason, url, e.detail) from None
     return url
 
 
