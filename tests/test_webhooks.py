@@ -31,7 +31,9 @@ from batcher.settings import BatcherSettings
 from batcher.webhook_urls import pinned
 from batcher.webhooks import Deliverer
 from broker import Broker
-from broker.contract import WebhookKind
+from broker.contract import JobErrorCode, JobSpec, JobStatus, WebhookKind, WebhookState
+from broker.errors import NotFound
+from broker.models import TenantLimits
 from broker.webhooks import new_secret
 
 TIMEOUT_S = 30.0
@@ -369,3 +371,57 @@ def test_a_pinned_post_reaches_the_address_with_the_name_as_host(make_stack, rec
     d = receiver.next()
     assert d.path == "/pin" and d.headers["host"] == f"hooks.invalid:{port}"
     assert verified(d, key) == {"a": 1}
+
+
+# -- the webhooks due (broker level) ------------------------------------------------------------
+async def test_every_terminal_transition_makes_a_webhook_due_until_acknowledged(broker: Broker) -> None:
+    """Each way a job ends adds it (only one with a webhook, once); an entry read by a batcher that
+    never acknowledged it is handed to another; an acknowledged one is gone."""
+
+    def spec(url: str | None = "http://hooks.example/x", **kw: Any) -> JobSpec:
+        return JobSpec(tenant="acme", model="m", kind="completion", prompt="x", max_tokens=2, webhook_url=url, **kw)
+
+    done, failed, aborted, running = [(await broker.admit(spec())).job_id for _ in range(4)]
+    plain = (await broker.admit(spec(""))).job_id  # no webhook at all: never due
+    leases = {lease.id: lease for lease in await broker.claim("m", "w1", 10)}
+    assert set(leases) == {done, failed, aborted, running, plain}
+    cancelled = (await broker.admit(spec())).job_id
+    expired = (await broker.admit(spec(deadline_ms=1))).job_id
+    await broker.complete(leases[done], "stop")  # complete.lua
+    await broker.fail(leases[failed], JobErrorCode.INVALID_REQUEST, "bad", retry=False)  # fail.lua (settle)
+    await broker.complete(leases[aborted], "abort", status=JobStatus.CANCELLED)
+    await broker.complete(leases[plain], "stop")
+    assert await broker.cancel(cancelled) is JobStatus.CANCELLED  # cancel.lua, while queued
+    assert (expired, JobStatus.EXPIRED) in await broker.reap("m")  # reap.lua (expire_queued)
+    ended = [done, failed, aborted, cancelled, expired]
+    wh = broker.webhooks
+    await wh.ensure_group()
+    first = await wh.due("batcher-a", block_ms=100)
+    assert [(d.kind, d.object_id) for d in first] == [(WebhookKind.JOB, j) for j in ended]
+    assert await wh.due("batcher-b", block_ms=50) == []  # handed out once
+    assert await wh.reclaim("batcher-b", min_idle_ms=60_000) == []  # not idle long enough
+    taken = await wh.reclaim("batcher-b", min_idle_ms=0)  # batcher-a died: b takes them over
+    assert [d.object_id for d in taken] == ended
+    await wh.done([d.entry_id for d in taken])
+    assert await wh.pending() == 0 and await wh.reclaim("batcher-b", min_idle_ms=0) == []
+    assert (await broker.get_job(running)).webhook is not None  # due only once it ends
+    assert (await broker.get_job(plain)).webhook is None
+    # A job of a tenant with a default webhook gets it; the note is kept only while the job exists.
+    await broker.set_tenant("acme", TenantLimits(webhook_url="http://hooks.example/default"))
+    job = await broker.get_job((await broker.admit(spec(None))).job_id)
+    assert job.webhook is not None and job.webhook.url == "http://hooks.example/default"
+    assert await wh.note(WebhookKind.JOB, job.id, [{"at_ms": 1}], WebhookState.PENDING)
+    assert (await broker.get_job(job.id)).webhook.attempts == ({"at_ms": 1},)  # type: ignore[union-attr]
+    assert not await wh.note(WebhookKind.JOB, "job_" + "0" * 32, [], WebhookState.FAILED)
+    with pytest.raises(NotFound):  # not brought back to life without its TTL
+        await broker.get_job("job_" + "0" * 32)
+
+
+async def test_a_tenant_secret_is_made_once_and_rotated(broker: Broker) -> None:
+    wh = broker.webhooks
+    first = await wh.secret("acme")
+    assert first.startswith("whsec_") and await wh.secret("acme") == first
+    Webhook(first)  # a secret the standardwebhooks library accepts
+    rotated = await wh.secret("acme", rotate=True)
+    assert rotated != first and await wh.secret("acme") == rotated
+    assert await wh.secret("rival") not in (first, rotated)
