@@ -26,12 +26,14 @@ import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from test_api_support import Stack, auth, make_stack  # noqa: F401 (fixture)
 from test_batches import Batcher, chat_line, jsonl, lines_of, wait_for
+from test_topologies import topo  # noqa: F401 (fixture: a broker on Redis Cluster, then Sentinel)
 
 from batcher.settings import BatcherSettings
 from batcher.webhook_urls import pinned
 from batcher.webhooks import Deliverer
 from broker import Broker
 from broker.contract import JobErrorCode, JobSpec, JobStatus, WebhookKind, WebhookState
+from broker.contract import Webhook as JobWebhook
 from broker.errors import NotFound
 from broker.models import TenantLimits
 from broker.webhooks import new_secret
@@ -425,3 +427,24 @@ async def test_a_tenant_secret_is_made_once_and_rotated(broker: Broker) -> None:
     rotated = await wh.secret("acme", rotate=True)
     assert rotated != first and await wh.secret("acme") == rotated
     assert await wh.secret("rival") not in (first, rotated)
+
+
+async def test_webhooks_on_cluster_and_sentinel(topo: Broker) -> None:  # noqa: F811
+    """The Lua that makes a webhook due builds its key itself (same hash tag: same Cluster slot)."""
+    b = topo
+    spec = JobSpec(tenant="acme", model="m", kind="completion", prompt="x", max_tokens=2, webhook_url="http://h.x/")
+    job_id = (await b.admit(spec)).job_id
+    [lease] = await b.claim("m", "w1", 1)
+    await b.complete(lease, "stop")
+    bid = "batch_" + "1" * 32  # written directly: BatchStore.create_batch's MULTI has no Cluster form
+    record = {"id": bid, "tenant": "acme", "status": "finalizing", "webhook": "u"}
+    await b._redis.hset(b._keys.batch(bid), mapping=record)
+    await b.batches.update(bid, set={"status": "completed"}, done=True)
+    await b.webhooks.ensure_group()
+    due = await b.webhooks.due("c1", block_ms=100)
+    assert [(d.kind, d.object_id) for d in due] == [(WebhookKind.JOB, job_id), (WebhookKind.BATCH, bid)]
+    await b.webhooks.done([d.entry_id for d in due])
+    assert await b.webhooks.pending() == 0
+    assert await b.webhooks.note(WebhookKind.JOB, job_id, [{"at_ms": 1}], WebhookState.DELIVERED)
+    assert (await b.get_job(job_id)).webhook == JobWebhook("http://h.x/", WebhookState.DELIVERED, ({"at_ms": 1},))
+    assert (await b.webhooks.secret("acme")).startswith("whsec_")
