@@ -28,6 +28,8 @@ import structlog
 from arq import ArqRedis, Retry
 from standardwebhooks.webhooks import Webhook as Signer
 
+from api.routes_batches import batch_object
+from api.service import job_view
 from batcher.settings import BatcherSettings
 from batcher.webhook_urls import UrlRefused, check_url, pinned
 from broker import Broker
@@ -57,9 +59,6 @@ class Deliverer:
 
     async def _target(self, kind: WebhookKind, object_id: str) -> tuple[str, Webhook, dict[str, Any]] | None:
         """(tenant, webhook, payload) of a finished job or batch; None when it is gone or has no webhook."""
-        from api.routes_batches import batch_object
-        from api.service import job_view
-
         if kind is WebhookKind.JOB:
             try:
                 job = await self.broker.get_job(object_id)
@@ -100,12 +99,13 @@ class Deliverer:
             "webhook-timestamp": str(int(now.timestamp())),
             "webhook-signature": Signer(secret).sign(msg_id, now, body),
         }
+        request = self.http.build_request("POST", target, content=body.encode(), headers=headers, extensions=extensions)
         try:
-            request = self.http.build_request(
-                "POST", target, content=body.encode(), headers=headers, extensions=extensions
-            )
-            async with contextlib.aclosing(await self.http.send(request, stream=True)) as answer:
-                return answer.status_code, None
+            async with asyncio.timeout(self.settings.webhook_timeout_s):  # the whole attempt, not each phase
+                async with contextlib.aclosing(await self.http.send(request, stream=True)) as answer:
+                    return answer.status_code, None
+        except TimeoutError:
+            return None, f"no answer within {self.settings.webhook_timeout_s:g} s"
         except httpx.HTTPError as e:
             return None, f"{type(e).__name__}: {e}"[:300]
 

@@ -50,11 +50,13 @@ class Delivery:
 
 @dataclass
 class Receiver:
-    """Records every POST; answers each path with its scripted status codes in turn, then 200."""
+    """Records every POST; answers each path with its scripted status codes in turn, then 200
+    (code 0: no answer until the test ends)."""
 
     server: ThreadingHTTPServer
     got: queue.Queue[Delivery] = field(default_factory=queue.Queue)
     script: dict[str, list[int]] = field(default_factory=dict)
+    release: threading.Event = field(default_factory=threading.Event)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.server.server_port}{path}"
@@ -73,6 +75,10 @@ def receiver() -> Iterator[Receiver]:
             rec = holder[0]
             codes = rec.script.get(self.path) or []
             status = codes.pop(0) if codes else 200
+            if status == 0:
+                rec.got.put(Delivery(self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                rec.release.wait(TIMEOUT_S)
+                return
             self.send_response(status)
             self.send_header("content-length", "0")
             self.end_headers()
@@ -86,6 +92,7 @@ def receiver() -> Iterator[Receiver]:
     thread = threading.Thread(target=server.serve_forever, name="test-webhook-receiver", daemon=True)
     thread.start()
     yield holder[0]
+    holder[0].release.set()
     server.shutdown()
     server.server_close()
     thread.join(10)
@@ -239,6 +246,23 @@ def test_the_address_is_checked_again_at_delivery(make_stack, tmp_path: Path, re
     assert hook["status"] == "failed" and len(hook["attempts"]) == 1  # refused for good, not retried
     assert hook["attempts"][0]["status_code"] is None and "private" in hook["attempts"][0]["error"]
     assert receiver.got.empty()
+
+
+def test_a_receiver_that_never_answers_times_out(make_stack, tmp_path: Path, receiver: Receiver) -> None:  # noqa: F811
+    stack = make_stack(files_url=str(tmp_path / "files"), webhooks_allow_private=True)
+    batcher = Batcher(stack, webhook_backoff_s=0.05, webhook_max_attempts=2, webhook_timeout_s=0.3)
+    try:
+        receiver.script["/slow"] = [0, 0]
+        c = http(stack, stack.key("acme"))
+        job = submit(c, webhook_url=receiver.url("/slow"))
+        view = webhook_ended(c, f"/v1/jobs/{job['id']}")
+    finally:
+        batcher.stop()
+    hook = view["webhook"]
+    assert hook["status"] == "failed"
+    assert [(a["status_code"], a["error"]) for a in hook["attempts"]] == [(None, "no answer within 0.3 s")] * 2
+    assert all(a["duration_ms"] < 0.3 * 1000 + 2000 for a in hook["attempts"])
+    assert receiver.got.qsize() == 2
 
 
 # -- refusals ---------------------------------------------------------------------------------
