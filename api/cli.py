@@ -66,6 +66,9 @@ def create(
     max_queued: Annotated[int | None, typer.Option(help="Tenant's max queued jobs.")] = None,
     weight: Annotated[float | None, typer.Option(help="Fair-share weight.")] = None,
     priorities: Annotated[str | None, typer.Option(help="Allowed priorities, e.g. '0-9' or '5,9'.")] = None,
+    webhook_url: Annotated[
+        str | None, typer.Option(help="Tenant's default webhook ('' = none); see `GET /v1/admin/tenants/<t>`.")
+    ] = None,
 ) -> None:
     """Create a key and print it (once: only its hash is stored). Limit flags update the tenant's limits."""
     from api.auth import create_key
@@ -83,8 +86,17 @@ def create(
     given = {k: v for k, v in given.items() if v is not None}
     if priorities is not None:
         given["priorities"] = _parse_priorities(priorities)
+    if webhook_url is not None:
+        given["webhook_url"] = webhook_url
 
     async def go(broker: Any) -> str:
+        if webhook_url:
+            from batcher.webhook_urls import UrlRefused, check_url
+
+            try:
+                await check_url(webhook_url, allow_private=_settings("genq keys").webhooks_allow_private)
+            except UrlRefused as e:
+                raise typer.BadParameter(str(e)) from None
         if given:
             current = await broker.get_tenant(tenant) or TenantLimits()
             await broker.set_tenant(tenant, current.model_copy(update=given))

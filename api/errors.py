@@ -108,6 +108,20 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_req
     return ApiError(400, message, code=code, param=param)
 
 
+def bad_webhook_url(reason: str, url: str, detail: str) -> ApiError:
+    """A webhook URL genq will not POST to; ``reason`` is its batcher.webhook_urls.Refusal."""
+    if reason == "private":
+        message = (
+            f"webhook_url points at a non-public address ({detail[:80]}: private, loopback, link-local, "
+            "multicast or reserved); set GENQ_WEBHOOKS_ALLOW_PRIVATE=true to allow such addresses."
+        )
+    elif reason == "unresolvable":
+        message = f"webhook_url names a host that does not resolve: {detail[:200]!r}."
+    else:
+        message = f"webhook_url must be an absolute http:// or https:// URL with a host, got {url[:200]!r}."
+    return bad_request(message, "webhook_url")
+
+
 def too_many_streams(limit: int) -> ApiError:
     return ApiError(
         429,

@@ -71,6 +71,8 @@ class _Sampling(Sampling):
     metadata: Metadata | None = Field(None, max_length=16)
     # genq: a job still queued this long after admission is expired (X-Max-Queue-Time wins)
     max_time_in_queue_s: float | None = Field(None, gt=0, le=MAX_QUEUE_TIME_S)
+    # genq: where the job's terminal state is POSTed, signed (Standard Webhooks); default: the tenant's
+    webhook_url: str | None = Field(None, min_length=1, max_length=2048)
 
     @model_validator(mode="before")
     @classmethod
@@ -105,6 +107,7 @@ class _Sampling(Sampling):
             "priority": priority,
             "metadata": self.metadata,
             "max_time_in_queue_s": self.max_time_in_queue_s,
+            "webhook_url": self.webhook_url,
         }
 
 

@@ -22,8 +22,11 @@ from api.errors import bad_request, batch_not_cancellable, no_such, openapi_erro
 from api.openai_schemas import Metadata, openai_list
 from api.routes_files import owned_file
 from api.runtime import Runtime, get_runtime, note
+from api.service import checked_webhook_url
 from batcher.lines import ENDPOINTS
 from broker.batches import BatchStatusConflict
+from broker.contract import Webhook
+from broker.models import TenantLimits
 
 log = structlog.get_logger(__name__)
 
@@ -41,6 +44,8 @@ class BatchRequest(BaseModel):
     endpoint: str
     completion_window: str = "24h"
     metadata: Metadata | None = Field(None, max_length=16)
+    # genq: where the batch's terminal state is POSTed, signed; default: the tenant's
+    webhook_url: str | None = Field(None, min_length=1, max_length=2048)
 
 
 def batch_object(rec: dict[str, str]) -> dict[str, Any]:
@@ -67,6 +72,7 @@ def batch_object(rec: dict[str, str]) -> dict[str, Any]:
             "failed": int(rec.get("failed") or 0),
         },
         "metadata": json.loads(rec["metadata"]) if rec.get("metadata") else None,
+        "webhook": hook.view() if (hook := Webhook.from_hash(rec)) else None,
     }
 
 
@@ -90,6 +96,9 @@ async def create_batch(body: BatchRequest, request: Request, who: Auth, rt: RT) 
             f"The file {f['id']} has purpose '{f['purpose']}'; a batch's input needs purpose 'batch'.",
             "input_file_id",
         )
+    webhook_url = await checked_webhook_url(rt, body.webhook_url)
+    if webhook_url is None:
+        webhook_url = (await rt.broker.get_tenant(who.tenant) or TenantLimits()).webhook_url
     now = time.time()
     batch_id = "batch_" + secrets.token_hex(16)
     note(request, batch_id=batch_id)
@@ -110,6 +119,8 @@ async def create_batch(body: BatchRequest, request: Request, who: Auth, rt: RT) 
     }
     if body.metadata:
         rec["metadata"] = json.dumps(body.metadata)
+    if webhook_url:
+        rec["webhook"] = webhook_url
     await rt.broker.batches.create_batch(rec)
     log.info("batch created", batch_id=batch_id, tenant=who.tenant, input_file_id=f["id"])
     return batch_object({k: str(v) for k, v in rec.items()})

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from api.auth import Admin
 from api.errors import openapi_errors
 from api.runtime import Runtime, get_runtime
+from api.service import checked_webhook_url
 from broker.models import TENANT, TenantLimits
 
 router = APIRouter(tags=["operations"])
@@ -97,6 +98,7 @@ class TenantLimitsBody(BaseModel):
     priorities: list[Annotated[int, Field(ge=0, le=9)]] = Field(
         default_factory=lambda: list(range(10)), min_length=1, max_length=10
     )
+    webhook_url: str = Field("", max_length=2048, description="webhook of jobs and batches that name none")
 
 
 def _tenant_view(tenant: str, limits: TenantLimits, source: str) -> dict[str, Any]:
@@ -106,6 +108,8 @@ def _tenant_view(tenant: str, limits: TenantLimits, source: str) -> dict[str, An
 @admin.put("/tenants/{tenant}", responses=openapi_errors(400, 401, 403))
 async def put_tenant(tenant: TenantName, body: TenantLimitsBody, _: Admin, rt: RT) -> dict[str, Any]:
     limits = TenantLimits.model_validate(body.model_dump())
+    if limits.webhook_url:
+        await checked_webhook_url(rt, limits.webhook_url)
     await rt.broker.set_tenant(tenant, limits)
     return _tenant_view(tenant, limits, "tenant")
 
@@ -118,3 +122,17 @@ async def get_tenant(tenant: TenantName, _: Admin, rt: RT) -> dict[str, Any]:
         return _tenant_view(tenant, limits, "tenant")
     defaults = rt.settings.default_limits()
     return _tenant_view(tenant, defaults, "defaults")
+
+
+@admin.get("/tenants/{tenant}/webhook_secret", responses=openapi_errors(400, 401, 403))
+async def webhook_secret(tenant: TenantName, _: Admin, rt: RT) -> dict[str, Any]:
+    """The tenant's webhook signing secret (made on first need): receivers verify the
+    `webhook-signature` of genq's webhooks with it (Standard Webhooks, e.g. `standardwebhooks`)."""
+    return {"object": "webhook_secret", "tenant": tenant, "secret": await rt.broker.webhooks.secret(tenant)}
+
+
+@admin.post("/tenants/{tenant}/webhook_secret/rotate", responses=openapi_errors(400, 401, 403))
+async def rotate_webhook_secret(tenant: TenantName, _: Admin, rt: RT) -> dict[str, Any]:
+    """Replace the tenant's signing secret: webhooks sent from now on are signed with the new one."""
+    secret = await rt.broker.webhooks.secret(tenant, rotate=True)
+    return {"object": "webhook_secret", "tenant": tenant, "secret": secret}

@@ -12,8 +12,9 @@ import structlog
 from fastapi import Request
 
 from api.auth import Principal
-from api.errors import bad_request, from_broker, ratelimit_headers
+from api.errors import bad_request, bad_webhook_url, from_broker, ratelimit_headers
 from api.runtime import Runtime, note
+from batcher.webhook_urls import UrlRefused, check_url
 from broker import errors as be
 from broker.client import now_ms
 from broker.models import IDEMPOTENCY_KEY, Admission, Job, JobSpec, JobStatus, Sampling
@@ -34,6 +35,7 @@ class Submission:
     priority: int = 5
     metadata: dict[str, str] | None = None
     max_time_in_queue_s: float | None = None
+    webhook_url: str | None = None  # None: the tenant's default (checked when it was set)
     # Which of an OpenAI request's `n` choices this job is (each choice is a job of its own).
     choice: int = 0
     # Does anyone follow the output token by token? (JobSpec.stream)
@@ -103,12 +105,24 @@ async def model_info(rt: Runtime, model: str) -> dict[str, Any]:
     return info
 
 
+async def checked_webhook_url(rt: Runtime, url: str | None) -> str | None:
+    """``url`` if genq may POST to it (None stays None); else 400 with param ``webhook_url``."""
+    if url is None:
+        return None
+    try:
+        await check_url(url, allow_private=rt.settings.webhooks_allow_private)
+    except UrlRefused as e:
+        raise bad_webhook_url(e.reason, url, e.detail) from None
+    return url
+
+
 async def admit(
     rt: Runtime, request: Request, who: Principal, sub: Submission, idempotency_key: str | None = None
 ) -> tuple[Admission, dict[str, str]]:
     """Count tokens, fill defaults, admit. Returns the admission and its ``x-ratelimit-*`` headers.
     ``idempotency_key`` is a server-made key, used when the request has no ``Idempotency-Key``."""
     _check_text(sub)
+    webhook_url = await checked_webhook_url(rt, sub.webhook_url)
     info = await model_info(rt, sub.model)
     max_len = int(info.get("max_model_len") or 0)
     prompt_tokens = await rt.tokens.count(info, sub.prompt, sub.messages)
@@ -135,6 +149,7 @@ async def admit(
         metadata=sub.metadata,
         stream=sub.stream,
         deadline_ms=None if queue_time_s is None else now_ms() + math.ceil(queue_time_s * 1000),
+        webhook_url=webhook_url,
     )
     try:
         adm = await rt.broker.admit(spec)
@@ -250,6 +265,7 @@ def job_view(job: Job, queue: dict[str, Any] | None = None, warning: dict[str, s
         "error": job.error,
         **(queue or EMPTY_PLACE),
         "metadata": job.request.metadata,
+        "webhook": job.webhook.view() if job.webhook else None,
         "links": links(job.id),
     }
     if warning:

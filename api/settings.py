@@ -8,7 +8,7 @@ import string
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from batcher.settings import FilesSettings
+from batcher.settings import FilesSettings, WebhookSettings
 from broker.settings import BrokerSettings
 
 MIN_KEY_CHARS = 32
@@ -29,7 +29,7 @@ def key_weakness(key: str) -> str | None:
     return None
 
 
-class ApiSettings(BrokerSettings, FilesSettings):
+class ApiSettings(BrokerSettings, FilesSettings, WebhookSettings):
     model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore", env_file=".env")
 
     host: str = "127.0.0.1"  # the address the API listens on

@@ -168,6 +168,7 @@ async def to_spec(
         idempotency_key=f"{batch_id}:{line.n}",
         metadata={**(sub.metadata or {}), "batch_id": batch_id},
         stream=False,  # nobody follows a batch line token by token: its output is written once
+        webhook_url="",  # the batch's webhook says when it ends, not each line's
     )
 
 

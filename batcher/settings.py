@@ -33,7 +33,17 @@ class FilesSettings(BaseSettings):
         return self.files_url or str(self.data_dir / "files")
 
 
-class BatcherSettings(BrokerSettings, FilesSettings):
+class WebhookSettings(BaseSettings):
+    """What the API (checking webhook URLs at submission) and the batcher (delivering) share."""
+
+    model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore", env_file=".env")
+
+    # Accept webhook URLs whose host is (or resolves to) a private, loopback, link-local or
+    # otherwise non-public address. Off: such URLs answer 400 and are refused at delivery.
+    webhooks_allow_private: bool = False
+
+
+class BatcherSettings(BrokerSettings, FilesSettings, WebhookSettings):
     model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore", env_file=".env")
 
     batch_priority: int = Field(9, ge=0, le=9)  # the priority batch lines run at (9: after live traffic)
@@ -50,5 +60,11 @@ class BatcherSettings(BrokerSettings, FilesSettings):
     default_max_tokens: int = Field(512, ge=1)
     # Batches one batcher process drives at once.
     batcher_max_jobs: int = Field(16, ge=1)
+    # Delivery attempts of one webhook before it is given up (state `failed`).
+    webhook_max_attempts: int = Field(5, ge=1, le=50)
+    # Wait before a webhook's second attempt; doubled for each later one, up to GENQ_WEBHOOK_BACKOFF_MAX_S.
+    webhook_backoff_s: float = Field(5.0, gt=0)
+    webhook_backoff_max_s: float = Field(600.0, gt=0)  # the longest wait between two attempts
+    webhook_timeout_s: float = Field(10.0, gt=0)  # one webhook attempt's time limit (connect to answer)
     json_logs: bool | None = None  # JSON log lines (None = JSON unless stderr is a terminal)
     log_level: str = "INFO"  # DEBUG, INFO, WARNING, ERROR

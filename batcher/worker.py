@@ -1,6 +1,9 @@
 """The arq side of the batcher: its functions, cron sweep and worker settings.
 
 - ``drive_batch(batch_id)`` drives one batch for a slice (see :mod:`batcher.driver`);
+- ``deliver_webhook(kind, id)`` makes one delivery attempt of a job's or a batch's webhook,
+  retried by arq with backoff; a task of each batcher (``batcher.webhooks.drain``) enqueues
+  it for each webhook due (see :mod:`batcher.webhooks`);
 - ``sweep`` (every second, one batcher at a time) enqueues ``drive_batch`` for each
   batch not yet terminal whose lease nobody holds: new batches, batches a dead
   batcher left, and batches whose last slice ended. The arq job id carries the batch's
@@ -12,12 +15,14 @@ broker's Redis; arq opens its pool from the URL.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
 import socket
 from typing import Any
 
+import httpx
 import structlog
 from arq import cron
 from arq.connections import RedisSettings
@@ -26,6 +31,7 @@ from arq.worker import Worker, func
 from batcher.driver import Driver
 from batcher.settings import BatcherSettings
 from batcher.storage import store
+from batcher.webhooks import FUNCTION, Deliverer, deliver_webhook, drain
 from broker import Broker
 
 log = structlog.get_logger(__name__)
@@ -63,14 +69,33 @@ def make_worker(settings: BatcherSettings, **overrides: Any) -> Worker:
         hub = await stack.enter_async_context(broker.event_hub())
         ctx["broker"] = broker
         ctx["driver"] = Driver(broker, hub, store(settings.files_root), settings, owner)
+        http = await stack.enter_async_context(
+            httpx.AsyncClient(timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False)
+        )
+        ctx["webhooks"] = Deliverer(broker, settings, http)
+        ctx["drain"] = asyncio.create_task(drain(broker, ctx["redis"], owner), name="genq-webhook-drain")
         log.info("batcher started", owner=owner, queue=queue_name(settings), files=settings.files_root)
 
     async def shutdown(ctx: dict[str, Any]) -> None:
+        if "drain" in ctx:
+            ctx["drain"].cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ctx["drain"]
         await stack.aclose()
         log.info("batcher stopped", owner=owner)
 
     kw: dict[str, Any] = {
-        "functions": [func(drive_batch, name="drive_batch", keep_result=0, max_tries=1000)],
+        "functions": [
+            func(drive_batch, name="drive_batch", keep_result=0, max_tries=1000),
+            # arq's tries also count runs a stopped batcher cut short; the recorded attempts are the cap
+            func(
+                deliver_webhook,
+                name=FUNCTION,
+                keep_result=0,
+                max_tries=settings.webhook_max_attempts + 3,
+                timeout=settings.webhook_timeout_s + 30,
+            ),
+        ],
         "cron_jobs": [cron(sweep, second=set(range(60)), run_at_startup=True, unique=True, keep_result=0)],
         "redis_settings": RedisSettings.from_dsn(settings.redis_url),
         "queue_name": queue_name(settings),

@@ -168,7 +168,7 @@ class BatchStore:
             op["done"] = True
         keys = [k.batch(batch_id), k.batch_jobs(batch_id), k.batch_segments(batch_id), k.batch_lease(batch_id)]
         code, status = await self._update(
-            [*keys, k.batches_active],
+            [*keys, k.batches_active, k.webhooks],
             [owner, ",".join(allowed), json.dumps(op)],
         )
         result = Code(int(code))

@@ -42,6 +42,7 @@ from broker.redis_check import check_redis
 from broker.replies import typed_reply
 from broker.scripts import Scripts
 from broker.settings import BrokerSettings
+from broker.webhooks import WebhookStore
 
 log = structlog.get_logger(__name__)
 
@@ -128,6 +129,11 @@ class Broker:
     def batches(self) -> BatchStore:
         """Files and batches metadata and a batch's progress checkpoint (broker.batches)."""
         return BatchStore(self._redis, self._keys)
+
+    @functools.cached_property
+    def webhooks(self) -> WebhookStore:
+        """Webhooks due, their delivery records and the tenants' signing secrets (broker.webhooks)."""
+        return WebhookStore(self._redis, self._keys)
 
     def event_hub(self, resync_s: float = 5.0) -> EventHub:
         """The process's one pub/sub follower of job events (an async context manager)."""
@@ -257,6 +263,7 @@ class Broker:
             s.events_maxlen,
             k.channel(job_id),
             _fingerprint(spec),
+            "" if spec.webhook_url is None else spec.webhook_url or "-",
         ]
         return keys, args
 

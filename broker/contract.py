@@ -17,6 +17,8 @@ One page for the types the API, the broker (Python and Lua) and the worker share
   Redis and written by the Lua scripts (a test checks every literal the scripts emit is a
   member), with named sets.
 - :class:`RenewResult`, :class:`FailOutcome` — typed results of broker calls.
+- :class:`WebhookKind`, :class:`WebhookState`, :class:`Webhook` — a job's or a batch's
+  webhook and its delivery record (see ``broker.webhooks``).
 """
 
 from __future__ import annotations
@@ -102,6 +104,48 @@ class FailOutcome(StrEnum):
     QUEUED = "queued"  # back in its queue for another attempt
     FAILED = "failed"
     CANCELLED = "cancelled"  # its cancel had been requested
+
+
+class WebhookKind(StrEnum):
+    """What a webhook due is for (the ``k`` field of a ``P:webhooks`` entry)."""
+
+    JOB = "job"
+    BATCH = "batch"
+
+
+class WebhookState(StrEnum):
+    PENDING = "pending"  # not yet delivered; attempts (if any) failed and more will follow
+    DELIVERED = "delivered"  # a receiver answered 2xx
+    FAILED = "failed"  # every attempt failed, or the URL was refused at delivery
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """A job's or batch's webhook: where it goes and how its delivery went. Each attempt is
+    ``{at_ms, status_code, error, duration_ms}`` (``status_code`` null when no answer came)."""
+
+    url: str
+    state: WebhookState = WebhookState.PENDING
+    attempts: tuple[dict[str, Any], ...] = ()
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> Webhook | None:
+        if not h.get("webhook"):
+            return None
+        attempts = tuple(json.loads(h["wh_attempts"])) if h.get("wh_attempts") else ()
+        return cls(h["webhook"], WebhookState(h.get("wh_state") or WebhookState.PENDING), attempts)
+
+    @property
+    def finished(self) -> bool:
+        return self.state is not WebhookState.PENDING
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "status": self.state.value,
+            "delivered": self.state is WebhookState.DELIVERED,
+            "attempts": list(self.attempts),
+        }
 
 
 IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -262,6 +306,9 @@ class JobSpec(BaseModel):
     metadata: dict[str, str] | None = None
     # Whether the output is streamed (a delta event every flush) or written once at completion.
     stream: bool = True
+    # Where its terminal state is POSTed (checked by the caller); None = the tenant's default,
+    # "" = no webhook at all (e.g. a batch's lines: the batch has the webhook).
+    webhook_url: str | None = Field(None, max_length=2048)
 
     @model_validator(mode="before")
     @classmethod

@@ -48,6 +48,12 @@ P:bjobs:<id>                          hash    batch line -> job id (or "!" + err
 P:bsegs:<id>                          list    committed output / error segment files      removed when
                                               ("out:<name>" / "err:<name>"), in order     the batch ends
 P:blease:<id>                         string  the batcher driving the batch (owner id)    lease (PX)
+P:webhooks                            stream  webhooks due {k: job|batch, id}, added      entries deleted
+                                              by a terminal transition (finish in         once queued
+                                              _lib.lua, batch_update.lua); consumer       in arq
+                                              group `batchers` (broker.webhooks)
+P:whsec:<t>                           string  the tenant's webhook signing secret         none
+                                              (whsec_ + base64, Standard Webhooks)
 ====================================  ======  ==========================================  ===========
 """
 
@@ -171,3 +177,11 @@ class Keys:
 
     def batch_lease(self, batch_id: str) -> str:
         return f"{self.prefix}:blease:{batch_id}"
+
+    # -- webhooks (broker.webhooks) ----------------------------------------
+    @property
+    def webhooks(self) -> str:
+        return f"{self.prefix}:webhooks"
+
+    def webhook_secret(self, tenant: str) -> str:
+        return f"{self.prefix}:whsec:{tenant}"

@@ -18,6 +18,7 @@ from broker.contract import (
     JobSpec,
     JobStatus,
     Sampling,
+    Webhook,
 )
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "QueueStats",
     "Sampling",
     "TenantLimits",
+    "Webhook",
     "new_job_id",
 ]
 
@@ -56,6 +58,8 @@ class TenantLimits(BaseModel):
     max_queued: int = Field(0, ge=0)
     weight: float = Field(1.0, gt=0)
     priorities: list[int] = Field(default_factory=lambda: list(range(10)))
+    # Where the terminal states of the tenant's jobs and batches that name none are POSTed ("" = none).
+    webhook_url: str = Field("", max_length=2048)
 
 
 def _int(v: str | bytes | None, default: int = 0) -> int:
@@ -86,6 +90,7 @@ class Job:
     fence: int
     worker: str | None
     cancel_requested: bool
+    webhook: Webhook | None = None
 
     @property
     def terminal(self) -> bool:
@@ -124,6 +129,7 @@ class Job:
             fence=_int(h.get("fence")),
             worker=h.get("worker") or None,
             cancel_requested=h.get("cancel") == "1",
+            webhook=Webhook.from_hash(h),
         )
 
 

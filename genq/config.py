@@ -113,16 +113,18 @@ def variables(cls: type[BaseSettings], process: str, skip: frozenset[str] = froz
 
 def all_variables() -> list[Variable]:
     from api.settings import ApiSettings
+    from batcher.settings import BatcherSettings, WebhookSettings
     from broker.settings import BrokerSettings
     from worker.settings import WorkerSettings
 
     shared = variables(BrokerSettings, "api, worker")
-    api_only = variables(ApiSettings, "api", skip=frozenset(BrokerSettings.model_fields))
-    from batcher.settings import BatcherSettings
+    hooks = frozenset(WebhookSettings.model_fields)
+    api_only = variables(ApiSettings, "api", skip=frozenset(BrokerSettings.model_fields) | hooks)
+    webhooks = variables(WebhookSettings, "api, batcher")
 
     extra = [Variable(*row) for row in EXTRA]
     batcher_only = variables(BatcherSettings, "batcher", skip=frozenset(ApiSettings.model_fields))
-    return [*shared, *api_only, *variables(WorkerSettings, "worker"), *batcher_only, *extra]
+    return [*shared, *api_only, *variables(WorkerSettings, "worker"), *webhooks, *batcher_only, *extra]
 
 
 def markdown() -> str:

@@ -145,6 +145,7 @@ KEY_BUILDERS = {
     "k_tenants(k_model(ARGV[1], ARGV[3]), 7)": lambda k: k.tenants("org/model:1", 7),
     "k_vtc(k_model(ARGV[1], ARGV[3]), 7)": lambda k: k.vtc("org/model:1", 7),
     "k_tenant_queue(k_model(ARGV[1], ARGV[3]), 7, ARGV[4])": lambda k: k.tenant_queue("org/model:1", 7, "acme"),
+    "k_webhooks(ARGV[1])": lambda k: k.webhooks,
 }
 KEY_CONCAT = re.compile(r"\.\.\s*'[^']*:")
 

@@ -33,6 +33,7 @@ local function k_control(mp) return mp .. ':ctl' end
 local function k_tenants(mp, prio) return mp .. ':p' .. prio .. ':tenants' end
 local function k_vtc(mp, prio) return mp .. ':p' .. prio .. ':vtc' end
 local function k_tenant_queue(mp, prio, tenant) return mp .. ':p' .. prio .. ':t:' .. tenant end
+local function k_webhooks(P) return P .. ':webhooks' end
 
 -- A job's own keys: {job, ev, out, oid, ch}, from KEYS (first index i) or built here.
 local function job_keys_from(keys, i, channel)
@@ -132,12 +133,21 @@ local function unqueue(P, mp, jid, tenant, prio, cost)
   return true
 end
 
+-- Webhooks due, kept at most this many (a bound for a deployment with no batcher running).
+local WEBHOOKS_MAXLEN = 1000000
+
 -- Move a job to a terminal status, announce it, and start its TTL (the job's own,
--- set at admission).
+-- set at admission). A job with a webhook is added to the webhooks due (the batcher
+-- delivers it), in the same call, so no terminal state is ever missed.
 local function finish(J, status, etype, data, now, maxlen)
   redis.call('HSET', J.job, 'status', status, 'finished_ms', now)
   emit(J, maxlen, etype, data)
-  local ttl = num(redis.call('HGET', J.job, 'ttl'), 86400000)
+  local j = redis.call('HMGET', J.job, 'ttl', 'webhook', 'id')
+  if j[2] and j[2] ~= '' then  -- P is the job key less its ':job:<id>' suffix (5 + #id characters)
+    local P = string.sub(J.job, 1, #J.job - #j[3] - 5)
+    redis.call('XADD', k_webhooks(P), 'MAXLEN', '~', WEBHOOKS_MAXLEN, '*', 'k', 'job', 'id', j[3])
+  end
+  local ttl = num(j[1], 86400000)
   redis.call('PEXPIRE', J.job, ttl)
   redis.call('PEXPIRE', J.ev, ttl)
   redis.call('PEXPIRE', J.out, ttl)

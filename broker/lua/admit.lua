@@ -14,7 +14,8 @@
 --       8 has idempotency key (0/1), 9 request JSON, 10 result ttl ms (the job's), 11 max queued
 --       (global), 12-17 default rpm, rpm_burst, tpm, tpm_burst, max_queued, weight,
 --       18 deadline ms (0 = none), 19 max_attempts, 20 events maxlen, 21 channel,
---       22 request fingerprint (a repeated idempotency key must carry the same)
+--       22 request fingerprint (a repeated idempotency key must carry the same),
+--       23 webhook URL ('' = the tenant's default `webhook_url`, '-' = none)
 -- Returns {code, job id, position, rq_limit, rq_remaining, rq_reset_ms,
 --          tk_limit, tk_remaining, tk_reset_ms, retry_after_ms}
 --   code 0 OK, 1 DUPLICATE (job id = the earlier job), 10 RATE_REQUESTS, 11 RATE_TOKENS,
@@ -46,7 +47,8 @@ if not minfo then return {15, '', 0, 0, 0, 0, 0, 0, 0, 0} end
 local mlen = num(cjson.decode(minfo)['max_model_len'], 0)
 if mlen > 0 and pt + mt > mlen then return {16, '', mlen, 0, 0, 0, 0, 0, 0, 0} end
 
-local L = redis.call('HMGET', KEYS[6], 'rpm', 'rpm_burst', 'tpm', 'tpm_burst', 'max_queued', 'weight', 'priorities')
+local L = redis.call('HMGET', KEYS[6], 'rpm', 'rpm_burst', 'tpm', 'tpm_burst', 'max_queued', 'weight', 'priorities',
+  'webhook_url')
 local rpm, rpm_b = num(L[1], tonumber(ARGV[12])), num(L[2], tonumber(ARGV[13]))
 local tpm, tpm_b = num(L[3], tonumber(ARGV[14])), num(L[4], tonumber(ARGV[15]))
 local maxq, weight = num(L[5], tonumber(ARGV[16])), num(L[6], tonumber(ARGV[17]))
@@ -114,6 +116,9 @@ redis.call('HSET', J.job, 'id', jid, 'tenant', tenant, 'model', model, 'status',
   'prompt_tokens', pt, 'max_tokens', mt, 'cost', cost, 'completion_tokens', 0,
   'created_ms', now, 'seq', seq, 'pscore', pscore, 'weight', weight,
   'tpm', tpm, 'tpm_burst', tpm_b, 'deadline_ms', deadline, 'fence', 0, 'ttl', ttl, 'fp', ARGV[22])
+local webhook = ARGV[23] or ''
+if webhook == '' then webhook = L[8] or '' end
+if webhook ~= '' and webhook ~= '-' then redis.call('HSET', J.job, 'webhook', webhook) end
 enqueue(P, mp, jid, tenant, prio, seq, pscore, cost)
 if deadline > 0 then redis.call('ZADD', k_deadlines(mp), deadline, jid) end
 redis.call('ZADD', KEYS[8], now, jid)

@@ -57,6 +57,7 @@ function tenantCard(t, refresh, signal) {
     const body = Object.fromEntries(["rpm", "tpm", "max_queued"].map((k) => [k, Number(f.get(k))]));
     body.weight = Number(f.get("weight"));
     body.priorities = String(f.get("priorities")).split(/[ ,]+/).filter(Boolean).map(Number);
+    body.webhook_url = l.webhook_url || "";  // not edited here: kept as it is
     try { await api(`/v1/admin/tenants/${encodeURIComponent(t.tenant)}`, { method: "PUT", body, signal }); await refresh(); } catch (err) { edit.append(errorBox(err)); }
   } },
   ["rpm", "tpm", "max_queued", "weight"].map((k) => h("label", {}, k, h("input", { name: k, type: "number", value: l[k], min: 0, step: k === "weight" ? "any" : 1, style: "width:7rem" }))),
