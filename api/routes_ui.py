@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
 from collections.abc import AsyncIterator
@@ -37,8 +38,6 @@ api = APIRouter(prefix="/v1/ui", tags=["console"])
 RT = Annotated[Runtime, Depends(get_runtime)]
 JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
 EVENT_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
-# Jobs read per tenant by a usage view (the broker loads each with its output: keep it small).
-USAGE_SCAN = 250
 DEAD_AFTER_MS = 10 * 60 * 1000  # a worker silent this long is forgotten (shown as dead until then)
 
 
@@ -221,19 +220,6 @@ async def events(
     return SlotEventSourceResponse(_follow(rt, found, last_event_id), slot, ping=rt.settings.keepalive_s)
 
 
-async def _usage(rt: Runtime, tenant: str) -> dict[str, int]:
-    """What the tenant used in the last minute (from its recent jobs) and holds now."""
-    jobs = await rt.broker.list_jobs(tenant, None, USAGE_SCAN)
-    since = now_ms() - 60_000
-    recent = [j for j in jobs if j.created_ms >= since]
-    return {
-        "requests_last_min": len(recent),
-        "tokens_last_min": sum(j.prompt_tokens + (j.completion_tokens if j.terminal else j.max_tokens) for j in recent),
-        "queued": sum(j.status is JobStatus.QUEUED for j in jobs),
-        "running": sum(j.status is JobStatus.RUNNING for j in jobs),
-    }
-
-
 def _key_view(digest: str, record: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": key_id(digest),
@@ -249,19 +235,23 @@ def _created(key: dict[str, Any]) -> int:
 
 @api.get("/tenants", responses=openapi_errors(401, 403))
 async def tenants(_: Admin, rt: RT) -> dict[str, Any]:
-    """Every tenant with a key: its limits (its own, or the defaults), usage against them, and keys."""
+    """Every tenant with a key: its limits (its own, or the defaults), usage against them, and keys.
+    `usage`: requests admitted and tokens charged in the last minute (against rpm, tpm), what the
+    rate buckets would let through now, queued jobs (against max_queued) and running ones."""
     defaults = rt.settings.default_limits()
-    keys = await rt.broker.api_keys()
+    keys, names, models = await asyncio.gather(rt.broker.api_keys(), _tenants(rt), rt.broker.models())
+    own = await asyncio.gather(*(rt.broker.get_tenant(t) for t in names))
+    limits = {t: lim or defaults for t, lim in zip(names, own, strict=True)}
+    usage = await rt.broker.usage.tenants_usage(limits, list(dict.fromkeys([*rt.settings.models, *models])))
     out = []
-    for tenant in await _tenants(rt):
-        limits, usage = await asyncio.gather(rt.broker.get_tenant(tenant), _usage(rt, tenant))
+    for tenant, mine_limits in zip(names, own, strict=True):
         mine = sorted((_key_view(h, r) for h, r in keys.items() if r.get("tenant") == tenant), key=_created)
         out.append(
             {
                 "tenant": tenant,
-                "limits": (limits or defaults).model_dump(),
-                "source": "tenant" if limits else "defaults",
-                "usage": usage,
+                "limits": limits[tenant].model_dump(),
+                "source": "tenant" if mine_limits else "defaults",
+                "usage": dataclasses.asdict(usage[tenant]),
                 "keys": mine,
             }
         )

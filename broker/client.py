@@ -42,6 +42,7 @@ from broker.redis_check import check_redis
 from broker.replies import typed_reply
 from broker.scripts import Scripts
 from broker.settings import BrokerSettings
+from broker.usage import UsageReader
 
 log = structlog.get_logger(__name__)
 
@@ -125,6 +126,11 @@ class Broker:
     def batches(self) -> BatchStore:
         """Files and batches metadata and a batch's progress checkpoint (broker.batches)."""
         return BatchStore(self._redis, self._keys)
+
+    @functools.cached_property
+    def usage(self) -> UsageReader:
+        """Tenants' requests, tokens, queued and running jobs against their limits (broker.usage)."""
+        return UsageReader(self._redis, self._keys)
 
     def event_hub(self, resync_s: float = 5.0) -> EventHub:
         """The process's one pub/sub follower of job events (an async context manager)."""
