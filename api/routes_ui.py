@@ -12,23 +12,20 @@ header, never in a URL); it exists so an admin can follow any tenant's job.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import json
 import re
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import BaseModel, Field
-from sse_starlette import ServerSentEvent
 
 from api import ui
 from api.auth import ADMIN_TENANT, Admin, Auth, Principal, create_key, hash_key, key_id
 from api.errors import ApiError, bad_request, forbidden, from_broker, openapi_errors
+from api.routes_jobs import job_event_stream
 from api.runtime import Runtime, get_runtime, note
 from api.service import describe, job_view
-from api.streams import SlotEventSourceResponse, follow, open_slot
+from api.streams import SlotEventSourceResponse, open_slot
 from broker import errors as be
 from broker.client import now_ms
 from broker.contract import EventType
@@ -181,24 +178,6 @@ async def cancel(job_id: str, request: Request, who: Auth, rt: RT) -> dict[str, 
     return {"id": job_id, "status": status.value, "cancel_requested": True}
 
 
-async def _follow(rt: Runtime, job: Job, after: str | None) -> AsyncIterator[ServerSentEvent]:
-    if job.terminal:  # nothing more will be published: the stream is all there is
-        while True:
-            batch = await rt.hub.backlog(job.id, after)
-            for ev in batch:
-                yield ServerSentEvent(json.dumps(ev.data), event=ev.type, id=ev.id)
-            if len(batch) < 1000:
-                return
-            after = batch[-1].id
-    try:
-        async with contextlib.aclosing(follow(rt, job.id, after)) as live:
-            async for event in live:
-                if event is not None:
-                    yield ServerSentEvent(json.dumps(event.data), event=event.type, id=event.id)
-    except be.NotFound:
-        yield ServerSentEvent(json.dumps({"code": "not_found", "message": "the job expired"}), event="error")
-
-
 @api.get(
     "/jobs/{job_id}/events",
     responses={**openapi_errors(400, 401, 404, 429), 200: {"content": {"text/event-stream": {}}}},
@@ -210,14 +189,14 @@ async def events(
     rt: RT,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
 ) -> SlotEventSourceResponse:
-    """The job's events from its first (or after `Last-Event-ID`), as SSE, until the terminal one;
-    any tenant's job for an admin key."""
+    """The job's events from its first (or after `Last-Event-ID`), as SSE, until the terminal one,
+    with `position` while it waits (as `GET /v1/jobs/{id}/events`); any tenant's job for an admin key."""
     note(request, job_id=job_id)
     if last_event_id is not None and not EVENT_ID.match(last_event_id):
         raise bad_request("Last-Event-ID must be an event id of this stream, like `1700000000000-0`.", "Last-Event-ID")
     found = await _job(rt, who, job_id)
     slot = open_slot(rt, who.tenant)
-    return SlotEventSourceResponse(_follow(rt, found, last_event_id), slot, ping=rt.settings.keepalive_s)
+    return SlotEventSourceResponse(job_event_stream(rt, found, last_event_id), slot, ping=rt.settings.keepalive_s)
 
 
 def _key_view(digest: str, record: dict[str, Any]) -> dict[str, Any]:

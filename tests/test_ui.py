@@ -234,12 +234,24 @@ def test_job_page_streams_the_output_and_cancels(make_stack: Any, console: Any) 
     expect(c.page.get_by_test_id("job-usage")).to_contain_text("4 completion tokens")
     c.shot("job")
 
-    [queued_id] = submit(stack, alice, model="h")  # cancel a queued job
+    *ahead_ids, queued_id = submit(stack, alice, 3, model="h")  # cancel a queued job
     c.go(f"#/job/{queued_id}")
     expect(status).to_have_text("queued")
+    position = c.page.get_by_test_id("job-position")
+    expect(position).to_contain_text("2 ahead")
+    # the jobs ahead start: the position follows with no event of its own job (the first change
+    # may be the page's first read of its stream; the second can only come from position updates)
+    ahead = hand.claim()
+    expect(position).to_contain_text("1 ahead")
+    ahead += hand.claim()
+    expect(position).to_contain_text("0 ahead")
+    assert [a.id for a in ahead] == ahead_ids
     c.page.get_by_test_id("cancel").click()
     expect(status).to_have_text("cancelled")
+    expect(position).to_have_count(0)
     assert get_job(stack, alice, queued_id)["status"] == "cancelled"
+    for lease in ahead:
+        hand.finish(lease)
 
     [running_id] = submit(stack, alice, model="h")  # cancel a running one: its worker aborts it
     c.go(f"#/job/{running_id}")

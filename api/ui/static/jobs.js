@@ -1,5 +1,5 @@
 // Jobs: a filterable list, and a job's page (timeline, attempts, usage, error, live output, cancel).
-import { api, badge, errorBox, every, fmtMs, fmtTime, h, sse, STATUSES, TERMINAL } from "./lib.js";
+import { api, badge, errorBox, every, fmtMs, fmtNum, fmtTime, h, sse, STATUSES, TERMINAL } from "./lib.js";
 
 export async function jobsPage({ root, query, signal, me }) {
   const field = (name, el) => { el.name = name; el.value = query.get(name) || ""; return h("label", {}, name, el); };
@@ -63,7 +63,10 @@ export async function jobPage({ root, arg: id, signal }) {
         tokens += ev.data.n || 1;
         if (tokens === (ev.data.n || 1) || job.status !== "running") { job = await api(`/v1/ui/jobs/${id}`, { signal }); }
         draw();
-      } else if (ev.event !== "position") {
+      } else if (ev.event === "position") { // every few tenths of a second while it waits (no id)
+        Object.assign(job, { warning: null }, ev.data);
+        draw();
+      } else {
         job = await api(`/v1/ui/jobs/${id}`, { signal });
         draw();
       }
@@ -85,7 +88,8 @@ function jobHead(job, tokens, onCancel) {
     h("dt", {}, "tenant"), h("dd", {}, job.tenant),
     h("dt", {}, "model"), h("dd", {}, job.model),
     h("dt", {}, "priority"), h("dd", {}, job.priority),
-    job.queue_position !== null ? [h("dt", {}, "queue position"), h("dd", {}, `${job.queue_position} ahead (${job.queue_position_kind})`)] : null,
+    job.status === "queued" && job.queue_position !== null ? [h("dt", {}, "queue position"), h("dd", { "data-testid": "job-position" },
+      `${job.queue_position} ahead (${job.queue_position_kind})${job.eta_s ? `, starts in ~${fmtNum(job.eta_s)} s` : ""}`)] : null,
     h("dt", {}, "usage"), h("dd", { "data-testid": "job-usage" },
       `${job.usage.prompt_tokens} prompt + ${Math.max(tokens, job.usage.completion_tokens)} completion tokens (max ${job.max_tokens})`),
     job.finish_reason ? [h("dt", {}, "finish reason"), h("dd", {}, job.finish_reason)] : null,
