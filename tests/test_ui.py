@@ -486,7 +486,7 @@ def test_tenants_page_shows_usage_against_limits(make_stack: Any, console: Any) 
     from playwright.sync_api import expect
 
     stack = make_stack(worker=False)
-    alice = stack.key("alice", TenantLimits(rpm=6, tpm=10_000, max_queued=20))
+    alice = stack.key("alice", TenantLimits(rpm=6, tpm=10_000, tpm_burst=20_000, max_queued=20))
     c = console(stack)
     c.login(ADMIN_KEY, "admin (admin)")
     c.go("#/tenants")
@@ -519,4 +519,11 @@ def test_tenants_page_shows_usage_against_limits(make_stack: Any, console: Any) 
     expect(use["running"]).to_have_text("1")
     expect(c.page.locator("[data-tenant=admin] [data-testid=use-requests]")).to_have_text("0 / ∞")
     c.shot("tenants-usage")
+    card.get_by_test_id("edit-limits").click()  # raise the rpm from the page: the bar is no longer at the limit
+    card.locator("input[name=rpm]").fill("10")
+    card.get_by_test_id("save-limits").click()
+    expect(use["requests"]).to_have_text("6 / 10")
+    expect(card.locator("[data-testid=usage] tr").nth(1).locator(".bar.hot")).to_have_count(0)
+    saved = httpx.get(f"{stack.url}/v1/admin/tenants/alice", headers=auth(ADMIN_KEY)).json()["limits"]
+    assert (saved["rpm"], saved["tpm"], saved["tpm_burst"], saved["max_queued"]) == (10, 10_000, 20_000, 20)
     c.assert_local()

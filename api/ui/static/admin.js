@@ -48,6 +48,9 @@ export async function tenantsPage({ root, signal }) {
     (e) => list.replaceChildren(errorBox(e)));
 }
 
+// Every numeric field of PUT /v1/admin/tenants/{t}: a field left out would be reset to its default.
+const LIMITS = ["rpm", "rpm_burst", "tpm", "tpm_burst", "max_queued", "weight"];
+
 function tenantCard(t, refresh, signal) {
   const l = t.limits, u = t.usage;
   // used / limit, a bar, and what the limiter's bucket lets through now (bursts can exceed the limit)
@@ -57,17 +60,16 @@ function tenantCard(t, refresh, signal) {
   const edit = h("form", { class: "inline", hidden: true, onsubmit: async (e) => {
     e.preventDefault();
     const f = new FormData(edit);
-    const body = Object.fromEntries(["rpm", "tpm", "max_queued"].map((k) => [k, Number(f.get(k))]));
-    body.weight = Number(f.get("weight"));
+    const body = Object.fromEntries(LIMITS.map((k) => [k, Number(f.get(k))]));
     body.priorities = String(f.get("priorities")).split(/[ ,]+/).filter(Boolean).map(Number);
-    try { await api(`/v1/admin/tenants/${encodeURIComponent(t.tenant)}`, { method: "PUT", body, signal }); await refresh(); } catch (err) { edit.append(errorBox(err)); }
+    try { await api(`/v1/admin/tenants/${encodeURIComponent(t.tenant)}`, { method: "PUT", body, signal }); edit.hidden = true; await refresh(); } catch (err) { edit.append(errorBox(err)); }
   } },
-  ["rpm", "tpm", "max_queued", "weight"].map((k) => h("label", {}, k, h("input", { name: k, type: "number", value: l[k], min: 0, step: k === "weight" ? "any" : 1, style: "width:7rem" }))),
+  LIMITS.map((k) => h("label", {}, k, h("input", { name: k, type: "number", value: l[k], min: 0, step: k === "weight" ? "any" : 1, style: "width:7rem" }))),
   h("label", {}, "priorities", h("input", { name: "priorities", value: l.priorities.join(","), style: "width:10rem" })),
-  h("button", { type: "submit" }, "Save limits"));
+  h("button", { type: "submit", "data-testid": "save-limits" }, "Save limits"));
   return h("div", { class: "card", "data-tenant": t.tenant },
     h("h2", {}, t.tenant, " ", h("span", { class: "muted" }, t.source === "defaults" ? "(default limits)" : "(own limits)"), " ",
-      h("button", { class: "secondary", onclick: () => { edit.hidden = !edit.hidden; } }, "Edit limits")),
+      h("button", { class: "secondary", "data-testid": "edit-limits", onclick: () => { edit.hidden = !edit.hidden; } }, "Edit limits")),
     edit,
     h("div", { class: "grid2" },
       h("table", { "data-testid": "usage" }, h("tr", {}, h("th", {}, "usage"), h("th", { class: "num" }, "used / limit"), h("th", {}, ""), h("th", {}, "")),
@@ -90,10 +92,11 @@ function tenantCard(t, refresh, signal) {
 const CANCELLABLE = new Set(["validating", "in_progress"]);
 const FINAL_BATCH = new Set(["completed", "failed", "expired", "cancelled"]);
 
-export async function batchesPage({ root, signal }) {
+export async function batchesPage({ root, signal, me }) {
   const body = h("div");
   const note = h("div");
-  root.append(h("h1", {}, "Batches"), note, body);
+  // the batch API is per tenant, an admin key's too: these are the key's tenant's batches
+  root.append(h("h1", {}, `Batches of ${me.tenant}`), note, body);
   const rows = new Map(); // batch id -> its row, redrawn in place (a cancel's answer shows at once)
   const draw = (b) => {
     const row = batchRow(b, signal, async (btn) => {

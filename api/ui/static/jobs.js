@@ -1,6 +1,8 @@
 // Jobs: a filterable list, and a job's page (timeline, attempts, usage, error, live output, cancel).
 import { api, badge, errorBox, every, fmtMs, fmtNum, fmtTime, h, sse, STATUSES, TERMINAL } from "./lib.js";
 
+const LIST_LIMIT = 100;
+
 export async function jobsPage({ root, query, signal, me }) {
   const field = (name, el) => { el.name = name; el.value = query.get(name) || ""; return h("label", {}, name, el); };
   const opts = (values) => [h("option", { value: "" }, "any"), ...values.map((v) => h("option", { value: v }, v))];
@@ -18,8 +20,9 @@ export async function jobsPage({ root, query, signal, me }) {
   root.append(h("h1", {}, me.admin ? "Jobs (all tenants)" : `Jobs of ${me.tenant}`), form, table);
   const qs = new URLSearchParams([...query].filter(([k, v]) => v && ["tenant", "status", "model", "priority"].includes(k)));
   every(3000, async () => {
-    const { data } = await api(`/v1/ui/jobs?${qs}`, { signal });
-    table.replaceChildren(jobsTable(data, me.admin));
+    const { data } = await api(`/v1/ui/jobs?${qs}&limit=${LIST_LIMIT}`, { signal });
+    table.replaceChildren(jobsTable(data, me.admin),
+      data.length === LIST_LIMIT ? h("p", { class: "muted", "data-testid": "jobs-truncated" }, `The newest ${LIST_LIMIT} shown: narrow them with the filters.`) : null);
   }, signal, (e) => table.replaceChildren(errorBox(e)));
 }
 
