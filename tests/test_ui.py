@@ -24,6 +24,7 @@ from test_api_openai import expected
 from test_api_support import ADMIN_KEY, HandWorker, Stack, auth, make_stack  # noqa: F401 (fixture)
 from test_batches import Batcher, chat_line, jsonl, wait_for
 
+from broker.contract import JobErrorCode
 from broker.models import JobStatus, TenantLimits
 
 log = structlog.get_logger(__name__)
@@ -233,6 +234,29 @@ def test_job_page_streams_the_output_and_cancels(make_stack: Any, console: Any) 
     expect(c.page.get_by_test_id("attempts")).to_contain_text("w-hand")
     expect(c.page.get_by_test_id("job-usage")).to_contain_text("4 completion tokens")
     c.shot("job")
+
+    [retried_id] = submit(stack, alice, model="h")  # two attempts, each with its worker
+    c.go(f"#/job/{retried_id}")
+    expect(status).to_have_text("queued")
+    [lease] = hand.claim()
+    hand.token(lease, "par")
+    expect(output).to_have_text("par")
+    stack.call(lambda b: b.fail(lease, JobErrorCode.ENGINE_DEAD, "engine died", retry=True))
+    expect(status).to_have_text("queued")
+    other = HandWorker(stack, "h", "w-other")
+    [lease] = other.claim()
+    other.token(lease, "tial", 2)
+    other.finish(lease)
+    expect(status).to_have_text("succeeded")
+    rows = c.page.locator("[data-testid=attempts] tr")
+    expect(rows).to_have_count(3)  # a header and one row per attempt
+    expect(rows.nth(1)).to_contain_text("w-hand")
+    expect(rows.nth(1)).to_contain_text("retry: engine_dead")
+    expect(rows.nth(2)).to_contain_text("w-other")
+    expect(rows.nth(2)).to_contain_text("done")
+    expect(output).to_have_attribute("data-complete", "true")
+    assert output.inner_text() == get_job(stack, alice, retried_id)["output"] == "partial"
+    c.shot("job-retried")
 
     *ahead_ids, queued_id = submit(stack, alice, 3, model="h")  # cancel a queued job
     c.go(f"#/job/{queued_id}")

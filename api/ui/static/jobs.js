@@ -118,7 +118,7 @@ function attempts(job) {
   for (const e of job.events) {
     if (e.type === "started") rows.push({ n: e.data.attempt, worker: e.data.worker, start: e.time_ms, end: null, outcome: "" });
     else if (rows.length && !rows.at(-1).end && ["retry", "done", "failed", "cancelled"].includes(e.type)) {
-      Object.assign(rows.at(-1), { end: e.time_ms, outcome: e.type === "retry" ? `retry: ${e.data.reason}` : e.type });
+      Object.assign(rows.at(-1), { end: e.time_ms, outcome: e.type === "retry" ? `retry: ${e.data.reason}${e.data.message ? ` (${e.data.message})` : ""}` : e.type });
     }
   }
   return h("div", { class: "card" }, h("h2", {}, `Attempts (${job.attempts} of ${job.max_attempts})`),
