@@ -550,4 +550,6 @@ def test_tenants_page_shows_usage_against_limits(make_stack: Any, console: Any) 
     expect(card.locator("[data-testid=usage] tr").nth(1).locator(".bar.hot")).to_have_count(0)
     saved = httpx.get(f"{stack.url}/v1/admin/tenants/alice", headers=auth(ADMIN_KEY)).json()["limits"]
     assert (saved["rpm"], saved["tpm"], saved["tpm_burst"], saved["max_queued"]) == (10, 10_000, 20_000, 20)
+    c.go("#/overview")  # the 7th request's refusal, by reason
+    expect(c.page.locator("tr[data-reason=requests] td.num")).to_have_text("1")
     c.assert_local()
