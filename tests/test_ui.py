@@ -553,3 +553,24 @@ def test_tenants_page_shows_usage_against_limits(make_stack: Any, console: Any) 
     c.go("#/overview")  # the 7th request's refusal, by reason
     expect(c.page.locator("tr[data-reason=requests] td.num")).to_have_text("1")
     c.assert_local()
+
+
+def test_workers_page_marks_draining_and_dead_workers(make_stack: Any, console: Any) -> None:  # noqa: F811
+    from playwright.sync_api import expect
+
+    stack = make_stack(worker=False, worker_max_age_ms=5000)
+    beat = {"model": "m", "capacity": 2, "running": 1, "host": "box-1", "tokens_per_s": 12.5}
+    stack.call(lambda b: b.heartbeat("w-gone", {**beat, "state": "running"}))  # then silent
+    c = console(stack)
+    c.login(ADMIN_KEY, "admin (admin)")
+    c.go("#/workers")
+    stack.call(lambda b: b.heartbeat("w-drain", {**beat, "state": "draining"}))
+    drain, gone = (c.page.locator(f"tr[data-worker={w}]") for w in ("w-drain", "w-gone"))
+    expect(drain.get_by_test_id("status")).to_have_text("draining")
+    expect(drain).to_contain_text("box-1")
+    expect(drain).to_contain_text("12.5")
+    expect(gone.get_by_test_id("status")).to_have_text("dead")  # silent past the API's worker age limit
+    stack.call(lambda b: b.heartbeat("w-drain", {**beat, "state": "draining"}))
+    expect(drain.get_by_test_id("status")).to_have_text("draining")  # alive again, next to the dead one
+    c.shot("workers-states")
+    c.assert_local()
