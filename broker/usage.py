@@ -98,8 +98,9 @@ class UsageReader:
         k = self._keys
         now = await self._now_ms()
         pipe = self._redis.pipeline(transaction=False)
-        pipe.zcount(k.tenant_jobs(tenant), now - window_ms, "+inf")
-        pipe.zrevrangebyscore(k.tenant_jobs(tenant), "+inf", now - window_ms, start=0, num=TOKEN_SCAN)
+        since = f"({now - window_ms}"  # admitted less than window_ms ago
+        pipe.zcount(k.tenant_jobs(tenant), since, "+inf")
+        pipe.zrevrangebyscore(k.tenant_jobs(tenant), "+inf", since, start=0, num=TOKEN_SCAN)
         pipe.hmget(k.tenant_state(tenant), ["q", "rq", "rq_ts", "tk", "tk_ts"])
         requests, recent, state = await pipe.execute()
         pipe = self._redis.pipeline(transaction=False)
