@@ -17,6 +17,7 @@ All times are Redis's clock (``TIME``), the one the Lua scripts stamp jobs with.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -125,7 +126,10 @@ class UsageReader:
     ) -> dict[str, TenantUsage]:
         """Usage of each tenant in ``limits`` (its effective limits: its own or the defaults)."""
         running = await self.running_by_tenant(models)
-        return {t: await self.tenant_usage(t, lim, running.get(t, 0), window_ms) for t, lim in limits.items()}
+        found = await asyncio.gather(
+            *(self.tenant_usage(t, lim, running.get(t, 0), window_ms) for t, lim in limits.items())
+        )
+        return {u.tenant: u for u in found}
 
 
 for _name, _fn in list(vars(UsageReader).items()):
