@@ -470,7 +470,7 @@ def test_batches_page_follows_a_batch_downloads_its_output_and_cancels(
         assert got == stored
         lines = {x["custom_id"]: x for x in map(json.loads, got.splitlines())}
         assert sorted(lines) == sorted(r["custom_id"] for r in rows)
-        ran_by_hand = {"req-" + lease.job.request.messages[0]["content"].split()[1] for lease in leases}  # type: ignore[index]
+        ran_by_hand = {"req-" + lease.job.request.messages[0]["content"].split()[1] for lease in leases}
         for r in rows:
             text = lines[r["custom_id"]]["response"]["body"]["choices"][0]["message"]["content"]
             assert text == (" hi" if r["custom_id"] in ran_by_hand else expected(6, messages=r["body"]["messages"])[0])
@@ -558,7 +558,7 @@ def test_tenants_page_shows_usage_against_limits(make_stack: Any, console: Any) 
 def test_workers_page_marks_draining_and_dead_workers(make_stack: Any, console: Any) -> None:  # noqa: F811
     from playwright.sync_api import expect
 
-    stack = make_stack(worker=False, worker_max_age_ms=5000)
+    stack = make_stack(worker=False, worker_max_age_ms=8000)
     beat = {"model": "m", "capacity": 2, "running": 1, "host": "box-1", "tokens_per_s": 12.5}
     stack.call(lambda b: b.heartbeat("w-gone", {**beat, "state": "running"}))  # then silent
     c = console(stack)
