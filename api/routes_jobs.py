@@ -122,7 +122,9 @@ async def _finished_events(rt: Runtime, job: Job, after: str | None) -> AsyncIte
             return
 
 
-async def _events(rt: Runtime, job: Job, last_event_id: str | None) -> AsyncIterator[ServerSentEvent]:
+async def job_event_stream(rt: Runtime, job: Job, last_event_id: str | None) -> AsyncIterator[ServerSentEvent]:
+    """The job's events after ``last_event_id`` as SSE up to the terminal one, with a `position`
+    event (no id) every ``position_interval_s`` while it waits. The console's stream too."""
     if job.terminal:  # also a client resuming after the terminal event: answer at once, then close
         async for sse in _finished_events(rt, job, last_event_id):
             yield sse
@@ -168,5 +170,8 @@ async def job_events(
     job = await owned_job(rt, who, job_id)
     slot = open_slot(rt, who.tenant)  # last step before the response owns it
     return SlotEventSourceResponse(
-        _events(rt, job, after), slot, ping=rt.settings.keepalive_s, shutdown_grace_period=rt.settings.drain_grace_s
+        job_event_stream(rt, job, after),
+        slot,
+        ping=rt.settings.keepalive_s,
+        shutdown_grace_period=rt.settings.drain_grace_s,
     )

@@ -12,22 +12,20 @@ header, never in a URL); it exists so an admin can follow any tenant's job.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
+import dataclasses
 import re
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import BaseModel, Field
-from sse_starlette import ServerSentEvent
 
 from api import ui
 from api.auth import ADMIN_TENANT, Admin, Auth, Principal, create_key, hash_key, key_id
 from api.errors import ApiError, bad_request, forbidden, from_broker, openapi_errors
+from api.routes_jobs import job_event_stream
 from api.runtime import Runtime, get_runtime, note
 from api.service import describe, job_view
-from api.streams import SlotEventSourceResponse, follow, open_slot
+from api.streams import SlotEventSourceResponse, open_slot
 from broker import errors as be
 from broker.client import now_ms
 from broker.contract import EventType
@@ -37,8 +35,6 @@ api = APIRouter(prefix="/v1/ui", tags=["console"])
 RT = Annotated[Runtime, Depends(get_runtime)]
 JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
 EVENT_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
-# Jobs read per tenant by a usage view (the broker loads each with its output: keep it small).
-USAGE_SCAN = 250
 DEAD_AFTER_MS = 10 * 60 * 1000  # a worker silent this long is forgotten (shown as dead until then)
 
 
@@ -182,24 +178,6 @@ async def cancel(job_id: str, request: Request, who: Auth, rt: RT) -> dict[str, 
     return {"id": job_id, "status": status.value, "cancel_requested": True}
 
 
-async def _follow(rt: Runtime, job: Job, after: str | None) -> AsyncIterator[ServerSentEvent]:
-    if job.terminal:  # nothing more will be published: the stream is all there is
-        while True:
-            batch = await rt.hub.backlog(job.id, after)
-            for ev in batch:
-                yield ServerSentEvent(json.dumps(ev.data), event=ev.type, id=ev.id)
-            if len(batch) < 1000:
-                return
-            after = batch[-1].id
-    try:
-        async with contextlib.aclosing(follow(rt, job.id, after)) as live:
-            async for event in live:
-                if event is not None:
-                    yield ServerSentEvent(json.dumps(event.data), event=event.type, id=event.id)
-    except be.NotFound:
-        yield ServerSentEvent(json.dumps({"code": "not_found", "message": "the job expired"}), event="error")
-
-
 @api.get(
     "/jobs/{job_id}/events",
     responses={**openapi_errors(400, 401, 404, 429), 200: {"content": {"text/event-stream": {}}}},
@@ -211,27 +189,14 @@ async def events(
     rt: RT,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
 ) -> SlotEventSourceResponse:
-    """The job's events from its first (or after `Last-Event-ID`), as SSE, until the terminal one;
-    any tenant's job for an admin key."""
+    """The job's events from its first (or after `Last-Event-ID`), as SSE, until the terminal one,
+    with `position` while it waits (as `GET /v1/jobs/{id}/events`); any tenant's job for an admin key."""
     note(request, job_id=job_id)
     if last_event_id is not None and not EVENT_ID.match(last_event_id):
         raise bad_request("Last-Event-ID must be an event id of this stream, like `1700000000000-0`.", "Last-Event-ID")
     found = await _job(rt, who, job_id)
     slot = open_slot(rt, who.tenant)
-    return SlotEventSourceResponse(_follow(rt, found, last_event_id), slot, ping=rt.settings.keepalive_s)
-
-
-async def _usage(rt: Runtime, tenant: str) -> dict[str, int]:
-    """What the tenant used in the last minute (from its recent jobs) and holds now."""
-    jobs = await rt.broker.list_jobs(tenant, None, USAGE_SCAN)
-    since = now_ms() - 60_000
-    recent = [j for j in jobs if j.created_ms >= since]
-    return {
-        "requests_last_min": len(recent),
-        "tokens_last_min": sum(j.prompt_tokens + (j.completion_tokens if j.terminal else j.max_tokens) for j in recent),
-        "queued": sum(j.status is JobStatus.QUEUED for j in jobs),
-        "running": sum(j.status is JobStatus.RUNNING for j in jobs),
-    }
+    return SlotEventSourceResponse(job_event_stream(rt, found, last_event_id), slot, ping=rt.settings.keepalive_s)
 
 
 def _key_view(digest: str, record: dict[str, Any]) -> dict[str, Any]:
@@ -249,19 +214,23 @@ def _created(key: dict[str, Any]) -> int:
 
 @api.get("/tenants", responses=openapi_errors(401, 403))
 async def tenants(_: Admin, rt: RT) -> dict[str, Any]:
-    """Every tenant with a key: its limits (its own, or the defaults), usage against them, and keys."""
+    """Every tenant with a key: its limits (its own, or the defaults), usage against them, and keys.
+    `usage`: requests admitted and tokens charged in the last minute (against rpm, tpm), what the
+    rate buckets would let through now, queued jobs (against max_queued) and running ones."""
     defaults = rt.settings.default_limits()
-    keys = await rt.broker.api_keys()
+    keys, names, models = await asyncio.gather(rt.broker.api_keys(), _tenants(rt), rt.broker.models())
+    own = await asyncio.gather(*(rt.broker.get_tenant(t) for t in names))
+    limits = {t: lim or defaults for t, lim in zip(names, own, strict=True)}
+    usage = await rt.broker.usage.tenants_usage(limits, list(dict.fromkeys([*rt.settings.models, *models])))
     out = []
-    for tenant in await _tenants(rt):
-        limits, usage = await asyncio.gather(rt.broker.get_tenant(tenant), _usage(rt, tenant))
+    for tenant, mine_limits in zip(names, own, strict=True):
         mine = sorted((_key_view(h, r) for h, r in keys.items() if r.get("tenant") == tenant), key=_created)
         out.append(
             {
                 "tenant": tenant,
-                "limits": (limits or defaults).model_dump(),
-                "source": "tenant" if limits else "defaults",
-                "usage": usage,
+                "limits": limits[tenant].model_dump(),
+                "source": "tenant" if mine_limits else "defaults",
+                "usage": dataclasses.asdict(usage[tenant]),
                 "keys": mine,
             }
         )

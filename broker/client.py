@@ -42,6 +42,7 @@ from broker.redis_check import check_redis
 from broker.replies import typed_reply
 from broker.scripts import Scripts
 from broker.settings import BrokerSettings
+from broker.usage import UsageReader
 from broker.webhooks import WebhookStore
 
 log = structlog.get_logger(__name__)
@@ -134,6 +135,11 @@ class Broker:
     def webhooks(self) -> WebhookStore:
         """Webhooks due, their delivery records and the tenants' signing secrets (broker.webhooks)."""
         return WebhookStore(self._redis, self._keys)
+
+    @functools.cached_property
+    def usage(self) -> UsageReader:
+        """Tenants' requests, tokens, queued and running jobs against their limits (broker.usage)."""
+        return UsageReader(self._redis, self._keys)
 
     def event_hub(self, resync_s: float = 5.0) -> EventHub:
         """The process's one pub/sub follower of job events (an async context manager)."""

@@ -1,39 +1,31 @@
-"""The web console in a real headless Chromium (Playwright), against a stack with the simulated engine.
+"""The web console in a real headless Chromium (Playwright), against a stack with the simulated engine:
+log-in, the overview, job pages, the playground, what a tenant's key may see, and the assets.
 
 Every test records each request the browser makes and asserts none leaves 127.0.0.1;
-screenshots of each page go to ``$GENQ_SCREENSHOTS`` (default ``.genq/screenshots``).
-Chromium is Debian's (``scripts/test.sh`` installs it): Playwright's own download needs
-its CDN. Without a browser the tests skip on a workstation and fail in CI (``CI`` set).
+screenshots of each page are saved (see test_ui_support). The Batches, Tenants and Workers
+pages are in test_ui_admin.
 """
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import structlog
-from test_api_support import ADMIN_KEY, HandWorker, Stack, auth, make_stack  # noqa: F401 (fixture)
+from test_api_support import ADMIN_KEY, HandWorker, auth, make_stack  # noqa: F401 (fixture)
+from test_ui_support import browser, console, get_job, submit  # noqa: F401 (fixtures)
 
+from broker.contract import JobErrorCode
 from broker.models import JobStatus
 
 log = structlog.get_logger(__name__)
-CHROMIUM = os.environ.get("GENQ_CHROMIUM", "/usr/bin/chromium")
-SHOTS = Path(os.environ.get("GENQ_SCREENSHOTS", Path(__file__).resolve().parents[1] / ".genq" / "screenshots"))
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
-ARGS += ["--disable-sync", "--no-first-run", "--disable-default-apps", "--disable-extensions"]
-WAIT_MS = 20_000
 STATIC = Path(__file__).resolve().parents[1] / "api" / "ui" / "static"
 
 pytestmark = pytest.mark.timeout(120)
 
-# Records each value the overview's queued count shows (the page redraws it on every poll).
 WATCH_QUEUED = """() => {
   window.genqQueued = [];
   const root = document.querySelector("section[data-page=overview]");
@@ -46,85 +38,7 @@ WATCH_QUEUED = """() => {
   new MutationObserver(note).observe(root, { childList: true, subtree: true });
 }"""
 
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"the console tests need a browser in CI: {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _unavailable("the playwright package is not installed (the dev extra has it)")
-    if not os.path.exists(CHROMIUM):
-        _unavailable(f"no Chromium at {CHROMIUM} (scripts/test.sh installs Debian's)")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
-
-
-@dataclass
-class Console:
-    """One browser context on a stack: its page, and every URL it asked for."""
-
-    stack: Stack
-    page: Any
-    requests: list[str] = field(default_factory=list)
-
-    def login(self, key: str, who: str) -> None:
-        from playwright.sync_api import expect
-
-        self.page.goto(f"{self.stack.url}/ui/")
-        self.page.fill("#key", key)
-        self.page.click("button[type=submit]")
-        expect(self.page.get_by_test_id("whoami")).to_have_text(who)
-
-    def go(self, hash_path: str) -> None:
-        self.page.evaluate("h => { location.hash = h }", hash_path)
-
-    def shot(self, name: str) -> None:
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        self.page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
-
-    def assert_local(self) -> None:
-        assert self.requests, "the browser made no request at all"
-        parts = [urlsplit(u) for u in self.requests]
-        far = [p.geturl() for p in parts if p.scheme not in ("data", "blob") and p.hostname != "127.0.0.1"]
-        assert not far, f"requests left 127.0.0.1: {far}"
-
-
-@pytest.fixture
-def console(browser: Any) -> Iterator[Any]:
-    """``console(stack)``: a fresh browser context (own sessionStorage) on the stack."""
-    from playwright.sync_api import expect
-
-    expect.set_options(timeout=WAIT_MS)
-    contexts = []
-
-    def make(stack: Stack) -> Console:
-        ctx = browser.new_context(viewport={"width": 1280, "height": 900})
-        contexts.append(ctx)
-        c = Console(stack, ctx.new_page())
-        ctx.on("request", lambda r: c.requests.append(r.url))
-        return c
-
-    yield make
-    for ctx in contexts:
-        ctx.close()
-
-
-def submit(stack: Stack, key: str, n: int = 1, model: str = "m", max_tokens: int = 8) -> list[str]:
-    body = {"model": model, "prompt": "Hello", "max_tokens": max_tokens}
-    with httpx.Client(base_url=stack.url, headers=auth(key), timeout=10) as c:
-        return [c.post("/v1/jobs", json=body).raise_for_status().json()["id"] for _ in range(n)]
-
-
-def get_job(stack: Stack, key: str, job_id: str) -> dict[str, Any]:
-    return httpx.get(f"{stack.url}/v1/jobs/{job_id}", headers=auth(key), timeout=10).raise_for_status().json()
+# Records each (status, completed) a batch's row shows, per batch id (rows redraw every poll).
 
 
 def test_overview_follows_the_queue_and_admin_pages(make_stack: Any, console: Any) -> None:  # noqa: F811
@@ -215,12 +129,47 @@ def test_job_page_streams_the_output_and_cancels(make_stack: Any, console: Any) 
     expect(c.page.get_by_test_id("job-usage")).to_contain_text("4 completion tokens")
     c.shot("job")
 
-    [queued_id] = submit(stack, alice, model="h")  # cancel a queued job
+    [retried_id] = submit(stack, alice, model="h")  # two attempts, each with its worker
+    c.go(f"#/job/{retried_id}")
+    expect(status).to_have_text("queued")
+    [lease] = hand.claim()
+    hand.token(lease, "par")
+    expect(output).to_have_text("par")
+    stack.call(lambda b: b.fail(lease, JobErrorCode.ENGINE_DEAD, "engine died", retry=True))
+    expect(status).to_have_text("queued")
+    other = HandWorker(stack, "h", "w-other")
+    [lease] = other.claim()
+    other.token(lease, "tial", 2)
+    other.finish(lease)
+    expect(status).to_have_text("succeeded")
+    rows = c.page.locator("[data-testid=attempts] tr")
+    expect(rows).to_have_count(3)  # a header and one row per attempt
+    expect(rows.nth(1)).to_contain_text("w-hand")
+    expect(rows.nth(1)).to_contain_text("retry: engine_dead")
+    expect(rows.nth(2)).to_contain_text("w-other")
+    expect(rows.nth(2)).to_contain_text("done")
+    expect(output).to_have_attribute("data-complete", "true")
+    assert output.inner_text() == get_job(stack, alice, retried_id)["output"] == "partial"
+    c.shot("job-retried")
+
+    *ahead_ids, queued_id = submit(stack, alice, 3, model="h")  # cancel a queued job
     c.go(f"#/job/{queued_id}")
     expect(status).to_have_text("queued")
+    position = c.page.get_by_test_id("job-position")
+    expect(position).to_contain_text("2 ahead")
+    # the jobs ahead start: the position follows with no event of its own job (the first change
+    # may be the page's first read of its stream; the second can only come from position updates)
+    ahead = hand.claim()
+    expect(position).to_contain_text("1 ahead")
+    ahead += hand.claim()
+    expect(position).to_contain_text("0 ahead")
+    assert [a.id for a in ahead] == ahead_ids
     c.page.get_by_test_id("cancel").click()
     expect(status).to_have_text("cancelled")
+    expect(position).to_have_count(0)
     assert get_job(stack, alice, queued_id)["status"] == "cancelled"
+    for lease in ahead:
+        hand.finish(lease)
 
     [running_id] = submit(stack, alice, model="h")  # cancel a running one: its worker aborts it
     c.go(f"#/job/{running_id}")

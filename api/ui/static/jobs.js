@@ -1,5 +1,7 @@
 // Jobs: a filterable list, and a job's page (timeline, attempts, usage, error, live output, cancel).
-import { api, badge, errorBox, every, fmtMs, fmtTime, h, sse, STATUSES, TERMINAL } from "./lib.js";
+import { api, badge, errorBox, every, fmtMs, fmtNum, fmtTime, h, sse, STATUSES, TERMINAL } from "./lib.js";
+
+const LIST_LIMIT = 100;
 
 export async function jobsPage({ root, query, signal, me }) {
   const field = (name, el) => { el.name = name; el.value = query.get(name) || ""; return h("label", {}, name, el); };
@@ -18,8 +20,9 @@ export async function jobsPage({ root, query, signal, me }) {
   root.append(h("h1", {}, me.admin ? "Jobs (all tenants)" : `Jobs of ${me.tenant}`), form, table);
   const qs = new URLSearchParams([...query].filter(([k, v]) => v && ["tenant", "status", "model", "priority"].includes(k)));
   every(3000, async () => {
-    const { data } = await api(`/v1/ui/jobs?${qs}`, { signal });
-    table.replaceChildren(jobsTable(data, me.admin));
+    const { data } = await api(`/v1/ui/jobs?${qs}&limit=${LIST_LIMIT}`, { signal });
+    table.replaceChildren(jobsTable(data, me.admin),
+      data.length === LIST_LIMIT ? h("p", { class: "muted", "data-testid": "jobs-truncated" }, `The newest ${LIST_LIMIT} shown: narrow them with the filters.`) : null);
   }, signal, (e) => table.replaceChildren(errorBox(e)));
 }
 
@@ -63,7 +66,10 @@ export async function jobPage({ root, arg: id, signal }) {
         tokens += ev.data.n || 1;
         if (tokens === (ev.data.n || 1) || job.status !== "running") { job = await api(`/v1/ui/jobs/${id}`, { signal }); }
         draw();
-      } else if (ev.event !== "position") {
+      } else if (ev.event === "position") { // every few tenths of a second while it waits (no id)
+        Object.assign(job, { warning: null }, ev.data);
+        draw();
+      } else {
         job = await api(`/v1/ui/jobs/${id}`, { signal });
         draw();
       }
@@ -85,7 +91,8 @@ function jobHead(job, tokens, onCancel) {
     h("dt", {}, "tenant"), h("dd", {}, job.tenant),
     h("dt", {}, "model"), h("dd", {}, job.model),
     h("dt", {}, "priority"), h("dd", {}, job.priority),
-    job.queue_position !== null ? [h("dt", {}, "queue position"), h("dd", {}, `${job.queue_position} ahead (${job.queue_position_kind})`)] : null,
+    job.status === "queued" && job.queue_position !== null ? [h("dt", {}, "queue position"), h("dd", { "data-testid": "job-position" },
+      `${job.queue_position} ahead (${job.queue_position_kind})${job.eta_s ? `, starts in ~${fmtNum(job.eta_s)} s` : ""}`)] : null,
     h("dt", {}, "usage"), h("dd", { "data-testid": "job-usage" },
       `${job.usage.prompt_tokens} prompt + ${Math.max(tokens, job.usage.completion_tokens)} completion tokens (max ${job.max_tokens})`),
     job.finish_reason ? [h("dt", {}, "finish reason"), h("dd", {}, job.finish_reason)] : null,
@@ -111,7 +118,7 @@ function attempts(job) {
   for (const e of job.events) {
     if (e.type === "started") rows.push({ n: e.data.attempt, worker: e.data.worker, start: e.time_ms, end: null, outcome: "" });
     else if (rows.length && !rows.at(-1).end && ["retry", "done", "failed", "cancelled"].includes(e.type)) {
-      Object.assign(rows.at(-1), { end: e.time_ms, outcome: e.type === "retry" ? `retry: ${e.data.reason}` : e.type });
+      Object.assign(rows.at(-1), { end: e.time_ms, outcome: e.type === "retry" ? `retry: ${e.data.reason}${e.data.message ? ` (${e.data.message})` : ""}` : e.type });
     }
   }
   return h("div", { class: "card" }, h("h2", {}, `Attempts (${job.attempts} of ${job.max_attempts})`),

@@ -64,5 +64,5 @@ function rejections(byReason) {
   const rows = Object.entries(byReason || {}).filter(([, n]) => n > 0);
   if (!rows.length) return h("p", { class: "muted" }, "None.");
   return h("table", {}, h("tr", {}, h("th", {}, "reason"), h("th", { class: "num" }, "count")),
-    rows.map(([r, n]) => h("tr", {}, h("td", {}, r), h("td", { class: "num" }, n))));
+    rows.map(([r, n]) => h("tr", { "data-reason": r }, h("td", {}, r), h("td", { class: "num" }, n))));
 }
