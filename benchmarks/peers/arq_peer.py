@@ -4,6 +4,7 @@ max_jobs=100 and poll_delay 0.5 s. Runs in genq's own venv (arq needs redis-py <
 from __future__ import annotations
 
 import asyncio
+from contextlib import suppress
 from typing import Any
 
 from arq import create_pool
@@ -61,7 +62,8 @@ async def consumer(url: str, expect: int) -> None:
     await asyncio.wait([run, asyncio.create_task(until_stdin_closes())], return_when=asyncio.FIRST_COMPLETED)
     run.cancel()
     await asyncio.gather(run, return_exceptions=True)
-    await worker.close()
+    with suppress(asyncio.CancelledError):  # job tasks cancelled with the run loop, after they reported
+        await worker.close()
 
 
 def main() -> None:
