@@ -3,9 +3,11 @@
 Run from a checkout (they are not part of the installed package), with the
 ``bench`` extra installed (``pip install -e '.[bench]'``: arq, psutil)::
 
-    python -m benchmarks queue    # broker vs arq 0.28, same Redis, same run
-    python -m benchmarks sse      # SSE fan-out of one API process
-    python -m benchmarks e2e      # genq vs vLLM's AsyncLLM called directly
+    python -m benchmarks queue      # vs Node BullMQ, BullMQ for Python, SAQ, arq: one private Redis
+    python -m benchmarks queue-arq  # broker vs arq 0.28 only, on a shared Redis
+    python -m benchmarks redis      # Redis CPU and commands per job step and per delta
+    python -m benchmarks sse        # SSE fan-out of one API process
+    python -m benchmarks e2e        # genq vs vLLM's AsyncLLM called directly
     python -m benchmarks batchcost  # Redis CPU per job, streamed vs written once (batch lines)
 
 ``--quick`` on each runs small numbers, for tests.

