@@ -69,6 +69,20 @@ class JobPage:
 
 
 @dataclass(slots=True)
+class Completion:
+    """A running job to finish, with its last delta (see ``Broker.complete``)."""
+
+    lease: Lease
+    finish_reason: str
+    text: str = ""
+    token_ids: Sequence[int] = ()
+    status: JobStatus = JobStatus.SUCCEEDED
+    offset: int = -1  # as in OutputWrite
+    prompt_tokens: int = 0  # the engine's count (0 = keep the admission-time one)
+    logprobs: str = ""  # as in OutputWrite
+
+
+@dataclass(slots=True)
 class OutputWrite:
     """Output to append to a running job (one flush of a worker)."""
 
@@ -428,61 +442,55 @@ class Broker:
         ``offset`` dedupes a replayed last write (see OutputWrite); ``prompt_tokens`` replaces the
         admission-time count with the engine's exact one; ``logprobs`` as in OutputWrite.
         """
-        reply = await self._scripts.complete(
-            *self._complete_args(lease, finish_reason, text, token_ids, status, offset, prompt_tokens, logprobs)
-        )
-        if int(reply[0]) == Code.STALE_LEASE:
+        done = Completion(lease, finish_reason, text, token_ids, status, offset, prompt_tokens, logprobs)
+        if not (await self.complete_batch([done]))[lease.id]:
             raise errors.StaleLease(lease.id, lease.fence)
 
     async def complete_many(
         self, leases: Sequence[Lease], finish_reason: str, status: JobStatus = JobStatus.SUCCEEDED
     ) -> dict[str, bool]:
-        """Finish many running jobs (no further output) in one pipeline; False = stale lease, nothing written."""
-        if not leases:
-            return {}
-        pipe = self._redis.pipeline(transaction=False)
-        for lease in leases:
-            await self._scripts.complete(*self._complete_args(lease, finish_reason, "", (), status), client=pipe)
-        replies = await pipe.execute()
-        return {lease.id: int(r[0]) == Code.OK for lease, r in zip(leases, replies, strict=True)}
+        """Finish many running jobs (no further output); False = stale lease, nothing written."""
+        return await self.complete_batch([Completion(lease, finish_reason, status=status) for lease in leases])
 
-    def _complete_args(
-        self,
-        lease: Lease,
-        finish_reason: str,
-        text: str,
-        token_ids: Sequence[int],
-        status: JobStatus,
-        offset: int = -1,
-        prompt_tokens: int = 0,
-        logprobs: str = "",
-    ) -> tuple[list[str], list[Any]]:
-        job, k, s = lease.job, self._keys, self.settings
-        return (
-            [
-                k.job(job.id),
-                k.events(job.id),
-                k.output(job.id),
-                k.output_ids(job.id),
-                k.leases(job.model),
-                k.stats(job.model),
-                k.tenant_state(job.tenant),
-            ],
-            [
-                lease.fence,
-                text,
-                ",".join(map(str, token_ids)),
-                len(token_ids),
-                finish_reason,
-                status.value,
-                s.events_maxlen,
-                k.channel(job.id),
-                job.id,
-                offset,
-                prompt_tokens,
-                logprobs,
-            ],
-        )
+    async def complete_batch(self, items: Sequence[Completion]) -> dict[str, bool]:
+        """Finish running jobs, each with its last delta: one script call per model and
+        ``APPEND_CHUNK`` jobs, pipelined. False = stale lease, nothing written for that job."""
+        if not items:
+            return {}
+        k, s = self._keys, self.settings
+        chunks: list[list[Completion]] = []
+        for model in dict.fromkeys(c.lease.job.model for c in items):
+            mine = [c for c in items if c.lease.job.model == model]
+            chunks += [mine[i : i + APPEND_CHUNK] for i in range(0, len(mine), APPEND_CHUNK)]
+        pipe = self._redis.pipeline(transaction=False)
+        for chunk in chunks:
+            model = chunk[0].lease.job.model
+            keys: list[str] = [k.leases(model), k.stats(model)]
+            args: list[Any] = [s.events_maxlen]
+            for c in chunk:
+                job = c.lease.job
+                keys += [k.job(job.id), k.events(job.id), k.output(job.id), k.output_ids(job.id)]
+                keys.append(k.tenant_state(job.tenant))
+                args += [
+                    c.lease.fence,
+                    c.text,
+                    ",".join(map(str, c.token_ids)),
+                    len(c.token_ids),
+                    c.finish_reason,
+                    c.status.value,
+                    k.channel(job.id),
+                    job.id,
+                    c.offset,
+                    c.prompt_tokens,
+                    c.logprobs,
+                ]
+            await self._scripts.complete(keys, args, client=pipe)
+        replies = await pipe.execute()
+        return {
+            c.lease.id: int(code) == Code.OK
+            for chunk, codes in zip(chunks, replies, strict=True)
+            for c, code in zip(chunk, codes, strict=True)
+        }
 
     async def fail(
         self, lease: Lease, code: JobErrorCode, message: str, *, retry: bool, handback: bool = False

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from broker.client import Broker, OutputWrite
+from broker.client import Broker, Completion, OutputWrite
 from broker.contract import FailOutcome, JobErrorCode
 from broker.errors import StaleLease
 from broker.models import JobStatus
@@ -215,43 +215,55 @@ class Streamer:
                     await self.on_stale(run)
         if finals:
             self._writing = finals
-            await asyncio.gather(*(self._write_final(f) for f in finals))
+            completions = [f for f in finals if isinstance(f, _Completion)]
+            failures = [f for f in finals if isinstance(f, _Failure)]
+            await asyncio.gather(self._write_completions(completions), *(self._write_final(f) for f in failures))
             self._writing = []
 
-    async def _write_final(self, f: _Completion | _Failure) -> None:
+    async def _write_final(self, f: _Failure) -> None:
         try:
-            if isinstance(f, _Completion):
-                written = await self._write_completion(f)
-                if not f.done.done():
-                    f.done.set_result(written)
-            else:
-                outcome = await self._write_failure(f)
-                if not f.done.done():
-                    f.done.set_result(outcome)
+            outcome = await self._write_failure(f)
+            if not f.done.done():
+                f.done.set_result(outcome)
         except Exception as e:  # noqa: BLE001 - the lease will expire and the job be retried elsewhere
             if not f.done.done():
                 f.done.set_exception(e)
 
-    async def _write_completion(self, f: _Completion) -> bool:
-        run = f.run
-        if run.lost:
-            return False
-        offset = run.output.offset
-        text, ids, logprobs = run.output.take()
-        try:
-            await self.broker.complete(
-                run.lease,
-                f.finish_reason,
-                text,
-                ids,
-                status=f.status,
-                offset=offset,
-                prompt_tokens=run.prompt_tokens or 0,
-                logprobs=logprobs,
+    async def _write_completions(self, finals: list[_Completion]) -> None:
+        """Every completion of this cycle in one broker call (one script call per model)."""
+        for f in finals:
+            if f.run.lost and not f.done.done():
+                f.done.set_result(False)
+        todo = [f for f in finals if not f.run.lost]
+        if not todo:
+            return
+        items = []
+        for f in todo:
+            run = f.run
+            offset = run.output.offset
+            text, ids, logprobs = run.output.take()
+            items.append(
+                Completion(
+                    run.lease,
+                    f.finish_reason,
+                    text,
+                    ids,
+                    f.status,
+                    offset=offset,
+                    prompt_tokens=run.prompt_tokens or 0,
+                    logprobs=logprobs,
+                )
             )
-        except StaleLease:
-            return False
-        return True
+        try:
+            written = await self.broker.complete_batch(items)
+        except Exception as e:  # noqa: BLE001 - the leases will expire and the jobs be retried elsewhere
+            for f in todo:
+                if not f.done.done():
+                    f.done.set_exception(e)
+            return
+        for f in todo:
+            if not f.done.done():
+                f.done.set_result(written.get(f.run.job_id, False))
 
     async def _write_failure(self, f: _Failure) -> FailOutcome | None:
         if f.run.lost:

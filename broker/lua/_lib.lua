@@ -139,19 +139,32 @@ local WEBHOOKS_MAXLEN = 1000000
 -- Move a job to a terminal status, announce it, and start its TTL (the job's own,
 -- set at admission). A job with a webhook is added to the webhooks due (the batcher
 -- delivers it), in the same call, so no terminal state is ever missed.
+local DEFAULT_TTL_MS = 86400000
+
+-- A finished job with a webhook is due for delivery (the batcher reads P:webhooks).
+local function webhook_due(J, webhook, jid)
+  if webhook and webhook ~= '' then  -- P is the job key less its ':job:<id>' suffix (5 + #id characters)
+    local P = string.sub(J.job, 1, #J.job - #jid - 5)
+    redis.call('XADD', k_webhooks(P), 'MAXLEN', '~', WEBHOOKS_MAXLEN, '*', 'k', 'job', 'id', jid)
+  end
+end
+
+-- A finished job's keys live for its TTL (output keys only exist once something was written).
+local function expire_job(J, ttl, has_output)
+  redis.call('PEXPIRE', J.job, ttl)
+  redis.call('PEXPIRE', J.ev, ttl)
+  if has_output then
+    redis.call('PEXPIRE', J.out, ttl)
+    redis.call('PEXPIRE', J.oid, ttl)
+  end
+end
+
 local function finish(J, status, etype, data, now, maxlen)
   redis.call('HSET', J.job, 'status', status, 'finished_ms', now)
   emit(J, maxlen, etype, data)
   local j = redis.call('HMGET', J.job, 'ttl', 'webhook', 'id')
-  if j[2] and j[2] ~= '' then  -- P is the job key less its ':job:<id>' suffix (5 + #id characters)
-    local P = string.sub(J.job, 1, #J.job - #j[3] - 5)
-    redis.call('XADD', k_webhooks(P), 'MAXLEN', '~', WEBHOOKS_MAXLEN, '*', 'k', 'job', 'id', j[3])
-  end
-  local ttl = num(j[1], 86400000)
-  redis.call('PEXPIRE', J.job, ttl)
-  redis.call('PEXPIRE', J.ev, ttl)
-  redis.call('PEXPIRE', J.out, ttl)
-  redis.call('PEXPIRE', J.oid, ttl)
+  webhook_due(J, j[2], j[3])
+  expire_job(J, num(j[1], DEFAULT_TTL_MS), true)
 end
 
 -- A queued job that never ran reached its deadline: out of the queue, tokens back, expired.
@@ -183,19 +196,18 @@ local function write_output(J, text, ids)
 end
 
 -- Completed-job drain rate over a short window (jobs/s and tokens/s).
-local function drained(stats, now, ntok)
+local function drained(stats, now, njobs, ntok)
   local w = redis.call('HMGET', stats, 'w_start', 'w_jobs', 'w_tok')
   local ws = num(w[1], now)
   if w[1] == false then redis.call('HSET', stats, 'w_start', now) end
   local span = now - ws
   if span >= 2000 then
-    local jobs = num(w[2], 0) + 1
+    local jobs = num(w[2], 0) + njobs
     local tok = num(w[3], 0) + ntok
     redis.call('HSET', stats, 'dr', jobs * 1000 / span, 'dt', tok * 1000 / span,
       'w_start', now, 'w_jobs', 0, 'w_tok', 0)
   else
-    redis.call('HINCRBY', stats, 'w_jobs', 1)
-    redis.call('HINCRBY', stats, 'w_tok', ntok)
+    redis.call('HSET', stats, 'w_jobs', num(w[2], 0) + njobs, 'w_tok', num(w[3], 0) + ntok)
   end
 end
 

@@ -1,45 +1,66 @@
--- complete: finish a running job (succeeded, or cancelled after the worker aborted it),
--- with its last delta, fenced; refunds unreserved tokens and records the drain rate.
--- KEYS[1] job hash      P:job:<id>
--- KEYS[2] events        P:ev:<id>
--- KEYS[3] output        P:out:<id>
--- KEYS[4] token ids     P:oid:<id>
--- KEYS[5] leases        P:m:<model>:leases
--- KEYS[6] model stats   P:m:<model>:stats
--- KEYS[7] tenant state  P:ts:<tenant>
--- ARGV: 1 fence, 2 last text, 3 last token ids (comma separated), 4 last token count,
---       5 finish reason, 6 final status (succeeded | cancelled), 7 events maxlen, 8 channel,
---       9 job id, 10 offset of the last delta (as in append.lua; -1 = unchecked),
---       11 prompt tokens as the engine counted them (0 = keep), 12 the last delta's logprobs
---       (as in append.lua)
--- Returns {0} or {21} (STALE_LEASE: nothing written)
-local J = job_keys_from(KEYS, 1, ARGV[8])
-if not fenced(J.job, ARGV[1]) then return {21} end
-local now = now_ms()
-local n = tonumber(ARGV[4])
-local offset = tonumber(ARGV[10] or '-1')
-if offset >= 0 and num(redis.call('HGET', J.job, 'completion_tokens'), 0) > offset then
-  n = -1  -- the last delta is already written (replay)
+-- complete: finish running jobs (succeeded, or cancelled after the worker aborted them), each
+-- with its last delta, fenced; refunds unreserved tokens and records the drain rate. One call
+-- finishes every completion of a worker flush.
+-- KEYS[1] leases        P:m:<model>:leases
+-- KEYS[2] model stats   P:m:<model>:stats
+-- then 5 per job c (i = 5c - 2): job hash P:job:<id>, events P:ev:<id>, output P:out:<id>,
+--   token ids P:oid:<id>, tenant state P:ts:<tenant>
+-- ARGV[1] events maxlen; then 11 per job (j = 1 + 11(c - 1)): j+1 fence, j+2 last text,
+--   j+3 last token ids (comma separated), j+4 last token count, j+5 finish reason,
+--   j+6 final status (succeeded | cancelled), j+7 channel, j+8 job id, j+9 offset of the last
+--   delta (as in append.lua; -1 = unchecked), j+10 prompt tokens as the engine counted them
+--   (0 = keep), j+11 the last delta's logprobs (as in append.lua)
+-- Returns one code per job, in order: 0 or 21 (STALE_LEASE: nothing written for that job).
+--
+-- Per job: one HMGET, one HSET (+ HDEL worker), the events (XADD + PUBLISH each), the TTLs;
+-- the leases and the drain rate once per call.
+local maxlen, now = ARGV[1], now_ms()
+local out, done, jobs, tok = {}, {}, 0, 0
+for c = 1, (#KEYS - 2) / 5 do
+  local i, j = 5 * c - 2, 1 + 11 * (c - 1)
+  local J = job_keys_from(KEYS, i, ARGV[j + 7])
+  local h = redis.call('HMGET', J.job, 'status', 'fence', 'completion_tokens', 'prompt_tokens', 'cost', 'tpm',
+    'tpm_burst', 'evn', 'seq_out', 'first_token_ms', 'ttl', 'webhook')
+  if h[1] ~= STATUS.running or h[2] ~= ARGV[j + 1] then
+    out[c] = 21
+  else
+    local text, n, offset = ARGV[j + 2], tonumber(ARGV[j + 4]), tonumber(ARGV[j + 9])
+    local ct, pt, evn, seq = num(h[3], 0), num(h[4], 0), num(h[8], 0), num(h[9], 0)
+    if offset >= 0 and ct > offset then n = -1 end  -- the last delta is already written (replay)
+    local status, etype = STATUS.succeeded, EVENT.done
+    if ARGV[j + 6] == STATUS.cancelled then status, etype = STATUS.cancelled, EVENT.cancelled end
+    local f = {'status', status, 'finished_ms', now, 'finish_reason', ARGV[j + 5]}
+    if tonumber(ARGV[j + 10]) > 0 then
+      pt = tonumber(ARGV[j + 10])
+      f[#f + 1] = 'prompt_tokens'; f[#f + 1] = pt
+    end
+    local delta
+    if n > 0 or (n == 0 and text ~= '') then
+      seq, evn, ct = seq + 1, evn + 1, ct + n
+      write_output(J, text, ARGV[j + 3])
+      f[#f + 1] = 'seq_out'; f[#f + 1] = seq
+      f[#f + 1] = 'completion_tokens'; f[#f + 1] = ct
+      if not h[10] then f[#f + 1] = 'first_token_ms'; f[#f + 1] = now end
+      delta = token_event(seq, text, n, ARGV[j + 11])
+    end
+    f[#f + 1] = 'evn'; f[#f + 1] = evn + 1
+    redis.call('HSET', J.job, unpack(f))
+    redis.call('HDEL', J.job, 'worker')
+    if delta then emit_numbered(J, maxlen, evn, EVENT.token, delta) end
+    emit_numbered(J, maxlen, evn + 1, etype,
+      cjson.encode({finish_reason = ARGV[j + 5], usage = {prompt_tokens = pt, completion_tokens = ct,
+        total_tokens = pt + ct}}))
+    -- reserved at admission: prompt (maybe estimated) + max_tokens; used: the engine's counts
+    refund_tokens(KEYS[i + 4], num(h[6], 0), num(h[7], 0), num(h[5], 0) - pt - ct, now)
+    webhook_due(J, h[12], ARGV[j + 8])
+    expire_job(J, num(h[11], DEFAULT_TTL_MS), seq > 0)
+    done[#done + 1] = ARGV[j + 8]
+    jobs, tok = jobs + 1, tok + ct
+    out[c] = 0
+  end
 end
-if tonumber(ARGV[11] or '0') > 0 then redis.call('HSET', J.job, 'prompt_tokens', ARGV[11]) end
-if n > 0 or (n == 0 and ARGV[2] ~= '') then
-  local seq = redis.call('HINCRBY', J.job, 'seq_out', 1)
-  redis.call('HSETNX', J.job, 'first_token_ms', now)
-  write_output(J, ARGV[2], ARGV[3])
-  redis.call('HINCRBY', J.job, 'completion_tokens', n)
-  emit(J, ARGV[7], EVENT.token, token_event(seq, ARGV[2], n, ARGV[12] or ''))
+for k = 1, #done, 256 do  -- unpack stays far below Lua's stack limit
+  redis.call('ZREM', KEYS[1], unpack(done, k, math.min(k + 255, #done)))
 end
-local j = redis.call('HMGET', J.job, 'prompt_tokens', 'completion_tokens', 'cost', 'tpm', 'tpm_burst')
-local pt, ct = num(j[1], 0), num(j[2], 0)
-redis.call('ZREM', KEYS[5], ARGV[9])
-redis.call('HSET', J.job, 'finish_reason', ARGV[5])
-redis.call('HDEL', J.job, 'worker')
--- reserved at admission: prompt (maybe estimated) + max_tokens; used: the engine's counts
-refund_tokens(KEYS[7], num(j[4], 0), num(j[5], 0), num(j[3], 0) - pt - ct, now)
-drained(KEYS[6], now, ct)
-local status, etype = STATUS.succeeded, EVENT.done
-if ARGV[6] == STATUS.cancelled then status, etype = STATUS.cancelled, EVENT.cancelled end
-finish(J, status, etype,
-  cjson.encode({finish_reason = ARGV[5], usage = {prompt_tokens = pt, completion_tokens = ct,
-    total_tokens = pt + ct}}), now, ARGV[7])
-return {0}
+if jobs > 0 then drained(KEYS[2], now, jobs, tok) end
+return out
