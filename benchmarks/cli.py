@@ -161,3 +161,24 @@ def redis_command(
     cfg = redis_cost.Config.quick() if quick else redis_cost.Config(cluster=cluster)
     given = {"jobs": jobs, "rounds": rounds, "tokens_per_delta": tokens_per_delta}
     redis_cost.main(dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None}))
+
+
+@bench_app.command("fleet", help="Drain throughput of 1-8 simulated workers on one Redis and a 3-master Cluster.")
+def fleet_command(
+    jobs: Annotated[int | None, typer.Option(help="Jobs admitted at once per step [2000].")] = None,
+    workers: Annotated[str, typer.Option(help="Worker counts, comma separated.")] = "1,2,4,8",
+    cluster: Annotated[bool, typer.Option(help="Also drain on a 3-master Redis Cluster.")] = True,
+    quick: Annotated[bool, typer.Option(help="Small numbers, 1 and 2 workers, no Cluster: for tests.")] = False,
+) -> None:
+    import dataclasses
+
+    from benchmarks import fleet
+    from broker.logs import configure_logging
+
+    configure_logging()
+    cfg = fleet.Config.quick() if quick else fleet.Config(cluster=cluster)
+    if not quick:
+        cfg = dataclasses.replace(cfg, workers=tuple(int(w) for w in workers.split(",") if w))
+    if jobs is not None:
+        cfg = dataclasses.replace(cfg, jobs=jobs)
+    fleet.main(cfg)

@@ -37,10 +37,11 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, NodesManager, RedisCluster
 from redis.asyncio.connection import ConnectionPool, parse_url
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
+from redis.cluster import PRIMARY, get_node_name
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -233,6 +234,29 @@ class ClusterPipelineWithScripts(ClusterPipeline):
             return await super().execute(raise_on_error, allow_redirections)
 
 
+class SlotMapNodes(NodesManager):
+    """redis-py's slot map, taking a second ``MOVED`` to the same new owner as a no-op.
+
+    When a slot's owner changes (a migration, a failover), every call in flight to the old
+    owner answers ``MOVED``. redis-py applies each: the first records the new owner, the next
+    finds that owner already in the slot's list, takes it for a replica being promoted, and
+    marks the new owner itself a *replica*. It then drops out of the primaries, which ``SCRIPT LOAD``,
+    ``SCRIPT EXISTS`` and ``SCAN`` address: every script not yet on the new owner answers
+    ``NOSCRIPT`` there until the process restarts.
+    """
+
+    __slots__ = ()
+
+    def _update_moved_slots(self) -> None:
+        e = self._moved_exception  # set whenever this runs
+        nodes = self.slots_cache.get(e.slot_id)
+        if nodes and nodes[0].name == get_node_name(e.host, e.port):
+            nodes[0].server_type = PRIMARY
+            self._moved_exception = None  # type: ignore[assignment]  # as redis-py resets it
+            return
+        super()._update_moved_slots()
+
+
 class ClusterClient(RedisCluster):
     """redis-py's cluster client, with what the broker needs of a standalone one.
 
@@ -247,6 +271,7 @@ class ClusterClient(RedisCluster):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.nodes_manager.__class__ = SlotMapNodes  # built by RedisCluster.__init__; state unchanged
         self.script_sources: dict[str, str] = {}  # sha -> source, filled by Scripts.register
 
     async def ensure_scripts(self, shas: list[str], *, force: bool = False) -> None:
