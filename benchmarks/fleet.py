@@ -36,7 +36,7 @@ from typing import Any
 import psutil
 import structlog
 
-from benchmarks.redis_cost import _counters, servers
+from benchmarks.redis_server import counters, servers
 from broker.client import Broker
 from broker.contract import JobSpec
 from broker.models import JobStatus
@@ -143,7 +143,7 @@ async def drain(url: str, ports: Sequence[int], topology: str, k: int, cfg: Conf
             me = psutil.Process()
             cpu0 = [_cpu_s(w) for w in watched]
             bench0, machine0 = _cpu_s(me), psutil.cpu_times()
-            redis0, t0 = await _counters(ports), time.monotonic()
+            redis0, t0 = await counters(ports), time.monotonic()
             ids: list[str] = []
             for i in range(0, cfg.jobs, 250):
                 for adm in await broker.admit_many(specs[i : i + 250]):
@@ -156,7 +156,7 @@ async def drain(url: str, ports: Sequence[int], topology: str, k: int, cfg: Conf
                     raise RuntimeError("the drain did not finish within 600 s")
                 await asyncio.sleep(0.05)  # other processes' progress, in Redis: poll it
             wall = time.monotonic() - t0
-            redis1 = await _counters(ports)
+            redis1 = await counters(ports)
             cpu1 = [_cpu_s(w) for w in watched]
             bench_cpu = (_cpu_s(me) - bench0) / wall
             machine = _busy_cores(machine0, psutil.cpu_times(), wall)
