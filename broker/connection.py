@@ -39,12 +39,12 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.connection import ConnectionPool, parse_url
+from redis.asyncio.retry import Retry  # not redis.retry's: an asyncio client awaits its call_with_retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from broker.errors import BadRedisUrl
 
@@ -145,7 +145,9 @@ def _db(url: str, text: str) -> int:
 
 
 # -- clients -------------------------------------------------------------------------------------
-RETRY_ON = [RedisConnectionError, RedisTimeoutError]
+# The builtin ConnectionError too (refused, reset): redis-py retries a failed connect only on
+# these errors, and a pool's first connect to a restarting server fails with a refusal.
+RETRY_ON = [RedisConnectionError, RedisTimeoutError, ConnectionError]
 
 
 def _short_retry(retries: int) -> Retry:

@@ -123,3 +123,46 @@ async def test_redis_restart_mid_run_loses_no_acknowledged_job(redis_server, set
         )
         assert (await broker.queue_stats("m")).total_depth == 0
         assert int(await broker._redis.hget(broker._keys.global_, "queued")) == 0
+
+
+async def test_a_follower_rides_through_a_redis_restart(redis_server, settings: BrokerSettings) -> None:
+    """Was: the follower's resync read, right after pub/sub lost its server, raised Unavailable
+    (no retry), so every open SSE stream of the API died with an unhandled error in one Redis
+    restart. The resync must follow the reconnect at once, not the quiet-stream safety net."""
+    srv = redis_server("--appendonly", "yes", "--appendfsync", "everysec")
+    s = settings.model_copy(update={"redis_url": srv.url})
+    async with Broker.from_settings(s) as broker:
+        await broker.register_model("m", 4096)
+        await broker.admit(JobSpec(tenant="t", model="m", kind="completion", prompt="p", max_tokens=4))
+        [lease] = await broker.claim("m", "w1", 1)
+        async with broker.event_hub(resync_s=60) as hub:
+            seen: list[str] = []
+            started = asyncio.Event()
+
+            async def follow() -> None:
+                async for ev in hub.follow(lease.id):
+                    seen.append(ev.type)
+                    if ev.type == "started":
+                        started.set()
+
+            follower = asyncio.create_task(follow())
+            async with asyncio.timeout(10):
+                await started.wait()
+                await asyncio.to_thread(srv.stop, kill=True)
+                await asyncio.to_thread(srv.start)  # same port: reloads the AOF
+                await broker.complete(lease, "length", "ok", [1, 2])  # published live, after the resubscribe
+                await follower
+        assert seen == ["queued", "started", "token", "done"]  # the completion wrote its text, then done
+
+
+async def test_a_call_made_while_redis_restarts_waits_for_it(redis_server, settings: BrokerSettings) -> None:
+    """Was: no retry at all (redis-py's sync Retry given to the asyncio client, and a refused
+    connect not retried): any call in a restart failed at once, though the client promises ~15 s."""
+    srv = redis_server("--appendonly", "yes")
+    async with Broker.from_settings(settings.model_copy(update={"redis_url": srv.url})) as broker:
+        await broker.ping()
+        await asyncio.to_thread(srv.stop, kill=True)  # the pooled connection is now dead
+        restart = asyncio.create_task(asyncio.to_thread(srv.start))
+        async with asyncio.timeout(10):
+            await broker.ping()  # refused until the server listens again, then answered
+            await restart
