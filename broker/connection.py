@@ -39,7 +39,14 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
-from redis.asyncio.connection import ConnectionPool, parse_url
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    ConnectionPool,
+    SSLConnection,
+    UnixDomainSocketConnection,
+    parse_url,
+)
 from redis.asyncio.retry import Retry  # not redis.retry's: an asyncio client awaits its call_with_retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
@@ -178,6 +185,36 @@ class DeadlineRetry(Retry):
                 if left_s <= 0:
                     raise
                 await asyncio.sleep(min(self.cap_s, 0.05 * 2 ** min(failures, 10), left_s))
+
+
+class _RetriedHandshake(AbstractConnection):
+    """redis-py retries a connection's TCP connect but not its handshake (``CLIENT SETINFO``
+    ...), and a pool opens a connection outside the command's retry: a server dying or
+    starting just then failed the call at once. Here the whole connect is retried."""
+
+    async def connect(self) -> None:
+        await self.retry.call_with_retry(super().connect, lambda error: self.disconnect())
+
+
+class RetriedConnection(_RetriedHandshake, Connection):
+    pass
+
+
+class RetriedSSLConnection(_RetriedHandshake, SSLConnection):
+    pass
+
+
+class RetriedUnixConnection(_RetriedHandshake, UnixDomainSocketConnection):
+    pass
+
+
+def _retried_class(url: str) -> type[AbstractConnection]:
+    cls = parse_url(url).get("connection_class", Connection)
+    if issubclass(cls, SSLConnection):
+        return RetriedSSLConnection
+    if issubclass(cls, UnixDomainSocketConnection):
+        return RetriedUnixConnection
+    return RetriedConnection
 
 
 def _short_retry(budget_s: float) -> Retry:
@@ -327,6 +364,7 @@ def connect_redis(url: str, **kw: Any) -> RedisClient:
             url,
             decode_responses=True,
             retry=DeadlineRetry(15.0, cap_s=1.0),
+            connection_class=_retried_class(url),
             retry_on_error=RETRY_ON,
             health_check_interval=10,
             **kw,

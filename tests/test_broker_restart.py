@@ -9,11 +9,13 @@ from collections import Counter
 
 import pytest
 import structlog
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from broker import Broker, BrokerSettings, JobSpec, JobStatus
-from broker.connection import DeadlineRetry
+from broker.connection import DeadlineRetry, connect_redis
 from broker.errors import StaleLease, Unavailable
+from tests.conftest import SHARED_REDIS
 
 pytestmark = pytest.mark.asyncio
 
@@ -189,3 +191,26 @@ async def test_nested_retries_share_one_deadline() -> None:
     with pytest.raises(RedisConnectionError):
         await retry.call_with_retry(command, lambda e: asyncio.sleep(0))
     assert time.monotonic() - t0 < 0.6 and tries > 3
+
+
+async def test_a_handshake_cut_by_a_restart_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seen in the chaos run (tests/test_chaos.py): the TCP connect of a new pooled connection
+    succeeded, its handshake (CLIENT SETINFO) met the dying server, and redis-py, which retries
+    only the TCP connect, failed the call at once."""
+    client = connect_redis(SHARED_REDIS)
+    cuts = 2
+    real = AbstractConnection.on_connect
+
+    async def flaky(self: AbstractConnection) -> None:
+        nonlocal cuts
+        if cuts:
+            cuts -= 1
+            raise RedisConnectionError("Error UNKNOWN while writing to socket. Connection lost.")
+        await real(self)
+
+    monkeypatch.setattr(AbstractConnection, "on_connect", flaky)
+    try:
+        assert await client.ping()
+        assert cuts == 0
+    finally:
+        await client.aclose()
