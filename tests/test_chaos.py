@@ -130,7 +130,9 @@ async def follow(client: httpx.AsyncClient, run: Run, f: Follower) -> None:
                     continue
                 f.live = True
                 async for eid, event, data in sse_events(r):
-                    if eid is None:  # `position` (not resumable)
+                    if eid is None:  # `position` (not resumable), or an `error` that ends the stream
+                        if event != "position":
+                            f.refused.append(f"{event} {data[:200]}")
                         continue
                     f.ids.append(eid)
                     f.types.append(event)
@@ -142,6 +144,7 @@ async def follow(client: httpx.AsyncClient, run: Run, f: Follower) -> None:
                     await run.notify()
                     if event in TERMINAL:
                         return
+                f.refused.append("ended")  # closed before the job's end (an API stopping)
         except (httpx.TransportError, httpx.RemoteProtocolError) as e:  # the API went away mid-stream
             f.refused.append(type(e).__name__)
             await asyncio.sleep(0.2)  # a client's retry back-off
