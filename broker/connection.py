@@ -27,27 +27,37 @@ broadcasts ``PUBLISH`` (run by the Lua scripts on the queue's slot owner) to eve
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Generator
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, NodesManager, RedisCluster
-from redis.asyncio.connection import ConnectionPool, parse_url
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    ConnectionPool,
+    SSLConnection,
+    UnixDomainSocketConnection,
+    parse_url,
+)
+from redis.asyncio.retry import Retry  # not redis.retry's: an asyncio client awaits its call_with_retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.backoff import ExponentialBackoff
+from redis.backoff import NoBackoff
 from redis.cluster import PRIMARY, get_node_name
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from broker.errors import BadRedisUrl
+
+T = TypeVar("T")
 
 Kind = Literal["standalone", "sentinel", "cluster"]
 SENTINEL_PORT = 26379
@@ -146,12 +156,71 @@ def _db(url: str, text: str) -> int:
 
 
 # -- clients -------------------------------------------------------------------------------------
-RETRY_ON = [RedisConnectionError, RedisTimeoutError]
+# The builtin ConnectionError too (refused, reset): redis-py retries a failed connect only on
+# these errors, and a pool's first connect to a restarting server fails with a refusal.
+RETRY_ON = [RedisConnectionError, RedisTimeoutError, ConnectionError]
 
 
-def _short_retry(retries: int) -> Retry:
+class DeadlineRetry(Retry):
+    """redis-py's Retry bounded by time instead of a count: redis-py retries a connect inside
+    a command's retry, so counts multiply (20 tries of 20 tries: a call hung 6 minutes on a dead
+    Redis); a deadline per call holds the nested retries to about ``budget_s`` in all.
+    Back-off: 0.1 s, doubling, at most ``cap_s``."""
+
+    __slots__ = ("budget_s", "cap_s")
+
+    def __init__(self, budget_s: float, cap_s: float) -> None:
+        super().__init__(NoBackoff(), retries=-1)
+        self.budget_s, self.cap_s = budget_s, cap_s
+
+    async def call_with_retry(self, do: Callable[[], Awaitable[T]], fail: Callable[[Any], Any]) -> T:
+        deadline = time.monotonic() + self.budget_s
+        failures = 0
+        while True:
+            try:
+                return await do()
+            except self._supported_errors as error:
+                failures += 1
+                await fail(error)
+                left_s = deadline - time.monotonic()
+                if left_s <= 0:
+                    raise
+                await asyncio.sleep(min(self.cap_s, 0.05 * 2 ** min(failures, 10), left_s))
+
+
+class _RetriedHandshake(AbstractConnection):
+    """redis-py retries a connection's TCP connect but not its handshake (``CLIENT SETINFO``
+    ...), and a pool opens a connection outside the command's retry: a server dying or
+    starting just then failed the call at once. Here the whole connect is retried."""
+
+    async def connect(self) -> None:
+        await self.retry.call_with_retry(super().connect, lambda error: self.disconnect())
+
+
+class RetriedConnection(_RetriedHandshake, Connection):
+    pass
+
+
+class RetriedSSLConnection(_RetriedHandshake, SSLConnection):
+    pass
+
+
+class RetriedUnixConnection(_RetriedHandshake, UnixDomainSocketConnection):
+    pass
+
+
+def _retried_class(url: str) -> type[AbstractConnection]:
+    cls = parse_url(url).get("connection_class", Connection)
+    if issubclass(cls, SSLConnection):
+        return RetriedSSLConnection
+    if issubclass(cls, UnixDomainSocketConnection):
+        return RetriedUnixConnection
+    return RetriedConnection
+
+
+def _short_retry(budget_s: float) -> Retry:
     """A few seconds of retries: a failover answers Unavailable soon, then heals by itself."""
-    return Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=retries)
+    return DeadlineRetry(budget_s, cap_s=0.5)
 
 
 class SentinelMaster(Redis):
@@ -319,7 +388,8 @@ def connect_redis(url: str, **kw: Any) -> RedisClient:
         client: Redis = Redis.from_url(  # from_url is unannotated in redis-py
             url,
             decode_responses=True,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=20),
+            retry=DeadlineRetry(15.0, cap_s=1.0),
+            connection_class=_retried_class(url),
             retry_on_error=RETRY_ON,
             health_check_interval=10,
             **kw,
@@ -340,13 +410,13 @@ def connect_redis(url: str, **kw: Any) -> RedisClient:
             redis_class=SentinelMaster,
             connection_pool_class=FailoverAwarePool,
             db=target.db,
-            retry=_short_retry(8),
+            retry=_short_retry(3.0),
             **common,
         )
         return master
     return ClusterClient(
         startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
-        retry=_short_retry(3),
+        retry=_short_retry(1.0),
         cluster_error_retry_attempts=6,
         **common,
     )

@@ -110,7 +110,19 @@ class EventHub:
             self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             if self._subs:
                 await self._pubsub.subscribe(*self._subs)
+                self._watch()
         self._resync_all()  # messages published while away: read them from the streams
+
+    def _watch(self) -> None:
+        """Hear of the subscriber connection's reconnects. redis-py's retries ride out a short
+        Redis restart and resubscribe by themselves, so no error reaches :meth:`_read`, but what
+        was published meanwhile is lost: the followers must resync from their streams."""
+        if self._pubsub.connection is not None:  # kept once, as a weak reference
+            self._pubsub.connection.register_connect_callback(self._reconnected)
+
+    def _reconnected(self, connection: object) -> None:
+        log.info("pubsub reconnected; followers resync")
+        self._resync_all()
 
     async def _read(self) -> None:
         broken = False
@@ -154,6 +166,7 @@ class EventHub:
                     await self._pubsub.subscribe(channel)
                 except REDIS_DOWN as e:
                     raise Unavailable(f"Redis unavailable: {type(e).__name__}: {e}") from e
+                self._watch()
             self._subs[channel].add(q)
             if self._reader is None or self._reader.done():
                 self._reader = asyncio.create_task(self._read(), name="genq-pubsub")

@@ -3,14 +3,9 @@ and the client's reconnect (or the `openai` client's own retry) completes that s
 
 from __future__ import annotations
 
-import asyncio
-import os
 import secrets
 import signal
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,93 +13,10 @@ import httpx
 import openai
 import pytest
 
-from broker import Broker, BrokerSettings, JobStatus
-from tests.conftest import SHARED_REDIS, free_port
+from broker import JobStatus
+from tests.proc_support import ADMIN, Procs
 
 pytestmark = pytest.mark.timeout(120)
-ADMIN = "gq-" + secrets.token_urlsafe(32)  # the bootstrap key: tenant "admin"
-
-
-class Procs:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp, self.port = tmp, free_port()
-        self.queue = "t" + secrets.token_hex(6)
-        self.env = {
-            **os.environ,
-            "GENQ_REDIS_URL": SHARED_REDIS,
-            "GENQ_QUEUE": self.queue,
-            "GENQ_MODELS": '["m"]',
-            "GENQ_ADMIN_KEY": ADMIN,
-            "GENQ_DRAIN_GRACE_S": "1",
-            "GENQ_REATTACH_GRACE_S": "30",
-        }
-        self.api: subprocess.Popen | None = None
-        self.worker: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _spawn(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.tmp / f"{name}.log", "ab")
-        try:
-            return subprocess.Popen([sys.executable, *args], env=self.env, stdout=log, stderr=log)
-        finally:
-            log.close()
-
-    def start_worker(self, step_ms: float) -> None:
-        self.worker = self._spawn(
-            "worker",
-            *("-m", "worker.main", "--engine", "simulated", "--served-model-name", "m"),
-            *("--sim-step-ms", str(step_ms), "--sim-step-ms-per-seq", "0", "--heartbeat-s", "0.2"),
-        )
-
-    def start_api(self) -> None:
-        self.api = self._spawn("api", "-m", "genq.cli", "api", "--port", str(self.port))
-        deadline = time.monotonic() + 60
-        while True:
-            assert self.api.poll() is None, (self.tmp / "api.log").read_text()
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:  # a live worker too
-                    return
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the API did not become ready"
-            time.sleep(0.1)  # a child process coming up: no event to wait on but its port
-
-    def stop_api(self) -> None:
-        assert self.api is not None
-        self.api.send_signal(signal.SIGTERM)
-        # uvicorn re-raises the signal it handled once it has stopped: "killed" by SIGTERM, cleanly
-        assert self.api.wait(timeout=30) in (0, -signal.SIGTERM), (self.tmp / "api.log").read_text()[-3000:]
-
-    def jobs(self) -> list:
-        async def go() -> list:
-            async with Broker.from_settings(BrokerSettings(redis_url=SHARED_REDIS, queue=self.queue)) as b:
-                return (await b.job_page("admin", None, 100)).jobs
-
-        return asyncio.run(go())
-
-    def wait_job(self, status: JobStatus, timeout_s: float = 30) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not any(j.status is status for j in self.jobs()):
-            assert time.monotonic() < deadline, f"no {status} job"
-            time.sleep(0.05)  # another process's state in Redis: poll it
-
-    def close(self) -> None:
-        for p in (self.api, self.worker):
-            if p is not None and p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-
-        async def drop() -> None:
-            async with Broker.from_settings(BrokerSettings(redis_url=SHARED_REDIS, queue=self.queue)) as b:
-                await b.drop_namespace()
-
-        asyncio.run(drop())
 
 
 @pytest.fixture
