@@ -1,4 +1,4 @@
-"""``python -m benchmarks queue|sse|e2e`` (see :mod:`benchmarks`)."""
+"""``python -m benchmarks queue|sse|e2e|batch`` (see :mod:`benchmarks`)."""
 
 from benchmarks.cli import bench_app
 
