@@ -7,8 +7,10 @@ takes, checked to give the same engine arguments as genq's worker), its engine c
 built, and only ``run_batch()`` (read the file, run every line, write the output) is timed,
 not the engine's start-up. Phase 2 shuts it down and starts genq: a private
 ``redis-server``, ``genq worker`` (same engine arguments), ``genq api`` and ``genq batcher``
-as processes; the same file is uploaded with the official ``openai`` client and timed from
-``batches.create`` to ``completed``. Only one engine exists at a time.
+as processes; after a one-line warm-up batch (the batcher loads its tokenizer on its first
+batch; that time is printed, not counted), the same file is uploaded with the official
+``openai`` client and timed from ``batches.create`` to ``completed``. Only one engine exists
+at a time.
 
 Measured: (a) new tokens/s of both and the ratio genq / run_batch (goal >= 0.97); (b) the
 Redis CPU per line (``INFO cpu`` of the private redis-server, user + sys, over the batch);
@@ -23,7 +25,6 @@ import contextlib
 import io
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -70,6 +71,7 @@ class Config:
     model: str | None = None
     ttft_samples: int = 5
     interactive_tokens: int = 16
+    keep: str | None = None  # a folder to keep the files and the processes' logs in (default: a temporary one)
 
 
 @dataclass(slots=True)
@@ -80,6 +82,9 @@ class Result:
     redis_cpu_s: float = 0.0
     ttft_idle: list[float] = field(default_factory=list)
     ttft_busy: list[float] = field(default_factory=list)
+    to_in_progress_s: float | None = None  # genq: batches.create until in_progress was seen (pickup, validation)
+    lines_span_s: float | None = None  # genq: the first line's start to the last line's end (broker timings)
+    warm_up_s: float | None = None  # genq: the one-line warm-up batch (the batcher's first)
 
     @property
     def tps(self) -> float:
@@ -106,7 +111,14 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def count_output(text: str) -> tuple[int, int]:
     """(lines answered 200, completion tokens) of an OpenAI batch output file."""
+    ok, tokens, _ = read_output(text)
+    return ok, tokens
+
+
+def read_output(text: str) -> tuple[int, int, set[str]]:
+    """(lines answered 200, completion tokens, request ids) of an OpenAI batch output file."""
     ok = tokens = 0
+    ids: set[str] = set()
     for raw in text.splitlines():
         if not raw.strip():
             continue
@@ -115,7 +127,8 @@ def count_output(text: str) -> tuple[int, int]:
         if resp.get("status_code") == 200:
             ok += 1
             tokens += resp["body"]["usage"]["completion_tokens"]
-    return ok, tokens
+            ids.add(resp.get("request_id", ""))
+    return ok, tokens, ids
 
 
 # -- engine arguments ------------------------------------------------------------------------
@@ -225,6 +238,23 @@ class Procs:
                     proc.wait(10)
 
 
+async def lines_span(redis_url: str, tenant: str, job_ids: set[str]) -> float | None:
+    from broker import Broker, BrokerSettings
+
+    starts, ends = [], []
+    async with Broker.from_settings(BrokerSettings(redis_url=redis_url, queue="bench")) as broker:
+        after = None
+        while True:
+            page = await broker.job_page(tenant, None, 1000, after)
+            mine = [j for j in page.jobs if j.id in job_ids]
+            starts += [j.started_ms for j in mine if j.started_ms]
+            ends += [j.finished_ms for j in mine if j.finished_ms]
+            if not page.has_more:
+                break
+            after = page.next_after
+    return (max(ends) - min(starts)) / 1000 if starts and ends else None
+
+
 def redis_cpu_s(url: str) -> float:
     import redis
 
@@ -257,6 +287,21 @@ async def ttft(http: httpx.AsyncClient, key: str, model: str, max_tokens: int, i
     if first is None:
         raise RuntimeError("interactive job produced no token")
     return first
+
+
+async def run_batch_once(client: Any, rows: list[dict[str, Any]], procs: Procs) -> float:
+    """Seconds from batches.create to completed for a small batch."""
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    fid = (await client.files.create(file=("warm.jsonl", io.BytesIO(data)), purpose="batch")).id
+    t0 = time.perf_counter()
+    b = await client.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h")
+    while b.status not in ("completed", "failed", "expired", "cancelled"):
+        procs.check()
+        await asyncio.sleep(0.1)  # the batch's progress: read over HTTP, as a script would
+        b = await client.batches.retrieve(b.id)
+    if b.status != "completed":
+        raise SystemExit(f"the warm-up batch ended {b.status}: {b.errors}")
+    return time.perf_counter() - t0
 
 
 async def genq_phase(cfg: Config, engine_kw: dict[str, Any], folder: Path, rows: list[dict[str, Any]]) -> Result:
@@ -302,6 +347,7 @@ async def genq_phase(cfg: Config, engine_kw: dict[str, Any], folder: Path, rows:
             procs.start("api", [sys.executable, "-m", "genq.cli", "api", "--port", str(api_port)], env)
             procs.start("batcher", [sys.executable, "-m", "genq.cli", "batcher"], env)
             key = await create_key(broker, "bench", "bench batch")
+            live_key = await create_key(broker, "live", "bench interactive")  # live traffic: another tenant
         base = f"http://127.0.0.1:{api_port}"
         async with httpx.AsyncClient(base_url=base, timeout=600) as http:
             deadline = time.monotonic() + 60
@@ -313,31 +359,52 @@ async def genq_phase(cfg: Config, engine_kw: dict[str, Any], folder: Path, rows:
                 if time.monotonic() > deadline:
                     raise SystemExit("genq api did not become ready")
                 await asyncio.sleep(0.1)
-            await ttft(http, key, model, cfg.interactive_tokens, -1)  # warm-up
-            idle = [await ttft(http, key, model, cfg.interactive_tokens, k) for k in range(cfg.ttft_samples)]
+            await ttft(http, live_key, model, cfg.interactive_tokens, -1)  # warm-up
+            idle = [await ttft(http, live_key, model, cfg.interactive_tokens, k) for k in range(cfg.ttft_samples)]
             client = openai.AsyncOpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=600)
+            # A one-line batch first: the batcher loads its tokenizer on its first batch (seconds,
+            # once per process), which would otherwise count against the throughput below.
+            warm_s = await run_batch_once(client, rows[:1], procs)
+            log.info("warm-up batch done", seconds=round(warm_s, 2))
             data = "".join(json.dumps(r) + "\n" for r in rows).encode()
             fid = (await client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")).id
             cpu0 = redis_cpu_s(redis_url)
             t0 = time.perf_counter()
             b = await client.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h")
             busy: list[float] = []
+            state = {"b": b}
+
+            async def sample_busy() -> None:
+                """Interactive requests one after another while lines run (not in the last fifth)."""
+                while len(busy) < cfg.ttft_samples:
+                    cur = state["b"]
+                    if cur.status != "in_progress" or cur.request_counts is None:
+                        if cur.status != "validating":
+                            return
+                    elif cur.request_counts.completed >= 0.8 * len(rows):
+                        return
+                    elif cur.request_counts.completed > 0 or busy:  # lines are running
+                        busy.append(await ttft(http, live_key, model, cfg.interactive_tokens, 100 + len(busy)))
+                        continue
+                    await asyncio.sleep(0.05)  # the batch's progress, read by the loop below
+
+            sampler = asyncio.create_task(sample_busy())
+            phases: dict[str, float] = {}
             while b.status not in ("completed", "failed", "expired", "cancelled"):
                 procs.check()
-                running = b.status == "in_progress" and b.request_counts is not None
-                if running and len(busy) < cfg.ttft_samples and b.request_counts.completed < 0.8 * len(rows):
-                    busy.append(await ttft(http, key, model, cfg.interactive_tokens, 100 + len(busy)))
-                else:
-                    await asyncio.sleep(0.1)  # the batch's progress: read over HTTP, as a script would
-                b = await client.batches.retrieve(b.id)
+                phases.setdefault(b.status, time.perf_counter() - t0)
+                await asyncio.sleep(0.1)  # the batch's progress: read over HTTP, as a script would
+                b = state["b"] = await client.batches.retrieve(b.id)
             seconds = time.perf_counter() - t0
             cpu = redis_cpu_s(redis_url) - cpu0
+            await sampler
             if b.status != "completed" or b.output_file_id is None:
                 raise SystemExit(f"the genq batch ended {b.status}: {b.errors}")
-            ok, tokens = count_output((await client.files.content(b.output_file_id)).text)
+            ok, tokens, job_ids = read_output((await client.files.content(b.output_file_id)).text)
             await client.close()
-        log.info("genq batch done", seconds=round(seconds, 2), lines_ok=ok, tokens=tokens)
-        return Result(seconds, ok, tokens, cpu, idle, busy)
+        span = await lines_span(redis_url, "bench", job_ids)
+        log.info("genq batch done", seconds=round(seconds, 2), lines_ok=ok, tokens=tokens, phases=phases, span_s=span)
+        return Result(seconds, ok, tokens, cpu, idle, busy, phases.get("in_progress"), span, warm_s)
     finally:
         procs.stop()
 
@@ -355,12 +422,19 @@ def report(cfg: Config, vllm: Result, genq: Result) -> list[str]:
         f"{'lines answered 200':>34}{vllm.lines_ok:>16}{genq.lines_ok:>14}",
         f"Redis CPU per line: {cpu_ms:.3f} ms (private redis-server, INFO cpu user+sys over the batch, "
         f"{len(genq.ttft_busy)} interactive requests included)",
+        f"genq batch of {genq.seconds:.2f} s: in_progress seen after {_s(genq.to_in_progress_s)}, "
+        f"lines ran {_s(genq.lines_span_s)} (first start to last end); "
+        f"the batcher's first batch (1 line, warm-up, not counted) took {_s(genq.warm_up_s)}",
         f"interactive TTFT median: idle {idle:.1f} ms, while the batch runs {busy:.1f} ms "
         f"({len(genq.ttft_idle)} / {len(genq.ttft_busy)} samples)",
         f"genq bench batch: {genq.tps:.1f} vs {vllm.tps:.1f} tokens/s run_batch (ratio {ratio:.3f}); "
         f"Redis CPU {cpu_ms:.3f} ms/line; TTFT idle {idle:.1f} ms, busy {busy:.1f} ms (x{busy / idle:.2f})",
     ]
     return lines
+
+
+def _s(value: float | None) -> str:
+    return "?" if value is None else f"{value:.2f} s"
 
 
 def run(cfg: Config) -> list[str]:
@@ -370,8 +444,12 @@ def run(cfg: Config) -> list[str]:
 
     model = VllmEngine(EngineSettings(kind="vllm", **{k: v for k, v in engine_kw.items() if v})).model_name
     rows = batch_rows(cfg.lines, cfg.max_tokens, model)
-    with tempfile.TemporaryDirectory(prefix="genq-bench-batch-" + secrets.token_hex(3)) as tmp:
-        folder = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if cfg.keep:
+            folder = Path(cfg.keep)
+            folder.mkdir(parents=True, exist_ok=True)
+        else:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="genq-bench-batch-")))
         vllm = asyncio.run(vllm_phase(cfg, engine_kw, folder, rows))
         genq = asyncio.run(genq_phase(cfg, engine_kw, folder, rows))
     return report(cfg, vllm, genq)

@@ -93,6 +93,7 @@ def batch_command(
     max_num_seqs: Annotated[int, typer.Option(help="Engine sequence slots, the same for both.")] = 64,
     ttft_samples: Annotated[int, typer.Option(help="Interactive requests for TTFT, idle and during the batch.")] = 5,
     model: Annotated[str | None, typer.Option(help="Model path (default: the bundled SmolLM2-135M).")] = None,
+    keep: Annotated[str | None, typer.Option(help="Keep the files and the processes' logs in this folder.")] = None,
 ) -> None:
     from rich.console import Console
 
@@ -101,7 +102,7 @@ def batch_command(
 
     configure_logging()
     cfg = batch.Config(
-        lines=lines, max_tokens=max_tokens, max_num_seqs=max_num_seqs, model=model, ttft_samples=ttft_samples
+        lines=lines, max_tokens=max_tokens, max_num_seqs=max_num_seqs, model=model, ttft_samples=ttft_samples, keep=keep
     )
     for line in batch.run(cfg):
         Console(soft_wrap=True).print(line, highlight=False)
