@@ -9,6 +9,8 @@ Run from a checkout (they are not part of the installed package), with the
     python -m benchmarks sse        # SSE fan-out of one API process
     python -m benchmarks e2e        # genq vs vLLM's AsyncLLM called directly
     python -m benchmarks batchcost  # Redis CPU per job, streamed vs written once (batch lines)
+    python -m benchmarks fleet      # drain throughput of 1-8 simulated workers, one Redis and a Cluster
+    python -m benchmarks batch      # a batch through genq vs vLLM's own run_batch (--lines, --max-tokens)
 
 ``--quick`` on each runs small numbers, for tests.
 """

@@ -1,4 +1,4 @@
-"""``python -m benchmarks queue|queue-arq|redis|sse|e2e|batchcost`` (see :mod:`benchmarks`)."""
+"""``python -m benchmarks queue|queue-arq|redis|fleet|sse|e2e|batchcost|batch`` (see :mod:`benchmarks`)."""
 
 from benchmarks.cli import bench_app
 

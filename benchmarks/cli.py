@@ -182,3 +182,25 @@ def fleet_command(
     if jobs is not None:
         cfg = dataclasses.replace(cfg, jobs=jobs)
     fleet.main(cfg)
+
+
+@bench_app.command("batch", help="A batch through genq (batch API, one worker) against vLLM's own run_batch.")
+def batch_command(
+    lines: Annotated[int, typer.Option(help="Lines in the batch file.")] = 256,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per line (ignore_eos).")] = 128,
+    max_num_seqs: Annotated[int, typer.Option(help="Engine sequence slots, the same for both.")] = 64,
+    ttft_samples: Annotated[int, typer.Option(help="Interactive requests for TTFT, idle and during the batch.")] = 5,
+    model: Annotated[str | None, typer.Option(help="Model path (default: the bundled SmolLM2-135M).")] = None,
+    keep: Annotated[str | None, typer.Option(help="Keep the files and the processes' logs in this folder.")] = None,
+) -> None:
+    from rich.console import Console
+
+    from benchmarks import batch
+    from broker.logs import configure_logging
+
+    configure_logging()
+    cfg = batch.Config(
+        lines=lines, max_tokens=max_tokens, max_num_seqs=max_num_seqs, model=model, ttft_samples=ttft_samples, keep=keep
+    )
+    for line in batch.run(cfg):
+        Console(soft_wrap=True).print(line, highlight=False)

@@ -58,7 +58,15 @@ class Batcher:
 
     def stop(self) -> None:
         async def halt() -> None:
-            await self.worker.close()
+            # arq's close() cancels the jobs still running (a drive or a sweep just started) and
+            # gathers them without return_exceptions, so their CancelledError would end this
+            # coroutine before the pool is closed: end them first, then close.
+            w = self.worker
+            for t in w.tasks.values():
+                t.cancel()
+            await asyncio.gather(*w.tasks.values(), return_exceptions=True)
+            w.tasks.clear()
+            await w.close()
             self.task.cancel()
 
         self.portal.run(halt())
