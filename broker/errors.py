@@ -217,7 +217,13 @@ def topology_changing(e: BaseException) -> bool:
     """Whether a redis-py error means Redis is away or switching (retrying later may work)."""
     if isinstance(e, REDIS_DOWN):
         return True
-    return isinstance(e, ResponseError) and str(e).startswith(_DOWN_REPLIES)
+    if not isinstance(e, ResponseError):
+        return False
+    reply = str(e)
+    marker = "of pipeline caused error: "  # redis-py prefixes a pipelined reply: Command # 2 (WAIT 1 500) ...
+    if marker in reply:
+        reply = reply.split(marker, 1)[1].lstrip("('\"")
+    return reply.startswith(_DOWN_REPLIES)
 
 
 P = ParamSpec("P")
