@@ -156,6 +156,28 @@ async def test_cancel_notice_reaches_the_worker(topo: Broker) -> None:
                 break
 
 
+async def test_files_and_batches_round_trip(topo: Broker) -> None:
+    """Files and batches records (scripts, no MULTI: the cluster client refuses transactions)."""
+    bs = topo.batches
+    f = {"id": "file-1", "tenant": "acme", "purpose": "batch", "filename": "in.jsonl", "bytes": 12, "path": "file-1"}
+    await bs.put_file(f)
+    assert await bs.get_file("file-1", "acme") == {k: str(v) for k, v in f.items()}
+    assert [r["id"] for r in (await bs.list_files("acme", 10, purpose="batch")).items] == ["file-1"]
+    rec = {"id": "batch_1", "tenant": "acme", "status": "validating", "input_file_id": "file-1", "next_line": 0}
+    await bs.create_batch(rec)
+    assert await bs.get_batch("batch_1", "acme") == {k: str(v) for k, v in rec.items()}
+    assert await bs.get_batch("batch_1", "other") is None
+    assert [r["id"] for r in (await bs.list_batches("acme", 10)).items] == ["batch_1"]
+    assert await bs.active_batches() == ["batch_1"]
+    assert await bs.lease("batch_1", "b1", 5_000) == (True, 1)
+    assert await bs.update("batch_1", owner="b1", set={"status": "in_progress"}, lines={0: "job-a"}) == "in_progress"
+    assert await bs.fed_lines("batch_1") == {0: "job-a"}
+    assert await bs.delete_file("file-1", "other") is None
+    assert (await bs.delete_file("file-1", "acme") or {}).get("id") == "file-1"
+    assert await bs.get_file("file-1") is None
+    assert (await bs.list_files("acme", 10)).items == []
+
+
 async def test_cluster_client_routes_by_slot(redis_cluster: RedisCluster) -> None:
     """Queues on different masters; a pipeline of scripts survives a SCRIPT FLUSH."""
     client = connect_redis(redis_cluster.url)
