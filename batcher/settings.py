@@ -46,6 +46,9 @@ class WebhookSettings(BaseSettings):
 class BatcherSettings(BrokerSettings, FilesSettings, WebhookSettings):
     model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore", env_file=".env")
 
+    # The Redis of the batcher's arq control queue (standalone or Sentinel URL). Empty: GENQ_REDIS_URL,
+    # which then must not be a Cluster (arq uses MULTI across slots; see batcher.arq_redis).
+    batcher_arq_url: str | None = None
     batch_priority: int = Field(9, ge=0, le=9)  # the priority batch lines run at (9: after live traffic)
     # Lines of one batch queued or running at once (backpressure: live traffic keeps the rest).
     batch_max_in_flight: int = Field(64, ge=1)

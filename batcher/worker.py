@@ -10,7 +10,8 @@
   takeover epoch, so a sweep enqueues each takeover once.
 
 arq keeps its own keys (under its queue name, derived from the genq queue) on the
-broker's Redis; arq opens its pool from the URL.
+broker's Redis, or on ``GENQ_BATCHER_ARQ_URL``'s when set (required when the broker's is a
+Cluster: see :mod:`batcher.arq_redis`).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from typing import Any
 import httpx
 import structlog
 from arq import cron
-from arq.connections import RedisSettings
 from arq.worker import Worker, func
 
+from batcher.arq_redis import arq_redis_settings
 from batcher.driver import Driver
 from batcher.settings import BatcherSettings
 from batcher.storage import store
@@ -61,6 +62,7 @@ async def sweep(ctx: dict[str, Any]) -> int:
 
 
 def make_worker(settings: BatcherSettings, **overrides: Any) -> Worker:
+    """The arq worker; raises :class:`batcher.arq_redis.ArqUrlError` when arq has no Redis it can use."""
     owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     stack = contextlib.AsyncExitStack()
 
@@ -74,7 +76,8 @@ def make_worker(settings: BatcherSettings, **overrides: Any) -> Worker:
         )
         ctx["webhooks"] = Deliverer(broker, settings, http)
         ctx["drain"] = asyncio.create_task(drain(broker, ctx["redis"], owner), name="genq-webhook-drain")
-        log.info("batcher started", owner=owner, queue=queue_name(settings), files=settings.files_root)
+        arq_on = "GENQ_BATCHER_ARQ_URL" if settings.batcher_arq_url else "GENQ_REDIS_URL"
+        log.info("batcher started", owner=owner, queue=queue_name(settings), arq_on=arq_on, files=settings.files_root)
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         if "drain" in ctx:
@@ -97,7 +100,7 @@ def make_worker(settings: BatcherSettings, **overrides: Any) -> Worker:
             ),
         ],
         "cron_jobs": [cron(sweep, second=set(range(60)), run_at_startup=True, unique=True, keep_result=0)],
-        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "redis_settings": arq_redis_settings(settings.redis_url, settings.batcher_arq_url),
         "queue_name": queue_name(settings),
         "on_startup": startup,
         "on_shutdown": shutdown,

@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 import redis as redis_sync
 import structlog
+from arq.connections import create_pool
 from redis.crc import key_slot
 
+from batcher.arq_redis import arq_redis_settings
 from broker import Broker, BrokerSettings, JobSpec, JobStatus
 from broker.client import OutputWrite
 from broker.connection import ClusterClient, connect_redis
@@ -176,6 +178,19 @@ async def test_files_and_batches_round_trip(topo: Broker) -> None:
     assert (await bs.delete_file("file-1", "acme") or {}).get("id") == "file-1"
     assert await bs.get_file("file-1") is None
     assert (await bs.list_files("acme", 10)).items == []
+
+
+async def test_batcher_arq_queue_behind_sentinel(redis_sentinel: RedisSentinel) -> None:
+    """arq's own Sentinel support, from genq's Sentinel URL (batcher.arq_redis): jobs land on the master."""
+    pool = await create_pool(arq_redis_settings(redis_sentinel.url))
+    job_id, queue = "t" + secrets.token_hex(6), "arq:t" + secrets.token_hex(6)
+    try:
+        assert await pool.enqueue_job("drive_batch", "batch_1", _job_id=job_id, _queue_name=queue) is not None
+        master = redis_sync.Redis(port=redis_sentinel.master_port(), decode_responses=True)
+        assert master.exists(f"arq:job:{job_id}") and master.zscore(queue, job_id) is not None
+    finally:
+        await pool.delete(f"arq:job:{job_id}", queue)
+        await pool.aclose()
 
 
 async def test_cluster_client_routes_by_slot(redis_cluster: RedisCluster) -> None:
