@@ -42,6 +42,21 @@ def queue_name(settings: BatcherSettings) -> str:
     return f"arq:genq.{settings.queue}.batcher"
 
 
+async def preload_tokenizers(broker: Broker, driver: Driver, budget_s: float) -> dict[str, Any]:
+    """Load the registered models' tokenizers at start-up, so a first batch does not pay it (~5 s).
+
+    Runs in the background of a started batcher: a failure or an overrun is logged, never raised.
+    Models registered later load at their first batch, as before.
+    """
+    try:
+        done = await driver.tokens.preload(await broker.models(), budget_s)
+    except Exception as e:  # noqa: BLE001 - Redis away at start: the first batch loads its tokenizer
+        log.warning("tokenizer preload failed; loading at first use", error=f"{type(e).__name__}: {e}")
+        return {}
+    log.info("tokenizers preloaded", **{**done, "took_s": round(done["took_s"], 2)}, budget_s=budget_s)
+    return done
+
+
 async def drive_batch(ctx: dict[str, Any], batch_id: str) -> str:
     status: str = await ctx["driver"].drive(batch_id)
     return status
@@ -71,6 +86,11 @@ def make_worker(settings: BatcherSettings, **overrides: Any) -> Worker:
         hub = await stack.enter_async_context(broker.event_hub())
         ctx["broker"] = broker
         ctx["driver"] = Driver(broker, hub, store(settings.files_root), settings, owner)
+        if settings.batcher_preload_budget_s > 0:
+            ctx["preload"] = asyncio.create_task(
+                preload_tokenizers(broker, ctx["driver"], settings.batcher_preload_budget_s),
+                name="genq-tokenizer-preload",
+            )
         http = await stack.enter_async_context(
             httpx.AsyncClient(timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False)
         )
@@ -80,10 +100,11 @@ def make_worker(settings: BatcherSettings, **overrides: Any) -> Worker:
         log.info("batcher started", owner=owner, queue=queue_name(settings), arq_on=arq_on, files=settings.files_root)
 
     async def shutdown(ctx: dict[str, Any]) -> None:
-        if "drain" in ctx:
-            ctx["drain"].cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ctx["drain"]
+        for name in ("drain", "preload"):
+            if name in ctx:
+                ctx[name].cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ctx[name]
         await stack.aclose()
         log.info("batcher stopped", owner=owner)
 
