@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import structlog
@@ -72,6 +74,27 @@ class TokenCounter:
                     log.warning("tokenizer unusable; estimating prompt tokens", folder=folder, error=repr(e))
                     self._tokenizers[folder] = None
         return self._tokenizers[folder]
+
+    async def preload(self, models: Mapping[str, Mapping[str, Any]], budget_s: float) -> dict[str, Any]:
+        """Load now the tokenizers of ``models`` (model -> record, as ``Broker.models`` gives them).
+
+        One folder at a time, each in a thread; no new load starts once ``budget_s`` is spent (the
+        one in flight finishes: a thread cannot be cut). A folder that fails falls back to the
+        estimate, as at first use. Returns what was done (folders, loaded, skipped, took_s).
+        """
+        t0 = time.monotonic()
+        folders = sorted({str(info["tokenizer"]) for info in models.values() if info.get("tokenizer")})
+        loaded, skipped = 0, 0
+        for folder in folders:
+            if time.monotonic() - t0 >= budget_s:
+                skipped += 1
+                continue
+            loaded += await self._tokenizer(folder) is not None
+        return {"folders": len(folders), "loaded": loaded, "skipped": skipped, "took_s": time.monotonic() - t0}
+
+    def cached(self, folders: Iterable[str]) -> bool:
+        """Whether every folder's tokenizer is loaded (or known unusable): counting waits for no load."""
+        return all(f in self._tokenizers for f in folders)
 
     async def count(self, model_info: dict[str, Any], prompt: str | None, messages: list[dict[str, Any]] | None) -> int:
         folder = model_info.get("tokenizer")

@@ -46,6 +46,9 @@ class WebhookSettings(BaseSettings):
 class BatcherSettings(BrokerSettings, FilesSettings, WebhookSettings):
     model_config = SettingsConfigDict(env_prefix="GENQ_", extra="ignore", env_file=".env")
 
+    # The Redis of the batcher's arq control queue (standalone or Sentinel URL). Empty: GENQ_REDIS_URL,
+    # which then must not be a Cluster (arq uses MULTI across slots; see batcher.arq_redis).
+    batcher_arq_url: str | None = None
     batch_priority: int = Field(9, ge=0, le=9)  # the priority batch lines run at (9: after live traffic)
     # Lines of one batch queued or running at once (backpressure: live traffic keeps the rest).
     batch_max_in_flight: int = Field(64, ge=1)
@@ -58,6 +61,9 @@ class BatcherSettings(BrokerSettings, FilesSettings, WebhookSettings):
     batch_flush_s: float = Field(0.2, ge=0)
     # max_tokens of a line that omits it (capped by the model's context), as the API's.
     default_max_tokens: int = Field(512, ge=1)
+    # At start-up the batcher loads the tokenizers of the models registered then, in the background,
+    # so a first batch does not wait for one; it starts no new load past this many seconds. 0 = off.
+    batcher_preload_budget_s: float = Field(120.0, ge=0)
     # Batches one batcher process drives at once.
     batcher_max_jobs: int = Field(16, ge=1)
     # Delivery attempts of one webhook before it is given up (state `failed`).

@@ -10,7 +10,8 @@
   takeover epoch, so a sweep enqueues each takeover once.
 
 arq keeps its own keys (under its queue name, derived from the genq queue) on the
-broker's Redis; arq opens its pool from the URL.
+broker's Redis, or on ``GENQ_BATCHER_ARQ_URL``'s when set (required when the broker's is a
+Cluster: see :mod:`batcher.arq_redis`).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from typing import Any
 import httpx
 import structlog
 from arq import cron
-from arq.connections import RedisSettings
 from arq.worker import Worker, func
 
+from batcher.arq_redis import arq_redis_settings
 from batcher.driver import Driver
 from batcher.settings import BatcherSettings
 from batcher.storage import store
@@ -39,6 +40,21 @@ log = structlog.get_logger(__name__)
 
 def queue_name(settings: BatcherSettings) -> str:
     return f"arq:genq.{settings.queue}.batcher"
+
+
+async def preload_tokenizers(broker: Broker, driver: Driver, budget_s: float) -> dict[str, Any]:
+    """Load the registered models' tokenizers at start-up, so a first batch does not pay it (~5 s).
+
+    Runs in the background of a started batcher: a failure or an overrun is logged, never raised.
+    Models registered later load at their first batch, as before.
+    """
+    try:
+        done = await driver.tokens.preload(await broker.models(), budget_s)
+    except Exception as e:  # noqa: BLE001 - Redis away at start: the first batch loads its tokenizer
+        log.warning("tokenizer preload failed; loading at first use", error=f"{type(e).__name__}: {e}")
+        return {}
+    log.info("tokenizers preloaded", **{**done, "took_s": round(done["took_s"], 2)}, budget_s=budget_s)
+    return done
 
 
 async def drive_batch(ctx: dict[str, Any], batch_id: str) -> str:
@@ -61,6 +77,7 @@ async def sweep(ctx: dict[str, Any]) -> int:
 
 
 def make_worker(settings: BatcherSettings, **overrides: Any) -> Worker:
+    """The arq worker; raises :class:`batcher.arq_redis.ArqUrlError` when arq has no Redis it can use."""
     owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     stack = contextlib.AsyncExitStack()
 
@@ -69,18 +86,25 @@ def make_worker(settings: BatcherSettings, **overrides: Any) -> Worker:
         hub = await stack.enter_async_context(broker.event_hub())
         ctx["broker"] = broker
         ctx["driver"] = Driver(broker, hub, store(settings.files_root), settings, owner)
+        if settings.batcher_preload_budget_s > 0:
+            ctx["preload"] = asyncio.create_task(
+                preload_tokenizers(broker, ctx["driver"], settings.batcher_preload_budget_s),
+                name="genq-tokenizer-preload",
+            )
         http = await stack.enter_async_context(
             httpx.AsyncClient(timeout=settings.webhook_timeout_s, follow_redirects=False, trust_env=False)
         )
         ctx["webhooks"] = Deliverer(broker, settings, http)
         ctx["drain"] = asyncio.create_task(drain(broker, ctx["redis"], owner), name="genq-webhook-drain")
-        log.info("batcher started", owner=owner, queue=queue_name(settings), files=settings.files_root)
+        arq_on = "GENQ_BATCHER_ARQ_URL" if settings.batcher_arq_url else "GENQ_REDIS_URL"
+        log.info("batcher started", owner=owner, queue=queue_name(settings), arq_on=arq_on, files=settings.files_root)
 
     async def shutdown(ctx: dict[str, Any]) -> None:
-        if "drain" in ctx:
-            ctx["drain"].cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ctx["drain"]
+        for name in ("drain", "preload"):
+            if name in ctx:
+                ctx[name].cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ctx[name]
         await stack.aclose()
         log.info("batcher stopped", owner=owner)
 
@@ -97,7 +121,7 @@ def make_worker(settings: BatcherSettings, **overrides: Any) -> Worker:
             ),
         ],
         "cron_jobs": [cron(sweep, second=set(range(60)), run_at_startup=True, unique=True, keep_result=0)],
-        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "redis_settings": arq_redis_settings(settings.redis_url, settings.batcher_arq_url),
         "queue_name": queue_name(settings),
         "on_startup": startup,
         "on_shutdown": shutdown,

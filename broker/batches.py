@@ -13,10 +13,15 @@ resumes without running a line twice or dropping one:
 Every change is guarded by the batch's lease (``P:blease:<id>``, one batcher at a
 time) and by the statuses it may happen in (``batch_update.lua``), so a stale batcher
 cannot commit and a cancel cannot be overwritten.
+
+Every multi-key write is one script call (``record_put.lua``, ``record_drop.lua``,
+``batch_update.lua``), never a MULTI pipeline, which redis-py's cluster client refuses:
+the same code runs on standalone, Sentinel and Cluster, each call on the namespace's slot.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import time
@@ -55,9 +60,18 @@ class BatchStatusConflict(errors.BrokerError):
         self.batch_id, self.status = batch_id, status
 
 
+@functools.cache
+def _source(name: str) -> str:
+    return (resources.files("broker") / "lua" / f"{name}.lua").read_text()
+
+
 def _script(redis: RedisClient, name: str) -> AsyncScript:
     # AsyncScript takes the cluster client too; redis-py annotates only the standalone one.
-    return AsyncScript(cast(Redis, redis), (resources.files("broker") / "lua" / f"{name}.lua").read_text())
+    return AsyncScript(cast(Redis, redis), _source(name))
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 @dataclass(slots=True)
@@ -73,14 +87,18 @@ class BatchStore:
         self._redis, self._keys = redis, keys
         self._lease = _script(redis, "batch_lease")
         self._update = _script(redis, "batch_update")
+        # Scripts, not MULTI: redis-py's cluster client refuses transactions (record_put.lua).
+        self._put = _script(redis, "record_put")
+        self._drop = _script(redis, "record_drop")
+
+    async def _put_record(self, keys: list[str], record: Mapping[str, Any]) -> None:
+        rid = str(record["id"])
+        await self._put(keys, [rid, _now_ms(), json.dumps({f: str(v) for f, v in record.items()})])
 
     # -- files ------------------------------------------------------------
     async def put_file(self, record: Mapping[str, Any]) -> None:
-        k, fid = self._keys, str(record["id"])
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(k.file(fid), mapping={f: str(v) for f, v in record.items()})
-            pipe.zadd(k.tenant_files(str(record["tenant"])), {fid: time.time_ns() // 1_000_000})
-            await pipe.execute()
+        k = self._keys
+        await self._put_record([k.file(str(record["id"])), k.tenant_files(str(record["tenant"]))], record)
 
     async def get_file(self, file_id: str, tenant: str | None = None) -> dict[str, str] | None:
         rec: dict[str, str] = await typed_reply(self._redis.hgetall(self._keys.file(file_id)))
@@ -90,11 +108,8 @@ class BatchStore:
         rec = await self.get_file(file_id, tenant)
         if rec is None:
             return None
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self._keys.file(file_id))
-            pipe.zrem(self._keys.tenant_files(tenant), file_id)
-            await pipe.execute()
-        return rec
+        deleted = await self._drop([self._keys.file(file_id), self._keys.tenant_files(tenant)], [file_id, tenant])
+        return rec if deleted else None
 
     async def list_files(self, tenant: str, limit: int, after: str | None = None, purpose: str | None = None) -> Page:
         """The tenant's files, newest first, after the cursor ``after`` (a file id)."""
@@ -103,12 +118,9 @@ class BatchStore:
 
     # -- batches ----------------------------------------------------------
     async def create_batch(self, record: Mapping[str, Any]) -> None:
-        k, bid = self._keys, str(record["id"])
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(k.batch(bid), mapping={f: str(v) for f, v in record.items()})
-            pipe.zadd(k.tenant_batches(str(record["tenant"])), {bid: time.time_ns() // 1_000_000})
-            pipe.sadd(k.batches_active, bid)
-            await pipe.execute()
+        k = self._keys
+        keys = [k.batch(str(record["id"])), k.tenant_batches(str(record["tenant"])), k.batches_active]
+        await self._put_record(keys, record)
 
     async def get_batch(self, batch_id: str, tenant: str | None = None) -> dict[str, str] | None:
         rec: dict[str, str] = await typed_reply(self._redis.hgetall(self._keys.batch(batch_id)))

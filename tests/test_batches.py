@@ -403,3 +403,69 @@ def test_e2e_vllm_batch_of_50(make_stack, tmp_path: Path) -> None:  # noqa: F811
         body = x["response"]["body"]
         assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"]
         assert 0 < body["usage"]["completion_tokens"] <= 16 and body["usage"]["prompt_tokens"] > 0
+
+
+# -- tokenizers: loaded when the batcher starts, not at its first batch -------------------------
+class CountingTokenizer:
+    """Stands in for a transformers tokenizer: 7 tokens per chat prompt (the estimate says 13)."""
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], **kw: Any) -> list[int]:
+        return [1] * 7
+
+
+def test_tokenizers_load_at_start_not_at_the_first_batch(make_stack, tmp_path: Path, monkeypatch) -> None:  # noqa: F811
+    import threading
+
+    import api.tokens
+
+    loads: list[str] = []
+    loaded = threading.Event()
+
+    def load(folder: str) -> CountingTokenizer:
+        loads.append(folder)
+        loaded.set()
+        return CountingTokenizer()
+
+    monkeypatch.setattr(api.tokens, "_load", load)
+    stack = make_stack(worker=False, files_url=str(tmp_path / "files"))
+    folder = str(tmp_path / "tokenizer")
+    stack.call(lambda b: b.register_model("m", 4096, tokenizer=folder))
+    batcher = Batcher(stack)
+    try:
+        assert loaded.wait(30), "the batcher did not load the tokenizer at start-up"
+        preload = batcher.worker.ctx["preload"]
+        done = stack.portal.run(asyncio.wait_for(asyncio.shield(preload), 30))
+        assert (done["folders"], done["loaded"], done["skipped"]) == (1, 1, 0)
+        assert batcher.worker.ctx["driver"].tokens.cached([folder])
+        # The first batch's lines are counted with the tokenizer loaded at start: no load now.
+        c = client(stack, stack.key("acme"))
+        b = c.batches.create(
+            input_file_id=upload(c, jsonl([chat_line(0), chat_line(1)])),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        fed = wait_for(lambda: len(got := stack.call(lambda br: br.batches.fed_lines(b.id))) == 2 and got)
+        jobs = [stack.call(lambda br, j=j: br.get_job(j)) for j in fed.values()]
+        assert [j.prompt_tokens for j in jobs] == [7, 7]  # the tokenizer's count, not the estimate
+        assert loads == [folder]
+        c.batches.cancel(b.id)
+    finally:
+        batcher.stop()
+
+
+async def test_preload_is_bounded_and_never_raises(monkeypatch) -> None:
+    import api.tokens
+
+    def load(folder: str) -> CountingTokenizer:
+        if folder == "/bad":
+            raise OSError("no such folder")
+        return CountingTokenizer()
+
+    monkeypatch.setattr(api.tokens, "_load", load)
+    models = {"a": {"tokenizer": "/bad"}, "b": {"tokenizer": "/good"}, "c": {"max_model_len": 8}}
+    counter = api.tokens.TokenCounter()
+    assert (await counter.preload(models, budget_s=0))["skipped"] == 2  # over budget: no load starts
+    assert not counter.cached(["/bad"]) and not counter.cached(["/good"])
+    done = await counter.preload(models, budget_s=60)
+    assert (done["folders"], done["loaded"], done["skipped"]) == (2, 1, 0)
+    assert counter.cached(["/bad", "/good"])  # the bad one is known unusable: estimated, not retried

@@ -35,7 +35,7 @@ CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring-v1.json",
 }
 # Variables in the manifests that are not genq's own.
-FOREIGN_ENV = {"REDIS_PASSWORD", "VLLM_CPU_KVCACHE_SPACE"}
+FOREIGN_ENV = {"REDIS_PASSWORD", "VLLM_CPU_KVCACHE_SPACE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 
 
 # -- a kustomize subset: resources, labels, configMapGenerator, images, JSON 6902 patches --------
@@ -186,6 +186,17 @@ def test_compose_validates_against_the_compose_spec() -> None:
         assert json.loads(env["GENQ_MODELS"]) == [env["GENQ_WORKER_SERVED_MODEL_NAME"]]
         assert _seconds(services[name]["stop_grace_period"]) > float(env["GENQ_WORKER_DRAIN_GRACE_S"]) + 10
     _check_env_names({k for s in services.values() for k in s.get("environment", {})})
+    # The batcher: the API's image, the same Redis, and the API's files on one shared volume.
+    api, batcher = services["api"], services["batcher"]
+    assert batcher["image"] == api["image"] and batcher["build"] == api["build"]
+    assert batcher["command"] == ["genq", "batcher"] and "profiles" not in batcher
+    assert batcher["healthcheck"] == {"disable": True}  # no HTTP; the image's /readyz check is the API's
+    folder = api["environment"]["GENQ_FILES_URL"]
+    assert batcher["environment"]["GENQ_FILES_URL"] == folder and folder.startswith("/")
+    for env in ("GENQ_REDIS_URL", "GENQ_QUEUE"):
+        assert batcher["environment"].get(env) == api["environment"].get(env)
+    mounts = [{v.split(":")[0] for v in svc["volumes"] if v.split(":")[1] == folder} for svc in (api, batcher)]
+    assert mounts[0] == mounts[1] and len(mounts[0]) == 1 and mounts[0] <= set(compose["volumes"])
 
 
 def _seconds(text: str) -> float:
@@ -237,6 +248,44 @@ def test_env_vars_are_real_and_the_worker_serves_a_model_the_api_admits(rendered
         assert "GENQ_WORKER_MODEL" in worker
     shm = [v for v in worker_spec["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
     assert shm and {"name": shm[0]["name"], "mountPath": "/dev/shm"} in worker_spec["containers"][0]["volumeMounts"]
+
+
+def test_the_batcher_runs_the_api_image_with_the_apis_redis_and_files(rendered) -> None:
+    _, docs = rendered
+    api_spec = find(docs, "Deployment", "genq-api")["spec"]["template"]["spec"]
+    deploy = find(docs, "Deployment", "genq-batcher")
+    spec = deploy["spec"]["template"]["spec"]
+    (api,), (batcher,) = api_spec["containers"], spec["containers"]
+    assert batcher["image"] == api["image"] and batcher["args"] == ["genq", "batcher"]
+    assert spec["securityContext"] == api_spec["securityContext"]
+    assert batcher["resources"]["requests"] and batcher["resources"]["limits"]["memory"]
+    # It serves no HTTP: no probe could check it (arq's health-check key is written hourly).
+    assert not {"readinessProbe", "livenessProbe", "startupProbe", "ports"} & set(batcher)
+
+    def source(c: dict[str, Any], name: str) -> Any:
+        (e,) = [e for e in c["env"] if e["name"] == name]
+        return e.get("valueFrom", e.get("value"))
+
+    # the same Redis, queue namespace and file store as the API (the API writes the files it reads)
+    assert batcher["envFrom"] == api["envFrom"]
+    for name in ("GENQ_REDIS_URL", "GENQ_FILES_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert source(batcher, name) == source(api, name), name
+    labels = deploy["spec"]["template"]["metadata"]["labels"]
+    pdb = find(docs, "PodDisruptionBudget", "genq-batcher")["spec"]
+    assert pdb["selector"]["matchLabels"].items() <= labels.items()
+    assert pdb["minAvailable"] < deploy["spec"]["replicas"]  # a node drain never blocks for good
+
+
+def test_the_api_image_holds_every_package_the_api_and_the_batcher_import() -> None:
+    import api.app  # noqa: F401
+    import batcher.worker  # noqa: F401
+    import genq.cli  # noqa: F401
+
+    ours = {name.split(".")[0] for name, m in list(sys.modules.items()) if (ROOT / name.split(".")[0]).is_dir()}
+    ours &= {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    copied = set(re.findall(r"^COPY (\w+) \1$", (DEPLOY / "Dockerfile.api").read_text(), re.M))
+    assert {"api", "batcher", "broker", "genq"} <= ours
+    assert ours - {"tests"} <= copied, ours - copied
 
 
 def test_grace_period_covers_the_worker_drain(rendered) -> None:

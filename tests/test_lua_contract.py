@@ -45,8 +45,13 @@ def _statements(src: str, containing: str) -> list[str]:
 
 
 def sources() -> dict[str, str]:
+    """Every script in broker/lua, the batch ones (loaded by broker.batches) included."""
     lua = resources.files("broker") / "lua"
-    return {name: (lua / f"{name}.lua").read_text() for name in ("_lib", *NAMES)}
+    return {p.name.removesuffix(".lua"): p.read_text() for p in lua.iterdir() if p.name.endswith(".lua")}
+
+
+def test_the_checks_see_every_script() -> None:
+    assert {"_lib", *NAMES, "batch_update", "batch_lease", "record_put", "record_drop"} <= set(sources())
 
 
 def _call_args(src: str, func: str) -> list[list[str]]:
@@ -210,6 +215,7 @@ def test_every_key_a_script_builds_matches_broker_keys(client: redis_sync.Redis)
         ("_lib", "P .. ':ev:' .. jid", "P .. ':evt:' .. jid"),  # a helper drifts from keys.py
         ("reap", "local J = job_keys(P, jid)", "local J = job_keys(P, jid); local x = P .. ':job:' .. jid"),
         ("_lib", "mp .. ':deadlines'", "mp .. ':deadline'"),
+        ("record_put", "'ZADD', KEYS[2]", "'ZADD', 'genq:{q}' .. ':tfiles:' .. ARGV[1]"),
     ],
 )
 def test_key_check_fails_on_a_mutated_script(client: redis_sync.Redis, script: str, old: str, new: str) -> None:

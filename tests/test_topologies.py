@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 import redis as redis_sync
 import structlog
+from arq.connections import create_pool
 from redis.crc import key_slot
 
+from batcher.arq_redis import arq_redis_settings
 from broker import Broker, BrokerSettings, JobSpec, JobStatus
 from broker.client import OutputWrite
 from broker.connection import ClusterClient, connect_redis
@@ -154,6 +156,41 @@ async def test_cancel_notice_reaches_the_worker(topo: Broker) -> None:
             async for job_id in notices:
                 assert job_id == adm.job_id
                 break
+
+
+async def test_files_and_batches_round_trip(topo: Broker) -> None:
+    """Files and batches records (scripts, no MULTI: the cluster client refuses transactions)."""
+    bs = topo.batches
+    f = {"id": "file-1", "tenant": "acme", "purpose": "batch", "filename": "in.jsonl", "bytes": 12, "path": "file-1"}
+    await bs.put_file(f)
+    assert await bs.get_file("file-1", "acme") == {k: str(v) for k, v in f.items()}
+    assert [r["id"] for r in (await bs.list_files("acme", 10, purpose="batch")).items] == ["file-1"]
+    rec = {"id": "batch_1", "tenant": "acme", "status": "validating", "input_file_id": "file-1", "next_line": 0}
+    await bs.create_batch(rec)
+    assert await bs.get_batch("batch_1", "acme") == {k: str(v) for k, v in rec.items()}
+    assert await bs.get_batch("batch_1", "other") is None
+    assert [r["id"] for r in (await bs.list_batches("acme", 10)).items] == ["batch_1"]
+    assert await bs.active_batches() == ["batch_1"]
+    assert await bs.lease("batch_1", "b1", 5_000) == (True, 1)
+    assert await bs.update("batch_1", owner="b1", set={"status": "in_progress"}, lines={0: "job-a"}) == "in_progress"
+    assert await bs.fed_lines("batch_1") == {0: "job-a"}
+    assert await bs.delete_file("file-1", "other") is None
+    assert (await bs.delete_file("file-1", "acme") or {}).get("id") == "file-1"
+    assert await bs.get_file("file-1") is None
+    assert (await bs.list_files("acme", 10)).items == []
+
+
+async def test_batcher_arq_queue_behind_sentinel(redis_sentinel: RedisSentinel) -> None:
+    """arq's own Sentinel support, from genq's Sentinel URL (batcher.arq_redis): jobs land on the master."""
+    pool = await create_pool(arq_redis_settings(redis_sentinel.url))
+    job_id, queue = "t" + secrets.token_hex(6), "arq:t" + secrets.token_hex(6)
+    try:
+        assert await pool.enqueue_job("drive_batch", "batch_1", _job_id=job_id, _queue_name=queue) is not None
+        master = redis_sync.Redis(port=redis_sentinel.master_port(), decode_responses=True)
+        assert master.exists(f"arq:job:{job_id}") and master.zscore(queue, job_id) is not None
+    finally:
+        await pool.delete(f"arq:job:{job_id}", queue)
+        await pool.aclose()
 
 
 async def test_cluster_client_routes_by_slot(redis_cluster: RedisCluster) -> None:
