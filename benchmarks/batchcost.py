@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,8 @@ import structlog
 
 from benchmarks.common import private_redis
 from broker import Broker, BrokerSettings, JobSpec
-from broker.models import JobStatus, Lease
+from broker.client import Completion
+from broker.models import JobStatus
 from worker.engine.base import EngineSettings
 from worker.engine.simulated import SimulatedEngine
 from worker.loop import Worker
@@ -86,11 +88,12 @@ class CountingBroker(Broker):
     def expect(self, n: int) -> None:
         self.target, self.completed, self.all_done = n, 0, asyncio.Event()
 
-    async def complete(self, lease: Lease, *args: Any, **kw: Any) -> None:
-        await super().complete(lease, *args, **kw)
-        self.completed += 1
+    async def complete_batch(self, items: Sequence[Completion]) -> dict[str, bool]:
+        written = await super().complete_batch(items)  # the worker finishes jobs through this
+        self.completed += sum(written.values())
         if self.completed >= self.target:
             self.all_done.set()
+        return written
 
 
 async def _snapshot(admin: aredis.Redis) -> tuple[float, dict[str, int]]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from redis.exceptions import NoScriptError
 
 from broker import errors
 from broker.batches import BatchStore
@@ -126,6 +127,21 @@ class Broker:
     async def ping(self) -> None:
         """Raises :class:`errors.Unavailable` unless Redis answers."""
         await self._redis.ping()
+
+    async def _run(self, pipe: Any) -> list[Any]:
+        """Execute a pipeline of script calls. redis-py loads a pipeline's scripts before sending
+        it, but a pipeline retried across a Redis restart finds them forgotten: load them again and
+        send it once more (each script is replay-safe: admission by job id, writes by offset and
+        fence). A cluster pipeline does the same itself (broker.connection)."""
+        stack = list(getattr(pipe, "command_stack", ()))
+        try:
+            return list(await pipe.execute())
+        except NoScriptError:
+            if not stack:
+                raise
+            await self.load_scripts()
+            pipe.command_stack = stack
+            return list(await pipe.execute())
 
     async def load_scripts(self) -> None:
         """Make sure Redis holds every script (a restarted or failed-over Redis forgets them).
@@ -322,7 +338,7 @@ class Broker:
         pipe = self._redis.pipeline(transaction=False)  # WAIT must follow on the same connection
         await self._scripts.admit(keys, args, client=pipe)
         self._wait_replicas(pipe, keys[0])
-        reply, acked = await pipe.execute()
+        reply, acked = await self._run(pipe)
         self._check_replicas(acked)
         return self._admission(spec, reply)
 
@@ -353,7 +369,7 @@ class Broker:
             last_key = keys[0]
         if sent and self.settings.redis_wait_replicas:
             self._wait_replicas(pipe, last_key)
-        replies = await pipe.execute() if sent else []
+        replies = await self._run(pipe) if sent else []
         if sent and self.settings.redis_wait_replicas:
             self._check_replicas(replies.pop())
         for i, reply in zip(sent, replies, strict=True):
@@ -418,7 +434,7 @@ class Broker:
                     d.logprobs,
                 ]
             await self._scripts.append(keys, args, client=pipe)
-        replies = await pipe.execute()
+        replies = await self._run(pipe)
         ok: dict[str, bool] = {}
         for chunk, codes in zip(chunks, replies, strict=True):
             for d, c in zip(chunk, codes, strict=True):  # a job may have several writes in one flush
@@ -485,7 +501,7 @@ class Broker:
                     c.logprobs,
                 ]
             await self._scripts.complete(keys, args, client=pipe)
-        replies = await pipe.execute()
+        replies = await self._run(pipe)
         return {
             c.lease.id: int(code) == Code.OK
             for chunk, codes in zip(chunks, replies, strict=True)
