@@ -121,8 +121,9 @@ def contract_problems(srcs: dict[str, str]) -> list[str]:
                     problems += _check_value(value, enum, f"{script} {name.strip()} =")
         for args in _call_args(src, "emit"):
             problems += _check_value(args[2], EventType, f"{script} emit")
-        for args in _call_args(src, "emit_numbered"):
-            problems += _check_value(args[3], EventType, f"{script} emit_numbered")
+        for func in ("emit_numbered", "record"):
+            for args in _call_args(src, func):
+                problems += _check_value(args[3], EventType, f"{script} {func}")
         for args in _call_args(src, "finish"):
             problems += _check_value(args[1], JobStatus, f"{script} finish")
             problems += _check_value(args[2], EventType, f"{script} finish")
@@ -190,7 +191,7 @@ def test_every_emitted_name_is_a_contract_member() -> None:
     [
         ("append", "EVENT.token", "EVENT.tokens"),  # an undefined table entry (nil in Lua)
         ("claim", "EVENT.started", "'starting'"),  # a bare literal event type (emit_numbered)
-        ("admit", "EVENT.queued", "'waiting'"),  # a bare literal event type (emit)
+        ("admit", "EVENT.queued", "'waiting'"),  # a bare literal event type (record)
         ("complete", "STATUS.succeeded, EVENT.done", "'success', EVENT.done"),
         ("reap", "settle(P, J, jid, ERROR.worker_lost", "settle(P, J, jid, 'lost'"),
         ("_lib", "cancelled = 'cancelled', expired", "cancelled = 'canceled', expired"),

@@ -56,8 +56,11 @@ end
 
 -- Append one event to the job's stream and publish "<id>\n<n>\n<type>\n<data>" on its
 -- channel; n counts the job's events (1, 2, ...) so a live follower can tell a gap.
+local function record(J, maxlen, n, etype, data)  -- to the stream only (nobody can follow yet)
+  return redis.call('XADD', J.ev, 'MAXLEN', '~', maxlen, '*', 'n', n, 't', etype, 'd', data)
+end
 local function emit_numbered(J, maxlen, n, etype, data)  -- n: the job's evn, already counted
-  local id = redis.call('XADD', J.ev, 'MAXLEN', '~', maxlen, '*', 'n', n, 't', etype, 'd', data)
+  local id = record(J, maxlen, n, etype, data)
   redis.call('PUBLISH', J.ch, id .. '\n' .. n .. '\n' .. etype .. '\n' .. data)
   return id
 end
@@ -65,14 +68,16 @@ local function emit(J, maxlen, etype, data)
   return emit_numbered(J, maxlen, redis.call('HINCRBY', J.job, 'evn', 1), etype, data)
 end
 
+-- Token bucket: its level refilled to now, from the stored level and its time.
+local function refilled(have, ts, per_min, burst, now)
+  local level = num(have, burst) + (now - num(ts, now)) * per_min / 60000
+  if level > burst then level = burst end
+  return level
+end
 -- Token bucket: current level (refilled to now) of field f in hash state.
 local function bucket_level(state, f, per_min, burst, now)
   local v = redis.call('HMGET', state, f, f .. '_ts')
-  local have = num(v[1], burst)
-  local ts = num(v[2], now)
-  local level = have + (now - ts) * per_min / 60000
-  if level > burst then level = burst end
-  return level
+  return refilled(v[1], v[2], per_min, burst, now)
 end
 
 -- A negative amount charges what an estimate undercounted.
@@ -99,7 +104,9 @@ end
 
 -- Put a job (back) into its tenant's FIFO at its priority; a tenant that becomes
 -- backlogged starts at max(own counter, lowest backlogged counter) (VTC "lift").
-local function enqueue(P, mp, jid, tenant, prio, seq, pscore, cost)
+-- counted: the caller has moved the counters (queued jobs and tokens per priority, the
+-- tenant's and the global queued counts) itself.
+local function enqueue(P, mp, jid, tenant, prio, seq, pscore, cost, counted)
   local tq = k_tenant_queue(mp, prio, tenant)
   local tz = k_tenants(mp, prio)
   redis.call('ZADD', tq, seq, jid)
@@ -110,13 +117,14 @@ local function enqueue(P, mp, jid, tenant, prio, seq, pscore, cost)
     redis.call('ZADD', tz, v, tenant)
   end
   redis.call('ZADD', k_queued(mp), pscore, jid)
-  redis.call('HINCRBY', k_stats(mp), 'd' .. prio, 1)
-  redis.call('HINCRBY', k_stats(mp), 'k' .. prio, cost)
-  redis.call('HINCRBY', k_tenant_state(P, tenant), 'q', 1)
-  redis.call('HINCRBY', k_global(P), 'queued', 1)
-  local wake = k_wake(mp)
-  redis.call('RPUSH', wake, 1)
-  redis.call('LTRIM', wake, -64, -1)
+  if not counted then
+    redis.call('HINCRBY', k_stats(mp), 'd' .. prio, 1)
+    redis.call('HINCRBY', k_stats(mp), 'k' .. prio, cost)
+    redis.call('HINCRBY', k_tenant_state(P, tenant), 'q', 1)
+    redis.call('HINCRBY', k_global(P), 'queued', 1)
+  end
+  local wake = k_wake(mp)  -- a wake-up for a claimer blocked in BLPOP; 64 are plenty
+  if redis.call('RPUSH', wake, 1) > 64 then redis.call('LTRIM', wake, -64, -1) end
 end
 
 -- Take a queued job out of the queue structures (claim, cancel, deadline).

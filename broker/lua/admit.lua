@@ -59,7 +59,8 @@ if L[7] and not string.find(L[7], tostring(prio), 1, true) then
 end
 
 local now = now_ms()
-local stats = redis.call('HMGET', KEYS[11], 'dr', 'w_start', 'w_jobs')
+-- Counters this admission moves are read together here and written together at the end.
+local stats = redis.call('HMGET', KEYS[11], 'dr', 'w_start', 'w_jobs', 'd' .. prio, 'k' .. prio)
 local drain = num(stats[1], 0)
 if drain <= 0 and stats[2] and now > tonumber(stats[2]) then
   drain = num(stats[3], 0) * 1000 / math.max(1000, now - tonumber(stats[2]))
@@ -69,11 +70,13 @@ local function wait_for(excess)
   return math.max(1, math.ceil(excess * 1000 / drain))
 end
 
-local gq = num(redis.call('HGET', KEYS[10], 'queued'), 0)
+local g = redis.call('HMGET', KEYS[10], 'queued', 'seq')
+local gq = num(g[1], 0)
 if gq >= tonumber(ARGV[11]) then
   return {13, '', 0, 0, 0, 0, 0, 0, 0, wait_for(gq - tonumber(ARGV[11]) + 1)}
 end
-local tq = num(redis.call('HGET', KEYS[7], 'q'), 0)
+local ts = redis.call('HMGET', KEYS[7], 'q', 'rq', 'rq_ts', 'tk', 'tk_ts')
+local tq = num(ts[1], 0)
 if maxq > 0 and tq >= maxq then
   return {12, '', 0, 0, 0, 0, 0, 0, 0, wait_for(1)}
 end
@@ -83,47 +86,55 @@ if tpm > 0 and cost > tpm_b then return {14, '', tpm_b, 0, 0, 0, tpm, 0, 0, 0} e
 local rq_left, rq_reset, tk_left, tk_reset = -1, 0, -1, 0
 local rq_level, tk_level
 if rpm > 0 then
-  rq_level = bucket_level(KEYS[7], 'rq', rpm, rpm_b, now)
+  rq_level = refilled(ts[2], ts[3], rpm, rpm_b, now)
   if rq_level < 1 then
     local wait = math.ceil((1 - rq_level) * 60000 / rpm)
     return {10, '', 0, rpm, 0, wait, tpm, 0, 0, wait}
   end
 end
 if tpm > 0 then
-  tk_level = bucket_level(KEYS[7], 'tk', tpm, tpm_b, now)
+  tk_level = refilled(ts[4], ts[5], tpm, tpm_b, now)
   if tk_level < cost then
     local wait = math.ceil((cost - tk_level) * 60000 / tpm)
     return {11, '', 0, rpm, math.floor(rq_level or 0), 0, tpm, math.floor(tk_level), wait, wait}
   end
 end
+local state = {'q', tq + 1}
 if rpm > 0 then
   rq_level = rq_level - 1
-  redis.call('HSET', KEYS[7], 'rq', rq_level, 'rq_ts', now)
+  state[#state + 1] = 'rq'; state[#state + 1] = rq_level
+  state[#state + 1] = 'rq_ts'; state[#state + 1] = now
   rq_left, rq_reset = math.floor(rq_level), math.ceil((rpm_b - rq_level) * 60000 / rpm)
 end
 if tpm > 0 then
   tk_level = tk_level - cost
-  redis.call('HSET', KEYS[7], 'tk', tk_level, 'tk_ts', now)
+  state[#state + 1] = 'tk'; state[#state + 1] = tk_level
+  state[#state + 1] = 'tk_ts'; state[#state + 1] = now
   tk_left, tk_reset = math.floor(tk_level), math.ceil((tpm_b - tk_level) * 60000 / tpm)
 end
+redis.call('HSET', KEYS[7], unpack(state))
+local seq = num(g[2], 0) + 1
+redis.call('HSET', KEYS[10], 'seq', seq, 'queued', gq + 1)
+redis.call('HSET', KEYS[11], 'd' .. prio, num(stats[4], 0) + 1, 'k' .. prio, num(stats[5], 0) + cost)
 
 local ttl = tonumber(ARGV[10])
 local deadline = tonumber(ARGV[18])
-local seq = redis.call('HINCRBY', KEYS[10], 'seq', 1)
 local pscore = prio * 1e13 + now
 redis.call('HSET', J.job, 'id', jid, 'tenant', tenant, 'model', model, 'status', STATUS.queued,
   'priority', prio, 'attempts', 0, 'max_attempts', ARGV[19], 'request', ARGV[9],
   'prompt_tokens', pt, 'max_tokens', mt, 'cost', cost, 'completion_tokens', 0,
   'created_ms', now, 'seq', seq, 'pscore', pscore, 'weight', weight,
-  'tpm', tpm, 'tpm_burst', tpm_b, 'deadline_ms', deadline, 'fence', 0, 'ttl', ttl, 'fp', ARGV[22])
+  'tpm', tpm, 'tpm_burst', tpm_b, 'deadline_ms', deadline, 'fence', 0, 'ttl', ttl, 'evn', 1, 'fp', ARGV[22])
 local webhook = ARGV[23] or ''
 if webhook == '' then webhook = L[8] or '' end
 if webhook ~= '' and webhook ~= '-' then redis.call('HSET', J.job, 'webhook', webhook) end
-enqueue(P, mp, jid, tenant, prio, seq, pscore, cost)
+enqueue(P, mp, jid, tenant, prio, seq, pscore, cost, true)
 if deadline > 0 then redis.call('ZADD', k_deadlines(mp), deadline, jid) end
 redis.call('ZADD', KEYS[8], now, jid)
 redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', now - ttl)
 if ARGV[8] == '1' then redis.call('SET', KEYS[5], jid, 'PX', ttl) end
-emit(J, ARGV[20], EVENT.queued, cjson.encode({priority = prio, model = model}))
+-- The first event: nobody can follow a job whose id this call is only now making known, so it
+-- goes to the stream (where a follower starts) and is not published.
+record(J, ARGV[20], 1, EVENT.queued, cjson.encode({priority = prio, model = model}))
 local pos = redis.call('ZCOUNT', k_queued(mp), '-inf', '(' .. pscore)
 return {0, jid, pos, rpm, rq_left, rq_reset, tpm, tk_left, tk_reset, 0}
