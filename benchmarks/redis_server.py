@@ -84,13 +84,24 @@ async def ready(client: Redis, timeout_s: float = 10.0) -> None:
 
 
 @asynccontextmanager
-async def servers(count: int, cluster: bool) -> AsyncIterator[list[int]]:
-    """``count`` private redis-servers (a Cluster of them when ``cluster``); their ports."""
+async def servers(count: int, cluster: bool, extra_args: Sequence[str] = ()) -> AsyncIterator[list[int]]:
+    """``count`` private redis-servers (a Cluster of them when ``cluster``); their ports.
+    ``extra_args`` are added to each server's (and win over) :data:`SERVER_ARGS`."""
     with tempfile.TemporaryDirectory(prefix="genq-bench-redis-") as tmp:
         ports, procs = [free_port(cluster) for _ in range(count)], []
         try:
             for port in ports:
-                args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp, *SERVER_ARGS]
+                args = [
+                    redis_server_binary(),
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    tmp,
+                    *SERVER_ARGS,
+                    *extra_args,
+                ]
                 if cluster:
                     args += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"]
                 procs.append(await asyncio.create_subprocess_exec(*args, stdout=DEVNULL, stderr=DEVNULL))

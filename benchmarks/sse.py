@@ -31,7 +31,6 @@ import multiprocessing as mp
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from typing import Any
 import structlog
 
 from benchmarks.common import expect, percentile, spawn
+from benchmarks.redis_server import free_port
 from benchmarks.sse_children import SSE_MODEL, client_main, producer_main
 from broker import Broker, BrokerSettings, JobSpec
 from broker.events import EventHub
@@ -155,12 +155,6 @@ class Result:
 
 
 # -- processes started here: the API, vLLM's server, genq's worker ----------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Child:
     """A subprocess in its own session (so its own children stop with it), logging to a file."""
