@@ -24,7 +24,7 @@ from redis.exceptions import NoScriptError
 from broker import errors
 from broker.batches import BatchStore
 from broker.connection import RedisClient, connect_redis, wait_replicas
-from broker.contract import EventType, FailOutcome, JobErrorCode, RenewResult, TokenLogprob
+from broker.contract import LOWEST_PRIORITY, EventType, FailOutcome, JobErrorCode, RenewResult, TokenLogprob
 from broker.errors import Code, translated
 from broker.events import ControlListener, EventHub
 from broker.keys import PRIORITIES, Keys
@@ -380,13 +380,23 @@ class Broker:
         return [r for r in results if r is not None]
 
     # -- worker side ----------------------------------------------------
-    async def claim(self, model: str, worker_id: str, max_jobs: int, max_tokens: int = 1 << 40) -> list[Lease]:
-        if max_jobs <= 0:
+    async def claim(
+        self,
+        model: str,
+        worker_id: str,
+        max_jobs: int,
+        max_tokens: int = 1 << 40,
+        *,
+        max_priority: int = LOWEST_PRIORITY,
+    ) -> list[Lease]:
+        """Lease up to ``max_jobs`` queued jobs (``max_tokens`` in all, the first one always) of
+        priority ``max_priority`` or more urgent, in claim order (see claim.lua)."""
+        if max_jobs <= 0 or max_priority < 0:
             return []
         s, k = self.settings, self._keys
         reply = await self._scripts.claim(
             [k.stats(model), k.leases(model), k.global_],
-            [k.prefix, model, max_jobs, max_tokens, s.lease_ms, worker_id, s.events_maxlen],
+            [k.prefix, model, max_jobs, max_tokens, s.lease_ms, worker_id, s.events_maxlen, max_priority],
         )
         leases = []
         for rec in reply:
@@ -394,10 +404,13 @@ class Broker:
             leases.append(Lease(Job.from_hash(h), int(rec[1])))
         return leases
 
-    async def wait_for_work(self, model: str, timeout_s: float) -> bool:
-        """Block until a job may be claimable (or timeout). No polling: BLPOP on the wake list."""
+    async def wait_for_work(self, model: str, timeout_s: float, *, urgent: bool = False) -> bool:
+        """Block until a job may be claimable (or timeout). No polling: BLPOP on the wake list;
+        ``urgent``: only for work more urgent than the lowest priority (what a full worker may
+        claim to preempt its batch work)."""
+        key = self._keys.wake_urgent(model) if urgent else self._keys.wake(model)
         # Redis >= 6 takes a fractional BLPOP timeout; redis-py 5 annotates it as int.
-        woke = await typed_reply(self._redis.blpop([self._keys.wake(model)], timeout=timeout_s))  # type: ignore[arg-type]
+        woke = await typed_reply(self._redis.blpop([key], timeout=timeout_s))  # type: ignore[arg-type]
         return woke is not None
 
     async def renew(self, model: str, leases: Iterable[tuple[str, int]]) -> dict[str, RenewResult]:

@@ -154,6 +154,7 @@ MODEL = re.compile(r"^[A-Za-z0-9._/:\-]{1,128}$")
 
 
 TokenId = Annotated[int, Field(ge=0)]
+LOWEST_PRIORITY = 9  # priorities run 0 (first) .. 9; batch lines default to it (claim.lua mirrors it)
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs, and OpenAI's top_logprobs limit
 
 
@@ -295,7 +296,7 @@ class JobSpec(BaseModel):
     messages: list[dict[str, Any]] | None = None
     sampling: Sampling = Sampling()
     max_tokens: int = Field(256, ge=1)
-    priority: int = Field(5, ge=0, le=9)
+    priority: int = Field(5, ge=0, le=LOWEST_PRIORITY)
     # Counted by the caller (API: the model's tokenizer, or an upper-bound estimate).
     prompt_tokens: int = Field(0, ge=0)
     idempotency_key: str | None = None

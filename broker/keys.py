@@ -33,6 +33,8 @@ P:m:<model>:p<p>:t:<t>                zset    tenant's queued jobs -> admission 
 P:m:<model>:leases                    zset    running job -> lease expiry ms              none
 P:m:<model>:deadlines                 zset    queued, never-run job -> deadline ms        none
 P:m:<model>:wake                      list    wake-up tokens for blocked claimers         trimmed
+P:m:<model>:wake_u                    list    the same for work that may preempt          trimmed
+                                              (priority < 9): wakes full workers
 P:m:<model>:ctl                       pubsub  cancel notices (job ids) for workers        -
 P:file:<id>                           hash    file record (tenant, purpose, filename,     none (DELETE)
                                               bytes, created_at, path); content lives in
@@ -148,6 +150,9 @@ class Keys:
 
     def wake(self, model: str) -> str:
         return f"{self.model_prefix(model)}:wake"
+
+    def wake_urgent(self, model: str) -> str:
+        return f"{self.model_prefix(model)}:wake_u"
 
     def control(self, model: str) -> str:
         return f"{self.model_prefix(model)}:ctl"

@@ -60,7 +60,7 @@ FORBIDDEN = [
     re.compile(
         r"""["'][^"'\n]*:(job|ev|ch|tjobs|idem|apikeys|tenant|ts|workers|global|file|tfiles|batch|tbatches|bjobs|bsegs|blease)(:|["'])"""
     ),
-    re.compile(r"""["'][^"'\n]*:m:[^"'\n]*:(stats|queued|leases|wake|ctl)"""),
+    re.compile(r"""["'][^"'\n]*:m:[^"'\n]*:(stats|queued|leases|wake|wake_u|ctl)"""),
     re.compile(r"\b(EVALSHA|EVAL|register_script)\b"),
 ]
 

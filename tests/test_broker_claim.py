@@ -171,6 +171,33 @@ async def test_wait_for_work_wakes_on_admit(broker: Broker) -> None:
     assert len(await broker.claim("m", "w", 1)) == 1
 
 
+async def test_a_full_workers_claim_takes_only_more_urgent_work(broker: Broker) -> None:
+    """``max_priority``: what a full worker claims to preempt its batch work (strictly more urgent)."""
+    low = await admit_all(broker, [spec("a", priority=9) for _ in range(3)])
+    assert await broker.claim("m", "w", 5, max_priority=8) == []
+    mid = (await broker.admit(spec("b", priority=6))).job_id
+    high = (await broker.admit(spec("c", priority=2))).job_id
+    assert [x.job.id for x in await broker.claim("m", "w", 5, max_priority=1)] == []
+    assert [x.job.id for x in await broker.claim("m", "w", 5, max_priority=8)] == [high, mid]
+    assert [x.job.id for x in await broker.claim("m", "w", 5)] == low
+
+
+async def test_urgent_wake_ups_only_for_work_that_may_preempt(broker: Broker) -> None:
+    await broker.admit(spec(priority=9))  # batch priority preempts nothing: no urgent wake-up
+    assert await broker.wait_for_work("m", 0.1, urgent=True) is False
+    waiter = asyncio.create_task(broker.wait_for_work("m", 5, urgent=True))
+    await asyncio.sleep(0.1)  # let the BLPOP reach Redis; the waiter must still be blocked
+    assert not waiter.done()
+    await broker.admit(spec(priority=8))
+    assert await asyncio.wait_for(waiter, 2) is True
+    await admit_all(broker, [spec(priority=5) for _ in range(2)])  # two more tokens
+    assert len(await broker.claim("m", "w", 3, max_priority=8)) == 3
+    # nothing urgent is left queued: a full worker's empty claim drops the stale tokens
+    assert await broker.claim("m", "w", 3, max_priority=8) == []
+    assert await broker.wait_for_work("m", 0.1, urgent=True) is False
+    assert len(await broker.claim("m", "w", 3)) == 1  # the batch-priority job is still there
+
+
 @pytest.mark.parametrize("weights", [None, {"a": 2.0}])
 async def test_queue_position_estimate_is_the_fair_claim_order(broker: Broker, weights: dict | None) -> None:
     """With equal job costs the fair-share estimate is the order claims really take; the bounds hold."""

@@ -147,6 +147,7 @@ KEY_BUILDERS = {
     "k_leases(k_model(ARGV[1], ARGV[3]))": lambda k: k.leases("org/model:1"),
     "k_deadlines(k_model(ARGV[1], ARGV[3]))": lambda k: k.deadlines("org/model:1"),
     "k_wake(k_model(ARGV[1], ARGV[3]))": lambda k: k.wake("org/model:1"),
+    "k_wake_urgent(k_model(ARGV[1], ARGV[3]))": lambda k: k.wake_urgent("org/model:1"),
     "k_control(k_model(ARGV[1], ARGV[3]))": lambda k: k.control("org/model:1"),
     "k_tenants(k_model(ARGV[1], ARGV[3]), 7)": lambda k: k.tenants("org/model:1", 7),
     "k_vtc(k_model(ARGV[1], ARGV[3]), 7)": lambda k: k.vtc("org/model:1", 7),

@@ -325,6 +325,31 @@ async def test_retried_job_resumes_without_repeating(broker: Broker) -> None:
     assert r.task.result() == EXIT_OK
 
 
+async def test_urgent_job_preempts_batch_work_which_resumes_after_its_tokens(broker: Broker) -> None:
+    """A worker full of batch-priority lines still claims an urgent job and gives it a slot at
+    once; the preempted line resumes after its tokens (same output as an uninterrupted run, no
+    attempt spent).  Without preemption the urgent job would wait ~300 steps for a line to end."""
+    batch = await admit(broker, [spec(2 * i + 1, max_tokens=300, priority=9, tenant="b") for i in range(3)])
+    engine = sim_engine(capacity=2, step_ms=10)
+    async with running(broker, engine, waiting_margin=0) as r:
+        async with broker.event_hub() as hub:  # both slots generate batch lines
+            await asyncio.wait_for(asyncio.gather(*(follow(hub, j, until="token") for j in batch[:2])), 10)
+        with capture_logs() as logs:
+            (urgent,) = await admit(broker, [spec(3, max_tokens=5, priority=4, tenant="i")])
+            followed = await follow_all(broker, [urgent, *batch], timeout_s=60)
+    jobs = {j: await check_succeeded(broker, j, followed[j]) for j in [urgent, *batch]}
+    assert r.task.result() == EXIT_OK
+    first_batch_end = min(jobs[j].finished_ms for j in batch)  # type: ignore[type-var]
+    assert jobs[urgent].finished_ms < first_batch_end  # type: ignore[operator]
+    preempted = [e for e in logs if e["event"] == "job.preempted"]
+    assert [e["by"] for e in preempted] == [urgent]
+    victim = preempted[0]["job_id"]
+    assert victim in batch[:2]
+    assert jobs[victim].attempts == 1  # same attempt, same lease: resumed, not retried
+    assert f"{victim}-{jobs[victim].fence}" in engine.aborts  # its first segment was aborted in the engine
+    assert r.worker.metrics.preemptions.labels(MODEL)._value.get() == 1
+
+
 async def test_engine_death_hands_back_all_jobs(broker: Broker) -> None:
     ids = await admit(broker, [spec(i, max_tokens=4000, priority=5) for i in range(5)])
     engine = sim_engine(capacity=4, step_ms=5)

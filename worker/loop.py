@@ -15,6 +15,14 @@ optionally, ``claim_token_budget`` tokens), so the engine's own waiting queue
 stays short and work this worker cannot start yet stays claimable by others.
 When the queue is empty it blocks on the broker's wake-up list; when the engine
 is full it waits for a job to finish.  Neither wait polls.
+
+Priority preempts: a job that starts while the engine's slots are all taken takes the
+slot of the least urgent generating run (most recent first), which is aborted and
+resumes as a new engine request after its tokens (vLLM's priority scheduler orders the
+waiting ones, but frees a running slot only when the KV cache runs out).  And a full
+worker still claims work more urgent than its least urgent run, woken by the broker's
+urgent wake-up list (see :meth:`Worker._claim_loop`), so interactive jobs do not wait for
+a batch line to finish.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from collections.abc import Awaitable, Sequence
 import structlog
 
 from broker.client import Broker
-from broker.contract import FailOutcome, JobErrorCode
+from broker.contract import LOWEST_PRIORITY, FailOutcome, JobErrorCode
 from broker.models import JobStatus, Lease
 from worker.engine.base import Engine, EngineDeadError, GenRequest, InvalidRequestError, PromptTooLongError
 from worker.errlog import ErrorLog
@@ -85,6 +93,8 @@ class Worker:
         self._dead = asyncio.Event()
         self._force = asyncio.Event()
         self._slot_freed = asyncio.Event()
+        self._urgent = asyncio.Event()  # work that may preempt was queued
+        self._victim_ready = asyncio.Event()  # a run began generating: it may be preempted
         self._idle = asyncio.Event()
         self._idle.set()
         self.started = asyncio.Event()  # registered, background duties running, claiming
@@ -119,6 +129,7 @@ class Worker:
         self.leases.start()
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="genq-worker-heartbeat")
         claimer = asyncio.create_task(self._claim_loop(), name="genq-worker-claim")
+        urgent = asyncio.create_task(self._urgent_loop(), name="genq-worker-urgent")
         log.info(
             "worker.started",
             worker=self.id,
@@ -157,7 +168,8 @@ class Worker:
                 claimer.cancel()
             await asyncio.gather(claimer, return_exceptions=True)
             heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
+            urgent.cancel()
+            await asyncio.gather(heartbeat, urgent, return_exceptions=True)
             await self.leases.close()
             if not self._gave_up and not await self._bounded(self.streamer.close(), until):
                 await self._give_up("final flush")
@@ -232,25 +244,57 @@ class Worker:
         if not done:
             log.warning("worker.deregister_failed", reason="timed out; the record expires by itself")
 
+    def preempt_room(self) -> tuple[int, int]:
+        """(max priority, jobs) a full worker may still claim: work more urgent than its least
+        urgent generating runs, one job per such run; (-1, 0) when nothing can be preempted."""
+        victims = [r.priority for r in self.runs.values() if r.preemptible]
+        worst = max(victims, default=0)
+        if worst == 0:
+            return -1, 0
+        return worst - 1, min(victims.count(worst), self.engine.capacity)
+
     async def _claim_loop(self) -> None:
         while not self._halting():
             jobs, tokens = self.free_slots()
-            if jobs <= 0:
-                self._slot_freed.clear()
-                if self.free_slots()[0] <= 0:
-                    await self._unless_halting(self._slot_freed.wait())
-                continue
-            try:
-                leases = await self.broker.claim(self.model, self.id, jobs, tokens)
-            except Exception as e:  # noqa: BLE001 - Redis away: retried; logged rate-limited
-                self._claim_errors.error(e)
-                await self._unless_halting(asyncio.sleep(BACKOFF_S))
-                continue
-            self._claim_errors.ok()
-            for lease in leases:
-                self._start(lease)
-            if not leases:
+            full = jobs <= 0
+            max_priority = LOWEST_PRIORITY
+            if full:  # only work that may preempt; the events are cleared before the claim reads the queue
+                self._urgent.clear()
+                self._victim_ready.clear()
+                max_priority, jobs = self.preempt_room()
+                tokens = NO_TOKEN_LIMIT
+            if jobs > 0:
+                try:
+                    leases = await self.broker.claim(self.model, self.id, jobs, tokens, max_priority=max_priority)
+                except Exception as e:  # noqa: BLE001 - Redis away: retried; logged rate-limited
+                    self._claim_errors.error(e)
+                    await self._unless_halting(asyncio.sleep(BACKOFF_S))
+                    continue
+                self._claim_errors.ok()
+                for lease in leases:
+                    self._start(lease)
+                if leases:
+                    continue
+            if not full:
                 await self._unless_halting(self.broker.wait_for_work(self.model, timeout_s=self.reap_s))
+                continue
+            # Full: wait for a slot, or for work that may preempt (or, with nothing to preempt
+            # yet, for a run to start generating and become preemptible).
+            self._slot_freed.clear()
+            if self.free_slots()[0] <= 0:
+                more = self._urgent if jobs > 0 else self._victim_ready
+                await self._unless_halting(_first(self._slot_freed.wait(), more.wait()))
+
+    async def _urgent_loop(self) -> None:
+        """Turn the broker's urgent wake-ups into :attr:`_urgent` for the claim loop (one blocked
+        BLPOP, never cancelled mid-wait by a freed slot)."""
+        while True:
+            try:
+                if await self.broker.wait_for_work(self.model, timeout_s=self.reap_s, urgent=True):
+                    self._urgent.set()
+            except Exception as e:  # noqa: BLE001 - Redis away: the claim loop logs it
+                log.debug("worker.urgent_wait_failed", reason=f"{type(e).__name__}: {e}")
+                await asyncio.sleep(BACKOFF_S)
 
     def _halting(self) -> bool:
         return self.stop_event.is_set() or self._dead.is_set()
@@ -284,7 +328,27 @@ class Worker:
             self.first_claim_at = time.monotonic()
             self.first_claim.set()
         run.launch(self._run_job, self._job_done)
+        self._preempt_for(run)
         self._update_live()
+
+    def _preempt_for(self, run: JobRun) -> None:
+        """When ``run`` would wait in the engine behind less urgent work, take the slot of the least
+        urgent generating run (the most recently resumed or started first: least work redone)."""
+        in_engine = [r for r in self.runs.values() if r.running]
+        if len(in_engine) <= self.engine.capacity:
+            return  # a slot is free for it
+        if sum(1 for r in in_engine if r.priority <= run.priority) > self.engine.capacity:
+            return  # as urgent work alone fills the engine: it waits its turn
+        victims = [r for r in in_engine if r.preemptible and r.priority > run.priority]
+        if not victims:
+            return
+        victim = max(victims, key=lambda r: (r.priority, r.segment_started_at))
+        victim.preempt()
+        victim.log.info("job.preempted", by=run.job_id, priority=victim.priority, tokens=len(victim.generated_ids))
+        self.metrics.preempted()
+        task = asyncio.ensure_future(self._abort(victim))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _job_done(self, run: JobRun) -> None:
         if self.runs.get(run.job_id) is run:
@@ -338,11 +402,21 @@ class Worker:
             await self._report_completion(run, finish, JobStatus.SUCCEEDED)
 
     async def _generate(self, run: JobRun) -> str:
-        """Feed the engine's deltas into the run's buffer; return the finish reason."""
-        stream = self.engine.generate(GenRequest.for_job(run.lease.job, run.request_id))
+        """Feed the engine's deltas into the run's buffer; return the finish reason.  A preempted
+        run's aborted request is followed by the next segment's (see :mod:`worker.run`)."""
+        while True:
+            finish = await self._segment(run)
+            if finish != "abort" or not run.resume_after_preemption():
+                return finish
+
+    async def _segment(self, run: JobRun) -> str:
+        stream = self.engine.generate(GenRequest.for_job(run.lease.job, run.request_id, run.generated_ids))
         try:
             async for delta in stream:
+                was_live = run.segment_live
                 first = run.add(delta)
+                if run.segment_live and not was_live:
+                    self._victim_ready.set()
                 self._tokens += len(delta.token_ids)
                 self.metrics.tokens(len(delta.token_ids))
                 self.streamer.poke(run, urgent=first)

@@ -74,6 +74,12 @@ class WorkerMetrics:
         self.lost_leases = Counter(
             "genq_lost_leases", "Attempts whose lease went to another worker", labels, registry=r
         )
+        self.preemptions = Counter(
+            "genq_preemptions",
+            "Runs that gave their engine slot to a more urgent job (and resumed after their tokens)",
+            labels,
+            registry=r,
+        )
         self.generated = Counter("genq_generated_tokens", "Completion tokens generated", labels, registry=r)
         self.prompt = Counter(
             "genq_prompt_tokens", "Prompt tokens the engine processed (every attempt)", labels, registry=r
@@ -114,6 +120,9 @@ class WorkerMetrics:
             self.ttft.labels(m).observe(t.ttft_s)
         if status is JobStatus.SUCCEEDED and t.tokens_per_s is not None:
             self.tokens_per_s.labels(m).observe(t.tokens_per_s)
+
+    def preempted(self) -> None:
+        self.preemptions.labels(self.model).inc()
 
     def job_reaped(self, status: JobStatus) -> None:
         """The reaper ended a job (``failed``: worker_lost; ``expired``); requeues are not counted."""

@@ -16,6 +16,12 @@ transition, called by the worker (:mod:`worker.loop`)::
 A cancel is not a state but a flag on a RUNNING run (:meth:`JobRun.cancel_requested_now`):
 the engine is asked to abort and the run then finishes as cancelled.
 
+Neither is a preemption (:meth:`JobRun.preempt`): a RUNNING run of lower priority gives
+its engine slot to a more urgent job; the engine aborts it and the run goes on as a new
+engine request (a new *segment*) that continues after the tokens it already generated,
+queued in the engine behind more urgent work.  Its lease, its output and its attempt
+are unaffected.
+
 The output buffer (:class:`OutputBuffer`) is what the streamer drains; it knows
 nothing of the lifecycle.
 """
@@ -134,6 +140,15 @@ class JobRun:
     tokens: int = 0  # generated in this attempt
     prompt_tokens: int | None = None  # as the engine counted them
     first_token_at: float | None = None
+    # preemption (see the module docstring): the tokens this attempt generated (a new segment
+    # resumes after them), the segment number, whether the segment has generated yet (so holds
+    # an engine slot) and since when, and whether its preemption is under way
+    generated_ids: list[int] = field(default_factory=list)
+    segment: int = 0
+    segment_live: bool = False
+    segment_started_at: float = field(default_factory=time.monotonic)
+    _preempting: bool = False
+    preemptions: int = 0
 
     @classmethod
     def start(cls, lease: Lease, worker_id: str) -> JobRun:
@@ -154,6 +169,23 @@ class JobRun:
     @property
     def outcome(self) -> str:
         return self._outcome
+
+    @property
+    def priority(self) -> int:
+        return self.lease.job.priority
+
+    @property
+    def preemptible(self) -> bool:
+        """It holds an engine slot that a more urgent job may take: running and generating,
+        not already being preempted, and not seeded (a resumed segment would not reproduce
+        the seeded sequence)."""
+        return (
+            self._state is RunState.RUNNING
+            and self.segment_live
+            and not self._preempting
+            and self._cancel_at is None
+            and self.lease.job.request.sampling.seed is None
+        )
 
     @property
     def cost(self) -> int:
@@ -204,6 +236,8 @@ class JobRun:
                 first = True
             self.output.add(d.text, d.token_ids, d.logprobs)
             self.tokens += len(d.token_ids)
+            self.generated_ids.extend(d.token_ids)
+            self.segment_live = True
         self.prompt_tokens = d.prompt_tokens
         return first
 
@@ -236,6 +270,28 @@ class JobRun:
         self.log.warning("job.dropped", reason=reason)
         return True
 
+    def preempt(self) -> bool:
+        """A more urgent job takes its engine slot. True if this is news (then abort its engine
+        request: the run resumes as a new segment, see :meth:`resume_after_preemption`)."""
+        if not self.preemptible:
+            return False
+        self._preempting = True
+        return True
+
+    def resume_after_preemption(self) -> bool:
+        """Its engine request ended (aborted): True, and a new segment begins (a new request id),
+        if that was its preemption and it is still to run; False otherwise (cancelled, handed
+        back, dropped: the abort stands)."""
+        if not self._preempting or self.interrupted:
+            return False
+        self._preempting = False
+        self.preemptions += 1
+        self.segment += 1
+        self.segment_live = False
+        self.segment_started_at = time.monotonic()
+        self.request_id = f"{self.job_id}-{self.lease.fence}.{self.segment}"
+        return True
+
     def cancel_requested_now(self, via: str) -> bool:
         """A client cancelled it. True if this is news for a running run (then abort it in the engine)."""
         if self._cancel_at is not None or self._state is not RunState.RUNNING:
@@ -262,6 +318,7 @@ class JobRun:
             "ttft_ms": ttft,
             "tokens": self.tokens,
             "resumed_tokens": self.output.base,
+            "preemptions": self.preemptions,
             "prompt_tokens": self.prompt_tokens,
             "tokens_per_s": round(self.tokens / gen_s, 1) if gen_s > 0 else None,
             "run_ms": round((end - self.claimed_at) * 1000, 1),

@@ -13,6 +13,7 @@ local STATUS = {queued = 'queued', running = 'running', succeeded = 'succeeded',
   cancelled = 'cancelled', expired = 'expired'}
 local EVENT = {queued = 'queued', started = 'started', token = 'token', retry = 'retry', done = 'done',
   failed = 'failed', cancelled = 'cancelled', expired = 'expired'}
+local LOWEST_PRIORITY = 9  -- contract.JobSpec.priority's bound
 local ERROR = {worker_lost = 'worker_lost', deadline_exceeded = 'deadline_exceeded'}
 
 -- key builders (P = 'genq:{<queue>}', mp = k_model(P, model))
@@ -29,6 +30,7 @@ local function k_queued(mp) return mp .. ':queued' end
 local function k_leases(mp) return mp .. ':leases' end
 local function k_deadlines(mp) return mp .. ':deadlines' end
 local function k_wake(mp) return mp .. ':wake' end
+local function k_wake_urgent(mp) return mp .. ':wake_u' end
 local function k_control(mp) return mp .. ':ctl' end
 local function k_tenants(mp, prio) return mp .. ':p' .. prio .. ':tenants' end
 local function k_vtc(mp, prio) return mp .. ':p' .. prio .. ':vtc' end
@@ -125,6 +127,10 @@ local function enqueue(P, mp, jid, tenant, prio, seq, pscore, cost, counted)
   end
   local wake = k_wake(mp)  -- a wake-up for a claimer blocked in BLPOP; 64 are plenty
   if redis.call('RPUSH', wake, 1) > 64 then redis.call('LTRIM', wake, -64, -1) end
+  if tonumber(prio) < LOWEST_PRIORITY then  -- work that may preempt: wakes full workers too (claim.lua's max priority)
+    wake = k_wake_urgent(mp)
+    if redis.call('RPUSH', wake, 1) > 64 then redis.call('LTRIM', wake, -64, -1) end
+  end
 end
 
 -- Take a queued job out of the queue structures (claim, cancel, deadline).

@@ -7,13 +7,18 @@
 -- KEYS[1] model stats   P:m:<model>:stats
 -- KEYS[2] leases        P:m:<model>:leases
 -- KEYS[3] global        P:global
--- ARGV: 1 P, 2 model, 3 max jobs, 4 max tokens, 5 lease ms, 6 worker id, 7 events maxlen
+-- ARGV: 1 P, 2 model, 3 max jobs, 4 max tokens, 5 lease ms, 6 worker id, 7 events maxlen,
+--       8 max priority (optional, default LOWEST_PRIORITY): take only jobs at this priority or
+--       more urgent. A full worker claims so to preempt its least urgent runs; when it finds
+--       nothing and no preempting work is queued at all, the urgent wake-up list is emptied
+--       (its tokens are stale: they would only wake that worker again for nothing).
 -- Returns a list of {job id, fence, field1, value1, ...} (the job hash after the claim,
 -- plus its output and output_ids so far).
 local P, model = ARGV[1], ARGV[2]
 local mp = k_model(P, model)
 local max_jobs, max_tok, lease = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local maxlen, worker = ARGV[7], ARGV[6]
+local maxp = tonumber(ARGV[8] or LOWEST_PRIORITY)
 local now = now_ms()
 local out, tokens, full = {}, 0, false
 -- Counters a claim moves are added up here and written once at the end: jobs and tokens
@@ -21,7 +26,7 @@ local out, tokens, full = {}, 0, false
 local fence0 = num(redis.call('HGET', KEYS[3], 'fence'), 0)
 local by_prio, by_tenant, leased = {}, {}, {}
 
-for p = 0, 9 do
+for p = 0, maxp do
   if full or #out >= max_jobs then break end
   if num(redis.call('HGET', KEYS[1], 'd' .. p), 0) > 0 then
     local tz = k_tenants(mp, p)
@@ -79,6 +84,12 @@ for p = 0, 9 do
       end
     end
   end
+end
+
+if #out == 0 and maxp < LOWEST_PRIORITY then
+  local urgent = 0
+  for p = 0, LOWEST_PRIORITY - 1 do urgent = urgent + num(redis.call('HGET', KEYS[1], 'd' .. p), 0) end
+  if urgent == 0 then redis.call('DEL', k_wake_urgent(mp)) end
 end
 
 if #out > 0 then

@@ -29,7 +29,7 @@ Stream contract for ``generate()``:
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, Self, runtime_checkable
 
@@ -53,14 +53,15 @@ class GenRequest:
     priority: int = 5  # 0..9, lower first
 
     @classmethod
-    def for_job(cls, job: Job, request_id: str) -> GenRequest:
-        """The engine request for (another attempt at) ``job``: continues after its emitted tokens."""
+    def for_job(cls, job: Job, request_id: str, generated: Sequence[int] = ()) -> GenRequest:
+        """The engine request for (another attempt at) ``job``: continues after its emitted
+        tokens, and after ``generated`` (this attempt's, when a preempted run resumes)."""
         chat = job.request.kind == "chat"
         return cls(
             request_id=request_id,
             prompt=None if chat else (job.request.prompt or ""),
             messages=job.request.messages if chat else None,
-            resume_token_ids=list(job.output_token_ids),
+            resume_token_ids=[*job.output_token_ids, *generated],
             max_tokens=job.max_tokens,
             sampling=job.request.sampling,
             priority=job.priority,
