@@ -46,6 +46,18 @@ local function job_keys(P, jid)
     ch = k_channel(P, jid)}
 end
 
+-- How many of ``keys`` this node holds, or false when it refuses one. On a Cluster slot being
+-- resharded, the source (MIGRATING) refuses a key that already left or does not exist ("non
+-- local key"), and a refused call stops a script half-way; redis.pcall answers instead. The
+-- target (IMPORTING, reached by ASK) serves keys that have not arrived yet as missing. So a
+-- script that discovers keys (claim.lua) counts the ones that must exist before its first write.
+local function present(keys)
+  if #keys == 0 then return 0 end
+  local r = redis.pcall('EXISTS', unpack(keys))
+  if type(r) == 'table' and r.err then return false end
+  return r
+end
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
