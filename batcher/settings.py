@@ -50,8 +50,10 @@ class BatcherSettings(BrokerSettings, FilesSettings, WebhookSettings):
     # which then must not be a Cluster (arq uses MULTI across slots; see batcher.arq_redis).
     batcher_arq_url: str | None = None
     batch_priority: int = Field(9, ge=0, le=9)  # the priority batch lines run at (9: after live traffic)
-    # Lines of one batch queued or running at once (backpressure: live traffic keeps the rest).
-    batch_max_in_flight: int = Field(64, ge=1)
+    # Lines of one batch queued or running at once (backpressure; live traffic overtakes them by
+    # priority). At least the sequence slots of the workers a batch should fill, with room for
+    # the engines' refill between waves (at 64, one 64-slot worker idled between waves: 0.90 of run_batch).
+    batch_max_in_flight: int = Field(1024, ge=1)
     # One batcher drives a batch under a lease renewed this often; a dead batcher's batches
     # are taken over once it expires.
     batch_lease_ms: int = Field(10_000, ge=200)

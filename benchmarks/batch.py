@@ -84,6 +84,7 @@ class Result:
     to_in_progress_s: float | None = None  # genq: batches.create until in_progress was seen (pickup, validation)
     lines_span_s: float | None = None  # genq: the first line's start to the last line's end (broker timings)
     warm_up_s: float | None = None  # genq: the one-line warm-up batch (the batcher's first)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per process over the timed part
 
     @property
     def tps(self) -> float:
@@ -183,12 +184,39 @@ async def vllm_phase(cfg: Config, engine_kw: dict[str, Any], folder: Path, rows:
         raise SystemExit(f"run_batch would get other engine arguments than genq's worker: {differ}")
     validate_run_batch_args(args)
     async with build_async_engine_client(args, usage_context=UsageContext.OPENAI_BATCH_RUNNER) as engine:
+        me = [("run_batch", os.getpid())]
+        cpu0 = cpu_snapshot(me)
         t0 = time.perf_counter()
         await run_batch(engine, args)
         seconds = time.perf_counter() - t0
+        cpu = cpu_delta(cpu0, cpu_snapshot(me))
     ok, tokens = count_output(dst.read_text())
-    log.info("vllm run_batch done", seconds=round(seconds, 2), lines_ok=ok, tokens=tokens)
-    return Result(seconds, ok, tokens)
+    log.info("vllm run_batch done", seconds=round(seconds, 2), lines_ok=ok, tokens=tokens, cpu_s=cpu)
+    return Result(seconds, ok, tokens, cpu_s=cpu)
+
+
+def cpu_snapshot(named: list[tuple[str, int]]) -> dict[str, float]:
+    """User + system CPU seconds of each named process, and of its descendants together as
+    ``<name>+children`` (vLLM's engine core is a child of the worker, or of this process)."""
+    import psutil
+
+    def cpu(p: psutil.Process) -> float:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            return float(t.user + t.system)
+        return 0.0
+
+    out: dict[str, float] = {}
+    for name, pid in named:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            out[name] = cpu(proc)
+            out[f"{name}+children"] = sum(cpu(c) for c in proc.children(recursive=True))
+    return out
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: round(after[k] - before.get(k, 0.0), 2) for k in after}
 
 
 # -- phase 2: genq --------------------------------------------------------------------------
@@ -204,6 +232,9 @@ class Procs:
         out.close()
         self.procs.append((name, proc))
         return proc
+
+    def pids(self) -> list[tuple[str, int]]:
+        return [(name, proc.pid) for name, proc in self.procs]
 
     def check(self) -> None:
         for name, proc in self.procs:
@@ -353,6 +384,7 @@ async def genq_phase(cfg: Config, engine_kw: dict[str, Any], folder: Path, rows:
             data = "".join(json.dumps(r) + "\n" for r in rows).encode()
             fid = (await client.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")).id
             cpu0 = redis_cpu_s(redis_url)
+            procs_cpu0 = cpu_snapshot(procs.pids())
             t0 = time.perf_counter()
             b = await client.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h")
             busy: list[float] = []
@@ -381,14 +413,23 @@ async def genq_phase(cfg: Config, engine_kw: dict[str, Any], folder: Path, rows:
                 b = state["b"] = await client.batches.retrieve(b.id)
             seconds = time.perf_counter() - t0
             cpu = redis_cpu_s(redis_url) - cpu0
+            procs_cpu = cpu_delta(procs_cpu0, cpu_snapshot(procs.pids()))
             await sampler
             if b.status != "completed" or b.output_file_id is None:
                 raise SystemExit(f"the genq batch ended {b.status}: {b.errors}")
             ok, tokens, job_ids = read_output((await client.files.content(b.output_file_id)).text)
             await client.close()
         span = await lines_span(redis_url, "bench", job_ids)
-        log.info("genq batch done", seconds=round(seconds, 2), lines_ok=ok, tokens=tokens, phases=phases, span_s=span)
-        return Result(seconds, ok, tokens, cpu, idle, busy, phases.get("in_progress"), span, warm_s)
+        log.info(
+            "genq batch done",
+            seconds=round(seconds, 2),
+            lines_ok=ok,
+            tokens=tokens,
+            phases=phases,
+            span_s=span,
+            cpu_s=procs_cpu,
+        )
+        return Result(seconds, ok, tokens, cpu, idle, busy, phases.get("in_progress"), span, warm_s, procs_cpu)
     finally:
         procs.stop()
 
@@ -411,10 +452,16 @@ def report(cfg: Config, vllm: Result, genq: Result) -> list[str]:
         f"the batcher's first batch (1 line, warm-up, not counted) took {_s(genq.warm_up_s)}",
         f"interactive TTFT median: idle {idle:.1f} ms, while the batch runs {busy:.1f} ms "
         f"({len(genq.ttft_idle)} / {len(genq.ttft_busy)} samples)",
+        f"CPU seconds over the timed part (user+sys; +children = the engine core): run_batch {_cpu(vllm.cpu_s)}; "
+        f"genq {_cpu(genq.cpu_s)}",
         f"genq bench batch: {genq.tps:.1f} vs {vllm.tps:.1f} tokens/s run_batch (ratio {ratio:.3f}); "
         f"Redis CPU {cpu_ms:.3f} ms/line; TTFT idle {idle:.1f} ms, busy {busy:.1f} ms (x{busy / idle:.2f})",
     ]
     return lines
+
+
+def _cpu(cpu_s: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1f}" for k, v in cpu_s.items() if v >= 0.05) or "?"
 
 
 def _s(value: float | None) -> str:

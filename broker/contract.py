@@ -348,6 +348,9 @@ class JobSpec(BaseModel):
 
     def fingerprint_source(self) -> str:
         """What must be equal for a repeated Idempotency-Key to name the same request. How the
-        output is delivered (``stream``) is not: a repeat finds the job either way."""
+        output is delivered (``stream``) is not: a repeat finds the job either way. Where its
+        result is sent (``webhook_url``) is, when one is named (left out otherwise, so requests
+        without one keep the fingerprints they had before it counted)."""
         request = self.input.model_dump_json(exclude_defaults=True, exclude={"stream"})
-        return f"{self.model}\n{self.priority}\n{self.max_tokens}\n{request}"
+        source = f"{self.model}\n{self.priority}\n{self.max_tokens}\n{request}"
+        return f"{source}\nwebhook {self.webhook_url}" if self.webhook_url else source

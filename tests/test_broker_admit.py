@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from broker import Broker, JobSpec, JobStatus
 from broker.errors import (
     ContextTooLong,
+    IdempotencyConflict,
     LimitExceeded,
     PriorityNotAllowed,
     QueueFull,
@@ -68,6 +69,16 @@ async def test_idempotent_admit_same_tenant_same_job(broker: Broker) -> None:
     fresh = await broker.admit(spec(idempotency_key="order-43"))
     assert fresh.job_id not in (first.job_id, other.job_id)
     assert await depth(broker) == 3
+
+
+async def test_a_repeated_key_with_another_webhook_url_is_a_conflict(broker: Broker) -> None:
+    first = await broker.admit(spec(idempotency_key="hook-1", webhook_url="https://example.com/a"))
+    again = await broker.admit(spec(idempotency_key="hook-1", webhook_url="https://example.com/a"))
+    assert again.duplicate and again.job_id == first.job_id
+    for other in ("https://example.com/b", None):
+        with pytest.raises(IdempotencyConflict):
+            await broker.admit(spec(idempotency_key="hook-1", webhook_url=other))
+    assert await depth(broker) == 1
 
 
 async def test_job_ids_have_128_random_bits(broker: Broker) -> None:

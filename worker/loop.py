@@ -10,9 +10,10 @@ transitions change; the worker calls them, the :class:`~worker.stream.Streamer`
 writes, and the :class:`~worker.leases.LeaseKeeper` reports to the worker
 through the :class:`~worker.leases.LeaseHolder` methods below.
 
-Claim sizing: the worker holds at most ``capacity + waiting_margin`` jobs (and,
-optionally, ``claim_token_budget`` tokens), so the engine's own waiting queue
-stays short and work this worker cannot start yet stays claimable by others.
+Claim sizing: the worker keeps at most ``capacity + waiting_margin`` jobs in the engine
+(and, optionally, ``claim_token_budget`` tokens held), so the engine's own waiting queue
+stays short and work this worker cannot start yet stays claimable by others; a job whose
+final write is under way no longer counts (its successor starts meanwhile).
 When the queue is empty it blocks on the broker's wake-up list; when the engine
 is full it waits for a job to finish.  Neither wait polls.
 
@@ -186,9 +187,10 @@ class Worker:
 
     # -- claiming --------------------------------------------------------------
     def free_slots(self) -> tuple[int, int]:
-        """(jobs, tokens) this worker may claim now."""
+        """(jobs, tokens) this worker may claim now.  A run whose final write is under way is out
+        of the engine already: its slot is counted free (the next job starts while it is written)."""
         stats = self.engine.stats()
-        held = max(len(self.runs), stats.running + stats.waiting)
+        held = max(sum(1 for r in self.runs.values() if r.running), stats.running + stats.waiting)
         jobs = self.engine.capacity + self.settings.waiting_margin - held
         budget = self.settings.claim_token_budget
         if budget is None:
@@ -430,6 +432,7 @@ class Worker:
 
     async def _report_completion(self, run: JobRun, finish: str, status: JobStatus) -> None:
         run.finishing()
+        self._slot_freed.set()  # out of the engine: the claim loop may fill its slot now
         written = await self.streamer.queue_completion(run, finish, status)
         run.concluded(status.value if written else "lost_lease")
         if written:
@@ -441,6 +444,7 @@ class Worker:
 
     async def _report_failure(self, run: JobRun, code: JobErrorCode, message: str, *, retry: bool) -> None:
         run.failing()
+        self._slot_freed.set()
         went = await self.streamer.queue_failure(run, code, message, retry=retry)
         run.concluded("lost_lease" if went is None else f"{code}:{went.value}")
         if went is None:
