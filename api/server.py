@@ -56,12 +56,14 @@ if HttpToolsProtocol is not None:
         def connection_made(self, transport: Any) -> None:
             self._head_bytes = 0
             self._in_head = True  # between requests too: the next bytes start a head
+            self._heads = 0  # heads completed on this connection
             self._refused = False
             super().connection_made(transport)
 
         def on_headers_complete(self) -> None:
             self._in_head = False
             self._head_bytes = 0
+            self._heads += 1
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
@@ -71,11 +73,12 @@ if HttpToolsProtocol is not None:
         def data_received(self, data: bytes) -> None:
             if self._refused:
                 return  # lingering after a 431: drop it
-            was_in_head = self._in_head
+            was_in_head, heads = self._in_head, self._heads
             super().data_received(data)
-            # Every byte of a chunk after which the head is still incomplete belongs to the head;
-            # a chunk that ended a body (the next head starts after it) is not counted.
-            if was_in_head and self._in_head and not self.transport.is_closing():
+            # Every byte of a chunk that began and ended inside one head belongs to it; a chunk in
+            # which a head completed (a whole request, or a body's end and the next head's start)
+            # is not counted: its tail, if any, is counted with the chunks that follow.
+            if was_in_head and self._in_head and self._heads == heads and not self.transport.is_closing():
                 self._head_bytes += len(data)
                 if self._head_bytes > self.max_head_bytes:
                     self._refuse()

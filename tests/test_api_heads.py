@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import select
@@ -114,3 +115,30 @@ def test_declared_oversized_body_refused_before_auth(api: tuple[str, subprocess.
         s.sendall(b"Content-Length: 1000000000\r\n\r\n")  # no key, and a body it never sends
         reply = s.recv(65536)
     assert reply.startswith(b"HTTP/1.1 413 "), reply[:200]
+
+
+def test_a_whole_large_request_in_one_chunk_is_not_a_large_head(api: tuple[str, subprocess.Popen]) -> None:
+    """A request whose head and (large) body arrive in one read is a small head: it reaches auth,
+    not 431 (seen: a 77 KB batch file upload answered 431 on a reused connection)."""
+    url, _ = api
+    body = json.dumps({"model": "m", "prompt": "x" * 150_000}).encode()
+    head = f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=30) as s:
+        for _ in range(3):  # kept alive: each whole request one send
+            s.sendall(head.encode() + body)
+            reply = read_response(s)
+            assert reply.startswith(b"HTTP/1.1 401 "), reply[:200]
+
+
+def read_response(s: socket.socket) -> bytes:
+    """One whole HTTP response (head and Content-Length body) from ``s``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = next(
+        int(v) for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")) if k.lower() == b"content-length"
+    )
+    while len(rest) < length:
+        rest += s.recv(65536)
+    return head + b"\r\n\r\n" + rest
