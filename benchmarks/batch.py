@@ -439,6 +439,7 @@ def report(cfg: Config, vllm: Result, genq: Result) -> list[str]:
     idle = statistics.median(genq.ttft_idle) * 1000
     busy = statistics.median(genq.ttft_busy) * 1000 if genq.ttft_busy else float("nan")
     cpu_ms = genq.redis_cpu_s * 1000 / cfg.lines
+    step_ms = cfg.max_num_seqs / vllm.tps * 1000 if vllm.tps else float("nan")
     lines = [
         f"{'':>34}{'vLLM run_batch':>16}{'genq batch':>14}{'ratio':>8}",
         f"{f'{cfg.lines} lines x {cfg.max_tokens} tokens, tokens/s':>34}{vllm.tps:>16.1f}{genq.tps:>14.1f}"
@@ -451,7 +452,9 @@ def report(cfg: Config, vllm: Result, genq: Result) -> list[str]:
         f"lines ran {_s(genq.lines_span_s)} (first start to last end); "
         f"the batcher's first batch (1 line, warm-up, not counted) took {_s(genq.warm_up_s)}",
         f"interactive TTFT median: idle {idle:.1f} ms, while the batch runs {busy:.1f} ms "
-        f"({len(genq.ttft_idle)} / {len(genq.ttft_busy)} samples)",
+        f"({len(genq.ttft_idle)} / {len(genq.ttft_busy)} samples); one engine step of {cfg.max_num_seqs} "
+        f"sequences takes ~{step_ms:.0f} ms here (max_num_seqs / run_batch tokens/s), so the busy TTFT is "
+        f"{busy / step_ms:.1f} steps (a request that preempts waits for the step under way, then runs in the next)",
         f"CPU seconds over the timed part (user+sys; +children = the engine core): run_batch {_cpu(vllm.cpu_s)}; "
         f"genq {_cpu(genq.cpu_s)}",
         f"genq bench batch: {genq.tps:.1f} vs {vllm.tps:.1f} tokens/s run_batch (ratio {ratio:.3f}); "

@@ -23,7 +23,7 @@ from redis.exceptions import NoScriptError
 
 from broker import errors
 from broker.batches import BatchStore
-from broker.connection import ClusterClient, RedisClient, connect_redis, wait_replicas
+from broker.connection import RedisClient, connect_redis, wait_replicas
 from broker.contract import LOWEST_PRIORITY, EventType, FailOutcome, JobErrorCode, RenewResult, TokenLogprob
 from broker.errors import Code, translated
 from broker.events import ControlListener, EventHub
@@ -109,7 +109,6 @@ class Broker:
         self.settings = settings
         self._keys = Keys(settings.queue)
         self._scripts = Scripts.register(redis)
-        self._cluster = isinstance(redis, ClusterClient)  # slots may be resharded under a script
 
     @classmethod
     def from_settings(cls, settings: BrokerSettings) -> Broker:
@@ -406,7 +405,6 @@ class Broker:
                 worker_id,
                 s.events_maxlen,
                 max_priority,
-                int(self._cluster),
             ],
         )
         leases = []

@@ -19,9 +19,18 @@ from broker.connection import ClusterClient, RedisClient
 NAMES = ("admit", "claim", "renew", "append", "complete", "fail", "reap", "cancel")
 
 
-def source(name: str) -> str:
+# On a Cluster every script first refuses to run while its slot is being resharded (see
+# slot_in_transition in _lib.lua): the keys a script discovers may have left, or not arrived.
+GUARD = (
+    "if CLUSTER and slot_in_transition(KEYS[1]) then\n"
+    "  return redis.error_reply('TRYAGAIN the queue slot is being resharded; retry')\nend\n"
+)
+
+
+def source(name: str, *, cluster: bool = False) -> str:
     lua = resources.files("broker") / "lua"
-    return (lua / "_lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+    flag = f"local CLUSTER = {'true' if cluster else 'false'}\n"
+    return flag + (lua / "_lib.lua").read_text() + "\n" + GUARD + (lua / f"{name}.lua").read_text()
 
 
 class Script(Protocol):
@@ -51,7 +60,8 @@ class Scripts:
     def register(cls, redis: RedisClient) -> Scripts:
         # AsyncScript takes a cluster client too (it runs EVALSHA / SCRIPT LOAD, routed by the
         # first key); redis-py annotates only the standalone one.
-        scripts = {name: AsyncScript(cast(Redis, redis), source(name)) for name in NAMES}
-        if isinstance(redis, ClusterClient):  # its pipelines load what a new primary lacks
+        cluster = isinstance(redis, ClusterClient)
+        scripts = {name: AsyncScript(cast(Redis, redis), source(name, cluster=cluster)) for name in NAMES}
+        if cluster:  # its pipelines load what a new primary lacks
             redis.script_sources.update({s.sha: str(s.script) for s in scripts.values()})
         return cls(**scripts)

@@ -46,16 +46,21 @@ local function job_keys(P, jid)
     ch = k_channel(P, jid)}
 end
 
--- How many of ``keys`` this node holds, or false when it refuses one. On a Cluster slot being
--- resharded, the source (MIGRATING) refuses a key that already left or does not exist ("non
--- local key"), and a refused call stops a script half-way; redis.pcall answers instead. The
--- target (IMPORTING, reached by ASK) serves keys that have not arrived yet as missing. So a
--- script that discovers keys (claim.lua) counts the ones that must exist before its first write.
-local function present(keys)
-  if #keys == 0 then return 0 end
-  local r = redis.pcall('EXISTS', unpack(keys))
-  if type(r) == 'table' and r.err then return false end
-  return r
+-- On a Cluster (CLUSTER is set by broker/scripts.py), whether the slot of ``key`` is being
+-- resharded on this node: this node's line of CLUSTER NODES lists it as [slot->-target]
+-- (migrating away) or [slot-<-source] (importing). A script then must not run: the keys it
+-- discovers (a tenant's queue, the queued index...) may have left already, or not arrived
+-- yet, and a refused key stops a script half-way. It answers TRYAGAIN instead (redis-py
+-- retries it, then the broker's Unavailable); the reshard of one slot takes seconds.
+local function slot_in_transition(key)
+  local slot = redis.call('CLUSTER', 'KEYSLOT', key)
+  local nodes = redis.call('CLUSTER', 'NODES')
+  for line in string.gmatch(nodes, '[^\n]+') do
+    if string.find(line, 'myself', 1, true) then
+      return string.find(line, '[' .. slot .. '-', 1, true) ~= nil
+    end
+  end
+  return false
 end
 
 local function now_ms()

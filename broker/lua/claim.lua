@@ -4,9 +4,7 @@
 -- A claim stops at the first job that would exceed the token budget (never skips
 -- ahead to smaller or lower-priority work); the first job is always taken.
 -- A job found past its deadline is expired instead (the reaper usually got it first).
--- On a Cluster slot being resharded a claim takes the jobs whose keys this node holds, checked
--- before a job's first write (see present): it never stops half-way, never writes a key that
--- has yet to arrive; with no job it answers TRYAGAIN (retried, then Unavailable), changing nothing.
+-- On a Cluster it does not run while its slot is being resharded (scripts.GUARD).
 -- KEYS[1] model stats   P:m:<model>:stats
 -- KEYS[2] leases        P:m:<model>:leases
 -- KEYS[3] global        P:global
@@ -14,8 +12,7 @@
 --       8 max priority (optional, default LOWEST_PRIORITY): take only jobs at this priority or
 --       more urgent. A full worker claims so to preempt its least urgent runs; when it finds
 --       nothing and no preempting work is queued at all, the urgent wake-up list is emptied
---       (its tokens are stale: they would only wake that worker again for nothing);
---       9 '1' on a Cluster: check the keys a job's claim touches first (see present).
+--       (its tokens are stale: they would only wake that worker again for nothing).
 -- Returns a list of {job id, fence, field1, value1, ...} (the job hash after the claim,
 -- plus its output and output_ids so far).
 local P, model = ARGV[1], ARGV[2]
@@ -23,50 +20,31 @@ local mp = k_model(P, model)
 local max_jobs, max_tok, lease = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local maxlen, worker = ARGV[7], ARGV[6]
 local maxp = tonumber(ARGV[8] or LOWEST_PRIORITY)
-local guarded = ARGV[9] == '1'  -- only a Cluster reshards; elsewhere the checks would be pure cost
--- All of ``keys`` are here (optional ones: served, present or not); always true off a Cluster.
-local function here(keys, optional)
-  if not guarded then return true end
-  local n = present(keys)
-  if n ~= #keys then return false end
-  return optional == nil or present(optional) ~= false
-end
 local now = now_ms()
-local out, tokens, full, moving = {}, 0, false, false
+local out, tokens, full = {}, 0, false
 -- Counters a claim moves are added up here and written once at the end: jobs and tokens
 -- per priority, queued jobs per tenant, the global fence and queued count, the leases.
 local fence0 = num(redis.call('HGET', KEYS[3], 'fence'), 0)
 local by_prio, by_tenant, leased = {}, {}, {}
 
 for p = 0, maxp do
-  if full or moving or #out >= max_jobs then break end
+  if full or #out >= max_jobs then break end
   if num(redis.call('HGET', KEYS[1], 'd' .. p), 0) > 0 then
     local tz = k_tenants(mp, p)
-    local vk = k_vtc(mp, p)
     while #out < max_jobs do
-      -- (a tenants zset yet to arrive reads as empty: nothing is written to it then)
-      if not here({}, {tz, vk}) then moving = true; break end
       local top = redis.call('ZRANGE', tz, 0, 0, 'WITHSCORES')
       if #top == 0 then break end
       local tenant, vt = top[1], tonumber(top[2])
       local tq = k_tenant_queue(mp, p, tenant)
-      if not here({tq}) then moving = true; break end  -- a listed tenant has a queue (until leave)
       local jid = redis.call('ZRANGE', tq, 0, 0)[1]
       if not jid then
         leave(mp, p, tenant)
       else
         local J = job_keys(P, jid)
-        if not here({J.job, J.ev, k_queued(mp), k_tenant_state(P, tenant)}) then moving = true; break end
         local j = redis.call('HMGET', J.job, 'cost', 'weight', 'deadline_ms', 'attempts', 'started_ms', 'evn',
           'seq_out')
         local cost = num(j[1], 0)
         local deadline = num(j[3], 0)
-        local streamed = num(j[7], 0) > 0
-        local must, optional = {}, {}
-        if deadline > 0 then must[#must + 1] = k_deadlines(mp) end  -- a queued job with one is in it
-        if streamed then must[#must + 1] = J.oid; optional[#optional + 1] = J.out end
-        if deadline > 0 and deadline < now then optional[#optional + 1] = k_webhooks(P) end
-        if not here(must, optional) then moving = true; break end
         if deadline > 0 and deadline < now and num(j[4], 0) == 0 then
           expire_queued(P, J, jid, now, maxlen)
         else
@@ -94,6 +72,7 @@ for p = 0, maxp do
           emit_numbered(J, maxlen, evn, EVENT.started, cjson.encode({attempt = attempt, worker = worker}))
           local rec = redis.call('HGETALL', J.job)
           -- what earlier attempts emitted: the worker resumes after it (none before a first delta)
+          local streamed = num(j[7], 0) > 0
           rec[#rec + 1] = 'output'
           rec[#rec + 1] = streamed and (redis.call('GET', J.out) or '') or ''
           rec[#rec + 1] = 'output_ids'
@@ -111,10 +90,7 @@ end
 if #out == 0 and maxp < LOWEST_PRIORITY then
   local urgent = 0
   for p = 0, LOWEST_PRIORITY - 1 do urgent = urgent + num(redis.call('HGET', KEYS[1], 'd' .. p), 0) end
-  if urgent == 0 then redis.pcall('DEL', k_wake_urgent(mp)) end  -- a hint: refused on a moving slot, no matter
-end
-if moving and #out == 0 then
-  return redis.error_reply('TRYAGAIN the queue\'s slot is being resharded; claim again')
+  if urgent == 0 then redis.call('DEL', k_wake_urgent(mp)) end
 end
 
 if #out > 0 then
