@@ -99,7 +99,7 @@ def _check_text(sub: Submission) -> None:
 
 
 async def model_info(rt: Runtime, model: str) -> dict[str, Any]:
-    info = (await rt.broker.models()).get(model)
+    info = await rt.fleet.model(model)
     if info is None:
         raise from_broker(be.UnknownModel(model))
     return info

@@ -108,7 +108,7 @@ class Broker:
         self._redis = redis
         self.settings = settings
         self._keys = Keys(settings.queue)
-        self._scripts = Scripts.register(redis)
+        self._scripts = Scripts.register(redis, self._keys.slot_guard)
 
     @classmethod
     def from_settings(cls, settings: BrokerSettings) -> Broker:

@@ -8,6 +8,9 @@ lives in one Redis Cluster slot and every Lua script touches a single slot.
 key                                   type    content                                     TTL
 ====================================  ======  ==========================================  ===========
 P:global                              hash    seq (FIFO order), fence, queued (all models) none
+P:slot-guard                          -       never written: on a Cluster every script     -
+                                              call names it, so none runs while the slot
+                                              is resharded (broker/scripts.py GUARD)
 P:apikeys                             hash    sha256(API key) -> JSON {tenant, name, admin} none
 P:models                              hash    model -> JSON {max_model_len}               none
 P:workers                             hash    worker id -> JSON heartbeat record          pruned by age
@@ -78,6 +81,10 @@ class Keys:
     @property
     def global_(self) -> str:
         return f"{self.prefix}:global"
+
+    @property
+    def slot_guard(self) -> str:
+        return f"{self.prefix}:slot-guard"
 
     @property
     def api_keys(self) -> str:

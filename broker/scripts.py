@@ -19,25 +19,29 @@ from broker.connection import ClusterClient, RedisClient
 NAMES = ("admit", "claim", "renew", "append", "complete", "fail", "reap", "cancel")
 
 
-# On a Cluster every script first refuses to run while its slot is being resharded (see
-# slot_in_transition in _lib.lua): the keys a script discovers may have left, or not arrived.
-GUARD = (
-    "if CLUSTER and slot_in_transition(KEYS[1]) then\n"
-    "  return redis.error_reply('TRYAGAIN the queue slot is being resharded; retry')\nend\n"
-)
+# On a Cluster every script call also names a key that never exists (Keys.slot_guard, last
+# in KEYS; the script drops it first). Redis refuses a multi-key call with a missing key on a
+# slot being resharded, before the script runs (TRYAGAIN on the source while some of its keys
+# are there, ASK then TRYAGAIN on the target), so no script runs while its slot moves: the keys
+# a script finds on its way (a tenant's queue, the queued index) may have left or not arrived,
+# and a refused key stops a script half-way. On a stable slot a missing key costs nothing.
+GUARD = "KEYS[#KEYS] = nil  -- the slot guard key (broker/scripts.py)\n"
 
 
 def source(name: str, *, cluster: bool = False) -> str:
     lua = resources.files("broker") / "lua"
-    flag = f"local CLUSTER = {'true' if cluster else 'false'}\n"
-    return flag + (lua / "_lib.lua").read_text() + "\n" + GUARD + (lua / f"{name}.lua").read_text()
+    guard = GUARD if cluster else ""
+    return (lua / "_lib.lua").read_text() + "\n" + guard + (lua / f"{name}.lua").read_text()
 
 
 class Script(Protocol):
     """A loaded script (redis-py's AsyncScript); ``client`` is a pipeline of either client kind."""
 
-    sha: str
-    script: Any
+    @property
+    def sha(self) -> str: ...
+
+    @property
+    def script(self) -> Any: ...
 
     def __call__(self, keys: Sequence[str], args: Sequence[Any], client: Any = None) -> Awaitable[Any]: ...
 
@@ -57,11 +61,31 @@ class Scripts:
         return [getattr(self, name) for name in NAMES]
 
     @classmethod
-    def register(cls, redis: RedisClient) -> Scripts:
+    def register(cls, redis: RedisClient, slot_guard: str) -> Scripts:
+        """The scripts for ``redis``; on a Cluster each call also names ``slot_guard`` (see GUARD)."""
         # AsyncScript takes a cluster client too (it runs EVALSHA / SCRIPT LOAD, routed by the
         # first key); redis-py annotates only the standalone one.
-        cluster = isinstance(redis, ClusterClient)
-        scripts = {name: AsyncScript(cast(Redis, redis), source(name, cluster=cluster)) for name in NAMES}
-        if cluster:  # its pipelines load what a new primary lacks
-            redis.script_sources.update({s.sha: str(s.script) for s in scripts.values()})
-        return cls(**scripts)
+        if not isinstance(redis, ClusterClient):
+            return cls(**{name: AsyncScript(redis, source(name)) for name in NAMES})
+        scripts = {name: AsyncScript(cast(Redis, redis), source(name, cluster=True)) for name in NAMES}
+        redis.script_sources.update({s.sha: str(s.script) for s in scripts.values()})  # for new primaries
+        return cls(**{name: Guarded(s, slot_guard) for name, s in scripts.items()})
+
+
+@dataclass(frozen=True, slots=True)
+class Guarded:
+    """A Cluster script: every call names the slot guard key last (see GUARD)."""
+
+    inner: AsyncScript
+    guard: str
+
+    @property
+    def sha(self) -> str:
+        return str(self.inner.sha)
+
+    @property
+    def script(self) -> Any:
+        return self.inner.script
+
+    def __call__(self, keys: Sequence[str], args: Sequence[Any], client: Any = None) -> Awaitable[Any]:
+        return self.inner([*keys, self.guard], args, client)

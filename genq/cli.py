@@ -3,6 +3,10 @@ is fast and the API process never imports vLLM."""
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+
 import typer
 
 from api.cli import api_command, keys_app
@@ -25,6 +29,26 @@ app.add_typer(
     name="batch",
     help="OpenAI batches from scripts: run (resumable), submit, status, list, cancel, download.",
 )
+
+
+def _bench_app() -> typer.Typer | None:
+    """``benchmarks/`` of the checkout genq runs from (it is not part of the installed package)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "cli.py").is_file():
+        return None
+    if str(root) not in sys.path:
+        sys.path.append(str(root))
+    # imported by name: the benchmarks are not part of the typed, strict-checked packages
+    bench_app: typer.Typer = importlib.import_module("benchmarks.cli").bench_app
+    return bench_app
+
+
+if (bench_app := _bench_app()) is not None:
+    app.add_typer(
+        bench_app,
+        name="bench",
+        help="Benchmarks against peers measured in the same run (queue, redis, batch, e2e, ...; from a checkout).",
+    )
 
 
 @app.command("config")

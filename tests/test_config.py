@@ -55,3 +55,12 @@ def test_genq_config_command_prints_the_table() -> None:
     out = subprocess.run([sys.executable, "-m", "genq.cli", "config", "--markdown"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout == markdown()
+
+
+def test_genq_bench_runs_the_checkouts_benchmarks(tmp_path: Path) -> None:
+    """`genq bench ...` is `python -m benchmarks ...`, from any working directory."""
+    genq = Path(sys.executable).with_name("genq")
+    out = subprocess.run([str(genq), "bench", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for name in ("queue", "redis", "batch", "batchcost", "fleet"):
+        assert re.search(rf"│ {name}\s", out.stdout), name

@@ -46,23 +46,6 @@ local function job_keys(P, jid)
     ch = k_channel(P, jid)}
 end
 
--- On a Cluster (CLUSTER is set by broker/scripts.py), whether the slot of ``key`` is being
--- resharded on this node: this node's line of CLUSTER NODES lists it as [slot->-target]
--- (migrating away) or [slot-<-source] (importing). A script then must not run: the keys it
--- discovers (a tenant's queue, the queued index...) may have left already, or not arrived
--- yet, and a refused key stops a script half-way. It answers TRYAGAIN instead (redis-py
--- retries it, then the broker's Unavailable); the reshard of one slot takes seconds.
-local function slot_in_transition(key)
-  local slot = redis.call('CLUSTER', 'KEYSLOT', key)
-  local nodes = redis.call('CLUSTER', 'NODES')
-  for line in string.gmatch(nodes, '[^\n]+') do
-    if string.find(line, 'myself', 1, true) then
-      return string.find(line, '[' .. slot .. '-', 1, true) ~= nil
-    end
-  end
-  return false
-end
-
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
