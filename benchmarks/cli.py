@@ -163,6 +163,18 @@ def redis_command(
     redis_cost.main(dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None}))
 
 
+@bench_app.command("slot-guard", help="Redis CPU of the Cluster reshard guard key per script call.")
+def slot_guard_command() -> None:
+    from rich.console import Console
+
+    from benchmarks import slot_guard
+    from broker.logs import configure_logging
+
+    configure_logging()
+    for line in slot_guard.run():
+        Console(soft_wrap=True).print(line, highlight=False)
+
+
 @bench_app.command("fleet", help="Drain throughput of 1-8 simulated workers on one Redis and a 3-master Cluster.")
 def fleet_command(
     jobs: Annotated[int | None, typer.Option(help="Jobs admitted at once per step [2000].")] = None,
