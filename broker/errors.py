@@ -209,8 +209,9 @@ REDIS_DOWN = (
     SlotNotCoveredError,
 )
 # Replies without a class of their own: writes refused for lack of in-sync replicas
-# (min-replicas-to-write), a blocked call released because the server changed role.
-_DOWN_REPLIES = ("NOREPLICAS", "UNBLOCKED")
+# (min-replicas-to-write), a blocked call released because the server changed role, a WAIT
+# that reached a master demoted meanwhile.
+_DOWN_REPLIES = ("NOREPLICAS", "UNBLOCKED", "WAIT cannot be used with replica", "ERR WAIT cannot be used with replica")
 
 
 def topology_changing(e: BaseException) -> bool:

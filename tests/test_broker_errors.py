@@ -19,6 +19,14 @@ UNBLOCKED = "UNBLOCKED force unblock from blocking operation, instance state cha
         (ResponseError("NOREPLICAS Not enough good replicas to write."), True),
         # a failover seen inside a pipeline: redis-py prefixes the reply with the command
         (ResponseError(f"Command # 2 (WAIT 1 500) of pipeline caused error: ('{UNBLOCKED}',)"), True),
+        # seen in CI: the WAIT after an admission reached the old master once it had become a replica
+        (
+            ResponseError(
+                "Command # 2 (WAIT 1 500) of pipeline caused error: ('WAIT cannot be used with replica instances. "
+                "Please also note that writes to replicas are just local and are not propagated.',)"
+            ),
+            True,
+        ),
         (ResponseError("ERR unknown command 'NOPE'"), False),
         (ResponseError("Command # 1 (EVALSHA abc 0) of pipeline caused error: ('ERR bad script',)"), False),
     ],
