@@ -1,24 +1,23 @@
 """``python -m benchmarks slot-guard``: Redis CPU of the Cluster reshard guard per script call.
 
-On a private 3-master Cluster, EVALSHA of an empty script built on genq's Lua library, with
+On a private 3-master Cluster, calls of an empty script built on genq's script library, with
 and without the guard key every genq script call names on a Cluster (broker/scripts.py GUARD),
-alternating; Redis's own ``usec_per_call`` of EVALSHA from ``INFO commandstats``.
+alternating; Redis's own ``usec_per_call`` of those calls from ``INFO commandstats``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from importlib import resources
 
 from redis.asyncio import Redis, RedisCluster
 
 from benchmarks.redis_server import servers
 from broker.keys import Keys
-from broker.scripts import GUARD
+from broker.scripts import GUARD, library
 
 
 async def measure(calls: int = 20_000, rounds: int = 2) -> list[str]:
-    lib = (resources.files("broker") / "lua" / "_lib.lua").read_text()
+    lib = library()
     keys = Keys("bench")
     key = keys.stats("m")
     variants = {
@@ -44,7 +43,7 @@ async def measure(calls: int = 20_000, rounds: int = 2) -> list[str]:
                         await pipe.execute()
                     st = (await r.info("commandstats"))["cmdstat_evalsha"]
                     us, n = st["usec_per_call"], st["calls"]
-                    lines.append(f"{name:>7} the guard key: {us:.2f} us per EVALSHA ({n} calls)")
+                    lines.append(f"{name:>7} the guard key: {us:.2f} us per script call ({n} calls)")
         finally:
             await r.aclose()
     return lines

@@ -28,6 +28,11 @@ NAMES = ("admit", "claim", "renew", "append", "complete", "fail", "reap", "cance
 GUARD = "KEYS[#KEYS] = nil  -- the slot guard key (broker/scripts.py)\n"
 
 
+def library() -> str:
+    """The shared Lua helpers every script is built on (benchmarks build probes on them)."""
+    return (resources.files("broker") / "lua" / "_lib.lua").read_text()
+
+
 def source(name: str, *, cluster: bool = False) -> str:
     lua = resources.files("broker") / "lua"
     guard = GUARD if cluster else ""

@@ -31,24 +31,26 @@ app.add_typer(
 )
 
 
-def _bench_app() -> typer.Typer | None:
-    """``benchmarks/`` of the checkout genq runs from (it is not part of the installed package)."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "benchmarks" / "cli.py").is_file():
-        return None
-    if str(root) not in sys.path:
-        sys.path.append(str(root))
+_CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+@app.command(
+    "bench",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+    help="Benchmarks against peers measured in the same run (`genq bench --help`; from a checkout).",
+)
+def bench(ctx: typer.Context) -> None:
+    """``python -m benchmarks ...`` of the checkout genq runs from (not part of the installed
+    package); imported only when called, so ``genq`` itself never loads it."""
+    if not (_CHECKOUT / "benchmarks" / "cli.py").is_file():
+        typer.echo("genq bench runs the benchmarks of a repository checkout; none is beside this install.", err=True)
+        raise typer.Exit(2)
+    if str(_CHECKOUT) not in sys.path:
+        sys.path.append(str(_CHECKOUT))
     # imported by name: the benchmarks are not part of the typed, strict-checked packages
-    bench_app: typer.Typer = importlib.import_module("benchmarks.cli").bench_app
-    return bench_app
-
-
-if (bench_app := _bench_app()) is not None:
-    app.add_typer(
-        bench_app,
-        name="bench",
-        help="Benchmarks against peers measured in the same run (queue, redis, batch, e2e, ...; from a checkout).",
-    )
+    bench_app = importlib.import_module("benchmarks.cli").bench_app
+    bench_app(args=ctx.args, prog_name="genq bench")
 
 
 @app.command("config")
