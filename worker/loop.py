@@ -17,10 +17,9 @@ final write is under way no longer counts (its successor starts meanwhile).
 When the queue is empty it blocks on the broker's wake-up list; when the engine
 is full it waits for a job to finish.  Neither wait polls.
 
-Priority preempts: a job that starts while the engine's slots are all taken takes the
-slot of the least urgent generating run (most recent first), which is aborted and
-resumes as a new engine request after its tokens (vLLM's priority scheduler orders the
-waiting ones, but frees a running slot only when the KV cache runs out).  And a full
+Priority preempts (the policy: :mod:`worker.preempt`): a job that starts while the engine's
+slots are all taken takes the slot of the least urgent generating run, which resumes as a
+new engine request after its tokens.  And a full
 worker still claims work more urgent than its least urgent run, woken by the broker's
 urgent wake-up list (see :meth:`Worker._claim_loop`), so interactive jobs do not wait for
 a batch line to finish.
@@ -39,6 +38,7 @@ import structlog
 from broker.client import Broker
 from broker.contract import LOWEST_PRIORITY, FailOutcome, JobErrorCode
 from broker.models import JobStatus, Lease
+from worker import preempt
 from worker.engine.base import Engine, EngineDeadError, GenRequest, InvalidRequestError, PromptTooLongError
 from worker.errlog import ErrorLog
 from worker.leases import LeaseKeeper
@@ -246,15 +246,6 @@ class Worker:
         if not done:
             log.warning("worker.deregister_failed", reason="timed out; the record expires by itself")
 
-    def preempt_room(self) -> tuple[int, int]:
-        """(max priority, jobs) a full worker may still claim: work more urgent than its least
-        urgent generating runs, one job per such run; (-1, 0) when nothing can be preempted."""
-        victims = [r.priority for r in self.runs.values() if r.preemptible]
-        worst = max(victims, default=0)
-        if worst == 0:
-            return -1, 0
-        return worst - 1, min(victims.count(worst), self.engine.capacity)
-
     async def _claim_loop(self) -> None:
         while not self._halting():
             jobs, tokens = self.free_slots()
@@ -263,7 +254,7 @@ class Worker:
             if full:  # only work that may preempt; the events are cleared before the claim reads the queue
                 self._urgent.clear()
                 self._victim_ready.clear()
-                max_priority, jobs = self.preempt_room()
+                max_priority, jobs = preempt.room(self.runs.values(), self.engine.capacity)
                 tokens = NO_TOKEN_LIMIT
             if jobs > 0:
                 try:
@@ -319,9 +310,7 @@ class Worker:
     def _start(self, lease: Lease) -> None:
         old = self.runs.get(lease.id)
         if old is not None and old.drop("reaped and claimed again"):  # the old attempt is stale
-            task = asyncio.ensure_future(self._abort(old))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._abort_later(old)
         run = JobRun.start(lease, self.id)
         self.runs[lease.id] = run
         self._idle.clear()
@@ -334,21 +323,17 @@ class Worker:
         self._update_live()
 
     def _preempt_for(self, run: JobRun) -> None:
-        """When ``run`` would wait in the engine behind less urgent work, take the slot of the least
-        urgent generating run (the most recently resumed or started first: least work redone)."""
-        in_engine = [r for r in self.runs.values() if r.running]
-        if len(in_engine) <= self.engine.capacity:
-            return  # a slot is free for it
-        if sum(1 for r in in_engine if r.priority <= run.priority) > self.engine.capacity:
-            return  # as urgent work alone fills the engine: it waits its turn
-        victims = [r for r in in_engine if r.preemptible and r.priority > run.priority]
-        if not victims:
+        """When ``run`` would wait in the engine behind less urgent work, take a slot (worker.preempt)."""
+        victim = preempt.victim_for(run, self.runs.values(), self.engine.capacity)
+        if victim is None or not victim.preempt():
             return
-        victim = max(victims, key=lambda r: (r.priority, r.segment_started_at))
-        victim.preempt()
         victim.log.info("job.preempted", by=run.job_id, priority=victim.priority, tokens=len(victim.generated_ids))
         self.metrics.preempted()
-        task = asyncio.ensure_future(self._abort(victim))
+        self._abort_later(victim)
+
+    def _abort_later(self, run: JobRun) -> None:
+        """Abort ``run`` in the engine without waiting for it (the task is kept referenced)."""
+        task = asyncio.ensure_future(self._abort(run))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
