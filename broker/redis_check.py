@@ -53,21 +53,38 @@ def _problems(info: dict[str, Any]) -> list[str]:
     return problems
 
 
-# A job's event stream holds a few small entries; Redis sizes a stream's nodes by this
-# setting, so the default (4096) made a queued job cost 6.7 KB where 512 made it 3.9 KB.
+# Settings that cost memory, not durability (deploy/redis.conf sets both):
+# - a job's event stream holds a few small entries; Redis sizes a stream's nodes by
+#   stream-node-max-bytes, so the default (4096) made a queued job cost 6.7 KB where 512 made it 3.9 KB;
+# - a job hash holds its request JSON, longer than Redis's default hash-max-listpack-value (64):
+#   the whole hash then leaves the compact listpack encoding (a finished job's hash: 1,830 B
+#   instead of 616 B, MEMORY USAGE on Redis 7.0).
 STREAM_NODE_MAX_BYTES = 512
+HASH_MAX_LISTPACK_VALUE = 1024
+
+
+async def _config(redis: RedisClient, name: str) -> int | None:
+    value = (await redis.config_get(name)).get(name)
+    return None if value is None else int(value)
 
 
 async def tuning_advice(redis: RedisClient) -> list[str]:
     """Settings that cost memory (not durability): advice, never fatal. Needs CONFIG GET,
     which some managed services refuse: then there is nothing to say."""
     try:
-        value = (await redis.config_get("stream-node-max-bytes")).get("stream-node-max-bytes")
+        nodes = await _config(redis, "stream-node-max-bytes")
+        values = await _config(redis, "hash-max-listpack-value")  # None before Redis 7 (ziplist)
     except Exception:  # noqa: BLE001 - CONFIG disabled or renamed
         return []
-    if value is None or 0 < int(value) <= 4 * STREAM_NODE_MAX_BYTES:  # 0: no limit at all
-        return []
-    return [
-        f"Redis has `stream-node-max-bytes {value}`: each queued job's event stream then takes about "
-        f"6.7 KB instead of 3.9 KB; set `stream-node-max-bytes {STREAM_NODE_MAX_BYTES}`"
-    ]
+    advice = []
+    if nodes is not None and not 0 < nodes <= 4 * STREAM_NODE_MAX_BYTES:  # 0: no limit at all
+        advice.append(
+            f"Redis has `stream-node-max-bytes {nodes}`: each queued job's event stream then takes about "
+            f"6.7 KB instead of 3.9 KB; set `stream-node-max-bytes {STREAM_NODE_MAX_BYTES}`"
+        )
+    if values is not None and values < HASH_MAX_LISTPACK_VALUE:
+        advice.append(
+            f"Redis has `hash-max-listpack-value {values}`: a job hash (it holds the request) then leaves "
+            f"the compact encoding, about 3x the memory; set `hash-max-listpack-value {HASH_MAX_LISTPACK_VALUE}`"
+        )
+    return advice

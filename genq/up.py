@@ -126,6 +126,8 @@ class Stack:
             "noeviction",
             "--stream-node-max-bytes",
             "512",
+            "--hash-max-listpack-value",
+            "1024",
             "--save",
             "",
             "--logfile",

@@ -22,6 +22,7 @@ from worker.engine.base import EngineSettings, EngineStats, GenRequest
 from worker.engine.simulated import SimulatedEngine, request_key, sim_token_id, sim_token_text
 from worker.loop import EXIT_ENGINE_DEAD, EXIT_OK, Worker
 from worker.settings import WorkerSettings
+from worker.stream import flush_window
 
 MODEL = "m"
 
@@ -387,3 +388,35 @@ def test_worker_never_imports_fastapi_or_vllm_eagerly() -> None:
         "bad = [m for m in ('fastapi', 'starlette', 'vllm') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_flush_window_widens_with_the_writes_of_a_cycle_within_its_bounds() -> None:
+    assert flush_window(4, 0.02, 0.1, 2000) == 0.02  # few streams: the base window
+    assert abs(flush_window(128, 0.02, 0.1, 2000) - 0.064) < 1e-9  # ~2,000 writes/s
+    assert flush_window(1000, 0.02, 0.1, 2000) == 0.1  # never wider than the bound
+    assert flush_window(1000, 0.02, 0.1, 0) == 0.02  # 0: a fixed window
+    assert flush_window(1000, 0.02, 0.01, 2000) == 0.02  # a bound under the base is the base
+
+
+async def _delta_rates(broker: Broker, **kw: object) -> list[float]:
+    """32 jobs of 120 tokens streamed at once (5 ms steps); each job's token events per second
+    of its generation, after checking its stream is its whole output."""
+    ids = await admit(broker, [spec(i, max_tokens=120, priority=5) for i in range(32)])
+    async with running(broker, sim_engine(capacity=32, step_ms=5.0), flush_interval_ms=5, **kw):
+        followed = await follow_all(broker, ids, timeout_s=60)
+    rates = []
+    for jid in ids:
+        job = await check_succeeded(broker, jid, followed[jid])
+        assert job.finished_ms is not None and job.first_token_ms is not None
+        span_s = max(0.001, (job.finished_ms - job.first_token_ms) / 1000)
+        rates.append(len(followed[jid].tokens) / span_s)
+    return rates
+
+
+async def test_a_loaded_worker_writes_fewer_larger_deltas_and_every_token(broker: Broker) -> None:
+    # 32 streams at 320 writes/s: a 100 ms window (the bound) instead of 5 ms
+    widened = sorted(await _delta_rates(broker, flush_writes_per_s=320, flush_max_interval_ms=100))
+    fixed = sorted(await _delta_rates(broker, flush_writes_per_s=0))
+    median_w, median_f = widened[len(widened) // 2], fixed[len(fixed) // 2]
+    assert median_w <= 16, widened  # ~10 deltas/s (+ the first token, the last on the completion)
+    assert median_f >= 2 * median_w, (fixed, widened)

@@ -62,6 +62,13 @@ def worker_command(
     flush_interval_ms: Annotated[
         int | None, typer.Option(help="Delta coalescing window [20].", rich_help_panel=_FEED)
     ] = None,
+    flush_writes_per_s: Annotated[
+        int | None,
+        typer.Option(help="Widen the window to write ~this many deltas/s [2000; 0 = fixed].", rich_help_panel=_FEED),
+    ] = None,
+    flush_max_interval_ms: Annotated[
+        int | None, typer.Option(help="The widest coalescing window [100].", rich_help_panel=_FEED)
+    ] = None,
     checkpoint_interval_ms: Annotated[
         int | None,
         typer.Option(help="Unstreamed jobs: output checkpoint period [5000; 0 = none].", rich_help_panel=_FEED),

@@ -86,7 +86,12 @@ class Worker:
         self.runs: dict[str, JobRun] = {}
         self.metrics = WorkerMetrics(self.model, self.id, settings.engine)
         self.streamer = Streamer(
-            broker, settings.flush_interval_ms / 1000, self._on_write_refused, settings.checkpoint_interval_ms / 1000
+            broker,
+            settings.flush_interval_ms / 1000,
+            self._on_write_refused,
+            settings.checkpoint_interval_ms / 1000,
+            max_interval_s=settings.flush_max_interval_ms / 1000,
+            writes_per_s=settings.flush_writes_per_s,
         )
         self.leases = LeaseKeeper(broker, self)
         self.reap_s = broker.settings.reap_interval_ms / 1000

@@ -88,6 +88,11 @@ class WorkerSettings(BaseSettings):
     # -- feeding the engine -------------------------------------------------
     # Deltas of each job are coalesced this long, then written for all jobs in one pipeline.
     flush_interval_ms: int = Field(20, ge=1, le=10_000)
+    # ... widened with load so one worker writes about this many deltas a second (0 = never
+    # widened), up to flush_max_interval_ms: Redis's cost per worker stays flat past ~40 streams.
+    flush_writes_per_s: int = Field(2_000, ge=0, le=1_000_000)
+    # The widest coalescing window a loaded worker uses (flush_writes_per_s).
+    flush_max_interval_ms: int = Field(100, ge=1, le=10_000)
     # A job nobody streams (batch lines, non-streaming OpenAI calls) writes its output once, with
     # its completion, plus a checkpoint this often, from which a retried attempt resumes; 0 = no
     # checkpoints (a retry starts over).
