@@ -52,6 +52,7 @@ class Config:
     tokens_per_s: float = 50.0  # per sequence: one token per engine step of 1000 / tokens_per_s ms
     capacity: int = 64  # engine sequence slots
     flush_interval_ms: int = 20  # the worker's default
+    flush_writes_per_s: int = 2_000  # the worker's default (0: the window never widens)
     checkpoint_interval_ms: int = 5_000  # the worker's default
     timeout_s: float = 300.0  # per phase
 
@@ -121,6 +122,7 @@ async def phase(redis_url: str, cfg: Config, *, stream: bool) -> Phase:
         engine="simulated",
         served_model_name=MODEL,
         flush_interval_ms=cfg.flush_interval_ms,
+        flush_writes_per_s=cfg.flush_writes_per_s,
         checkpoint_interval_ms=cfg.checkpoint_interval_ms,
     )
     specs = [
@@ -220,7 +222,8 @@ def report(cfg: Config, s: Phase, u: Phase, url: str) -> None:
     console.print(
         f"Private redis-server {url} (AOF everysec; stopped after). "
         f"{cfg.jobs} jobs x {cfg.tokens} tokens at {cfg.tokens_per_s:g} tokens/s per sequence, {cfg.capacity} "
-        f"engine slots, flush every {cfg.flush_interval_ms} ms, unstreamed checkpoint every "
+        f"engine slots, flush every {cfg.flush_interval_ms} ms (widened to ~{cfg.flush_writes_per_s:,} writes/s; "
+        f"0 = never), unstreamed checkpoint every "
         f"{cfg.checkpoint_interval_ms} ms; one worker (simulated engine) in this process; Redis CPU = INFO cpu "
         "sys+user delta from admission to the last completion (claims, renewals, heartbeats included); "
         "commands = INFO commandstats delta (a script's own commands included), INFO excluded.",

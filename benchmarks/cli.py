@@ -94,6 +94,7 @@ def batchcost_command(
     tokens_per_s: Annotated[float | None, typer.Option(help="Simulated tokens/s per sequence [50].")] = None,
     capacity: Annotated[int | None, typer.Option(help="Engine sequence slots [64].")] = None,
     flush_interval_ms: Annotated[int | None, typer.Option(help="The worker's flush interval [20].")] = None,
+    flush_writes_per_s: Annotated[int | None, typer.Option(help="The worker's write budget [2000; 0 = off].")] = None,
     checkpoint_interval_ms: Annotated[int | None, typer.Option(help="Unstreamed checkpoint period [5000].")] = None,
     quick: Annotated[bool, typer.Option(help="Small numbers, for tests.")] = False,
 ) -> None:
@@ -110,6 +111,7 @@ def batchcost_command(
         "tokens_per_s": tokens_per_s,
         "capacity": capacity,
         "flush_interval_ms": flush_interval_ms,
+        "flush_writes_per_s": flush_writes_per_s,
         "checkpoint_interval_ms": checkpoint_interval_ms,
     }
     batchcost.main(dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None}))
