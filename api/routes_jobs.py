@@ -44,7 +44,8 @@ async def submit_job(body: JobRequest, request: Request, who: Auth, rt: RT) -> J
     """Queue one generation job. `Idempotency-Key` returns the same job on repeat; `X-Priority` overrides.
     With no live worker for the model the job still queues: `eta_s` is null, and a `warning` field and an
     `X-Genq-Warning: no_worker` header say so."""
-    adm, headers = await admit(rt, request, who, body.submission(priority_header(request, body.priority)))
+    sub = body.submission(priority_header(request, body.priority))
+    adm, headers = await admit(rt, request, who, sub, record=True)
     view = await accepted_view(rt, who, adm)
     return JSONResponse(view, status_code=202, headers={**headers, **warning_headers(view)})
 

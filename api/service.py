@@ -117,10 +117,17 @@ async def checked_webhook_url(rt: Runtime, url: str | None) -> str | None:
 
 
 async def admit(
-    rt: Runtime, request: Request, who: Principal, sub: Submission, idempotency_key: str | None = None
+    rt: Runtime,
+    request: Request,
+    who: Principal,
+    sub: Submission,
+    idempotency_key: str | None = None,
+    *,
+    record: bool = False,
 ) -> tuple[Admission, dict[str, str]]:
     """Count tokens, fill defaults, admit. Returns the admission and its ``x-ratelimit-*`` headers.
-    ``idempotency_key`` is a server-made key, used when the request has no ``Idempotency-Key``."""
+    ``idempotency_key`` is a server-made key, used when the request has no ``Idempotency-Key``;
+    ``record``: the admission carries the job (the 202 answer is built from it, no second read)."""
     _check_text(sub)
     webhook_url = await checked_webhook_url(rt, sub.webhook_url)
     info = await model_info(rt, sub.model)
@@ -152,7 +159,7 @@ async def admit(
         webhook_url=webhook_url,
     )
     try:
-        adm = await rt.broker.admit(spec)
+        adm = await rt.broker.admit(spec, record=record)
     except be.AdmissionRefused as e:
         rt.metrics.rejected(e.reason)
         log.info("admission refused", tenant=who.tenant, reason=e.reason, retry_after_ms=e.retry_after_ms)
@@ -293,7 +300,7 @@ async def describe(rt: Runtime, job: Job) -> dict[str, Any]:
 
 async def accepted_view(rt: Runtime, who: Principal, adm: Admission) -> dict[str, Any]:
     """The 202 body: the job as just admitted (or, for a repeated Idempotency-Key, as it is now)."""
-    job = await rt.broker.get_job(adm.job_id, who.tenant)
+    job = adm.job if adm.job is not None else await rt.broker.get_job(adm.job_id, who.tenant)
     view = await describe(rt, job)
     if view["queue_position"] is None and job.status is JobStatus.QUEUED:
         view["queue_position"] = adm.position

@@ -165,6 +165,21 @@ def redis_command(
     redis_cost.main(dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None}))
 
 
+@bench_app.command("submit", help="Redis CPU and commands per POST /v1/jobs through one genq api.")
+def submit_command(
+    submits: Annotated[int | None, typer.Option(help="Timed submits [300].")] = None,
+    quick: Annotated[bool, typer.Option(help="Small numbers, for tests.")] = False,
+) -> None:
+    import dataclasses
+
+    from benchmarks import submit
+    from broker.logs import configure_logging
+
+    configure_logging(level="WARNING")
+    cfg = submit.Config.quick() if quick else submit.Config()
+    submit.main(cfg if submits is None else dataclasses.replace(cfg, submits=submits))
+
+
 @bench_app.command("slot-guard", help="Redis CPU of the Cluster reshard guard key per script call.")
 def slot_guard_command() -> None:
     from rich.console import Console

@@ -255,7 +255,7 @@ class Broker:
         return bool(await typed_reply(self._redis.hdel(self._keys.api_keys, key_hash)))
 
     # -- admission ------------------------------------------------------
-    def _admit_args(self, spec: JobSpec, job_id: str) -> tuple[list[str], list[Any]]:
+    def _admit_args(self, spec: JobSpec, job_id: str, record: bool = False) -> tuple[list[str], list[Any]]:
         s, k = self.settings, self._keys
         if spec.max_tokens > s.max_tokens_limit:
             raise errors.LimitExceeded("max_tokens", spec.max_tokens, s.max_tokens_limit)
@@ -300,6 +300,7 @@ class Broker:
             k.channel(job_id),
             _fingerprint(spec),
             "" if spec.webhook_url is None else spec.webhook_url or "-",
+            1 if record else 0,
         ]
         return keys, args
 
@@ -314,7 +315,11 @@ class Broker:
             )
         )
         if code in (Code.OK, Code.DUPLICATE):
-            return Admission(reply[1], code is Code.DUPLICATE, int(reply[2]), limits)
+            job = None
+            if len(reply) > 10:  # the record asked for: a new job has no output yet
+                rec = reply[10]
+                job = Job.from_hash({**dict(zip(rec[::2], rec[1::2], strict=True)), "output": "", "output_ids": ""})
+            return Admission(reply[1], code is Code.DUPLICATE, int(reply[2]), limits, job)
         if code in errors.REFUSALS:
             cls, reason = errors.REFUSALS[code]
             raise cls(reason, int(reply[9]), limits)
@@ -330,9 +335,11 @@ class Broker:
             raise errors.IdempotencyConflict(spec.idempotency_key or "", reply[1])
         raise errors.BrokerError(f"unexpected admit reply {reply!r}")
 
-    async def admit(self, spec: JobSpec) -> Admission:
+    async def admit(self, spec: JobSpec, *, record: bool = False) -> Admission:
+        """Admit one job (raises the refusal). ``record``: the Admission carries the job as
+        admitted (``Admission.job``, read in the same call; not for a duplicate)."""
         job_id = new_job_id()
-        keys, args = self._admit_args(spec, job_id)
+        keys, args = self._admit_args(spec, job_id, record)
         if not self.settings.redis_wait_replicas:
             return self._admission(spec, await self._scripts.admit(keys, args))
         pipe = self._redis.pipeline(transaction=False)  # WAIT must follow on the same connection
@@ -714,22 +721,21 @@ class Broker:
         depth = [int(d or 0) for d in stats[:10]]
         higher = sum(depth[:prio])
         others = [(t, float(v)) for t, v in counters if t != job.tenant]
-        pipe = self._redis.pipeline(transaction=False)
-        for t, _ in others:
-            pipe.zcard(k.tenant_queue(job.model, prio, t))
-        for t in (job.tenant, *(t for t, _ in others)):
-            pipe.hget(k.tenant(t), "weight")
-        replies = (
-            await pipe.execute() if others else [await typed_reply(self._redis.hget(k.tenant(job.tenant), "weight"))]
-        )
-        depths, weights = (
-            replies[: len(others)],
-            [float(w or self.settings.default_weight) for w in replies[len(others) :]],
-        )
+        depths: list[Any] = []
+        weights: list[float] = []
+        if others:  # alone at its priority, no other tenant's turn to count: no second round trip
+            pipe = self._redis.pipeline(transaction=False)
+            for t, _ in others:
+                pipe.zcard(k.tenant_queue(job.model, prio, t))
+            for t in (job.tenant, *(t for t, _ in others)):
+                pipe.hget(k.tenant(t), "weight")
+            replies = await pipe.execute()
+            depths = replies[: len(others)]
+            weights = [float(w or self.settings.default_weight) for w in replies[len(others) :]]
         mine = dict(counters).get(job.tenant)
         cost = max(1.0, int(stats[10] or 0) / depth[prio]) if depth[prio] else 1.0
         estimate = higher + own_ahead
-        if mine is not None:
+        if mine is not None and others:
             turn = float(mine) + own_ahead * cost / weights[0]  # this tenant's counter when the job is next
             for (t, v), d, w in zip(others, depths, weights[1:], strict=True):
                 served = (turn - v) * w / cost  # jobs of t served while its counter is below the turn

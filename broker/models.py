@@ -139,6 +139,7 @@ class Admission:
     duplicate: bool
     position: int
     limits: dict[str, int] = field(default_factory=dict)
+    job: Job | None = None  # the job as admitted, when asked for (``Broker.admit(record=True)``)
 
 
 @dataclass(slots=True)

@@ -349,3 +349,13 @@ async def test_results_and_events_expire_with_ttl(broker: Broker) -> None:
         while await b._redis.exists(job_key, ev_key):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
     assert await b.list_jobs("acme") == []
+
+
+async def test_admit_returns_the_job_as_admitted_when_asked(broker: Broker) -> None:
+    first = await broker.admit(spec(idempotency_key="k1", webhook_url=None), record=True)
+    assert first.job is not None and not first.duplicate
+    assert first.job == await broker.get_job(first.job_id)  # what a second read would have said
+    assert first.job.status is JobStatus.QUEUED and first.job.output == ""
+    assert (await broker.admit(spec(), record=False)).job is None  # only when asked: admit_many never
+    again = await broker.admit(spec(idempotency_key="k1", webhook_url=None), record=True)
+    assert again.duplicate and again.job_id == first.job_id and again.job is None  # it may have moved on

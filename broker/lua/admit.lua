@@ -15,9 +15,10 @@
 --       (global), 12-17 default rpm, rpm_burst, tpm, tpm_burst, max_queued, weight,
 --       18 deadline ms (0 = none), 19 max_attempts, 20 events maxlen, 21 channel,
 --       22 request fingerprint (a repeated idempotency key must carry the same),
---       23 webhook URL ('' = the tenant's default `webhook_url`, '-' = none)
+--       23 webhook URL ('' = the tenant's default `webhook_url`, '-' = none),
+--       24 '1' = also return the admitted job's record (optional: the API's 202 is built from it)
 -- Returns {code, job id, position, rq_limit, rq_remaining, rq_reset_ms,
---          tk_limit, tk_remaining, tk_reset_ms, retry_after_ms}
+--          tk_limit, tk_remaining, tk_reset_ms, retry_after_ms[, job hash as field, value, ...]}
 --   code 0 OK, 1 DUPLICATE (job id = the earlier job), 10 RATE_REQUESTS, 11 RATE_TOKENS,
 --   12 TENANT_QUEUE_FULL, 13 QUEUE_FULL, 14 TOO_LARGE_FOR_LIMIT, 15 UNKNOWN_MODEL,
 --   16 CONTEXT_TOO_LONG (position = the model's max_model_len), 17 PRIORITY_NOT_ALLOWED,
@@ -137,4 +138,6 @@ if ARGV[8] == '1' then redis.call('SET', KEYS[5], jid, 'PX', ttl) end
 -- goes to the stream (where a follower starts) and is not published.
 record(J, ARGV[20], 1, EVENT.queued, cjson.encode({priority = prio, model = model}))
 local pos = redis.call('ZCOUNT', k_queued(mp), '-inf', '(' .. pscore)
-return {0, jid, pos, rpm, rq_left, rq_reset, tpm, tk_left, tk_reset, 0}
+local reply = {0, jid, pos, rpm, rq_left, rq_reset, tpm, tk_left, tk_reset, 0}
+if ARGV[24] == '1' then reply[11] = redis.call('HGETALL', J.job) end
+return reply
