@@ -29,6 +29,8 @@ from broker.client import Broker, OutputWrite
 from broker.contract import JobSpec
 from broker.models import Lease
 from broker.settings import BrokerSettings
+from worker.settings import WorkerSettings
+from worker.stream import flush_window
 
 log = structlog.get_logger(__name__)
 MODEL = "bench-model"
@@ -152,6 +154,15 @@ def lines(r: Report, cfg: Config) -> list[str]:
         out.append(
             f"implied: {workers_per_core(widest.us_per):.1f} workers ({SEQS_PER_WORKER} sequences, "
             f"{1000 // FLUSH_PER_S} ms flush) per Redis core"
+        )
+        ws = WorkerSettings()  # the worker's defaults: the window widens with the writes of a cycle
+        window = flush_window(
+            SEQS_PER_WORKER, ws.flush_interval_ms / 1000, ws.flush_max_interval_ms / 1000, ws.flush_writes_per_s
+        )
+        per_s = SEQS_PER_WORKER / window
+        out.append(
+            f"implied at the worker's default write budget ({SEQS_PER_WORKER} sequences -> a {window * 1000:.0f} ms "
+            f"window, {per_s:,.0f} deltas/s): {1e6 / (per_s * widest.us_per):.1f} workers per Redis core"
         )
     if r.cluster_deltas is not None:
         c = r.cluster_deltas
