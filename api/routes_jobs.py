@@ -32,11 +32,16 @@ EVENT_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$", re.ASCII)
 U64_MAX = 2**64 - 1
 
 
-async def owned_job(rt: Runtime, who: Principal, job_id: str) -> Job:
-    """The caller's job; another tenant's job (or a malformed id) is simply not found."""
+def checked_id(job_id: str) -> str:
+    """A malformed job id is simply not found."""
     if not JOB_ID.match(job_id):
         raise from_broker(be.NotFound(job_id))
-    return await rt.broker.get_job(job_id, who.tenant)
+    return job_id
+
+
+async def owned_job(rt: Runtime, who: Principal, job_id: str) -> Job:
+    """The caller's job; another tenant's job (or a malformed id) is simply not found."""
+    return await rt.broker.get_job(checked_id(job_id), who.tenant)
 
 
 @router.post("", status_code=202, responses=openapi_errors(400, 401, 404, 413, 429, 503))
@@ -95,9 +100,7 @@ async def cancel_job(job_id: str, request: Request, who: Auth, rt: RT) -> dict[s
     """Cancel: a queued job ends at once; a running one is aborted by its worker (status stays
     `running` until then, with `cancel_requested: true`). A finished job answers 409."""
     note(request, job_id=job_id)
-    await owned_job(rt, who, job_id)
-    await rt.broker.cancel(job_id, who.tenant)
-    view = await describe(rt, await rt.broker.get_job(job_id, who.tenant))
+    view = await describe(rt, await rt.broker.cancel_job(checked_id(job_id), who.tenant))  # another tenant's: not found
     view["cancel_requested"] = True
     return view
 

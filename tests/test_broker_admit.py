@@ -12,9 +12,11 @@ from redis.asyncio import Redis
 
 from broker import Broker, JobSpec, JobStatus
 from broker.errors import (
+    AlreadyTerminal,
     ContextTooLong,
     IdempotencyConflict,
     LimitExceeded,
+    NotFound,
     PriorityNotAllowed,
     QueueFull,
     RateLimited,
@@ -359,3 +361,13 @@ async def test_admit_returns_the_job_as_admitted_when_asked(broker: Broker) -> N
     assert (await broker.admit(spec(), record=False)).job is None  # only when asked: admit_many never
     again = await broker.admit(spec(idempotency_key="k1", webhook_url=None), record=True)
     assert again.duplicate and again.job_id == first.job_id and again.job is None  # it may have moved on
+
+
+async def test_cancel_job_answers_with_the_job_as_the_call_left_it(broker: Broker) -> None:
+    adm = await broker.admit(spec())
+    job = await broker.cancel_job(adm.job_id, "acme")
+    assert job == await broker.get_job(adm.job_id) and job.status is JobStatus.CANCELLED
+    with pytest.raises(NotFound):
+        await broker.cancel_job(adm.job_id, "someone-else")  # another tenant's job is not found
+    with pytest.raises(AlreadyTerminal):
+        await broker.cancel_job(adm.job_id, "acme")
