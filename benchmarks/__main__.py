@@ -1,4 +1,4 @@
-"""``python -m benchmarks queue|queue-arq|redis|fleet|sse|e2e|batchcost|batch`` (see :mod:`benchmarks`)."""
+"""``python -m benchmarks queue|queue-arq|redis|fleet|sse|e2e|batchcost|batch|serve`` (see :mod:`benchmarks`)."""
 
 from benchmarks.cli import bench_app
 
