@@ -4,6 +4,8 @@ Keep-alive: a comment line goes out only after ``ping`` seconds of silence, neve
 between events (sse-starlette pings every ``ping`` seconds from the start; vLLM's
 ``bench serve`` client loses every message after a comment).
 
+Framing: every line ends in ``\n``, so a message ends in a blank line ``\n\n`` (see LINE_END).
+
 Cancellation: sse-starlette cancels the streaming task when the client goes away;
 with anyio's level-triggered cancellation every later ``await`` in that task would
 be cancelled too, so clean-up that must reach Redis (unsubscribe, cancel the job)
@@ -31,6 +33,10 @@ from broker.events import Event
 log = structlog.get_logger(__name__)
 
 CLEANUP_S = 5.0
+# Lines end in "\n", as OpenAI's and vLLM's servers send them (sse-starlette's default is "\r\n"):
+# vLLM's ``bench serve`` client splits messages on "\n\n" only, so with "\r\n" two messages
+# read together stayed glued and it lost every later one, the final usage chunk among them.
+LINE_END = "\n"
 
 
 async def follow(
@@ -113,7 +119,7 @@ class SlotEventSourceResponse(EventSourceResponse):
     """An SSE response that gives its tenant's stream slot back however it ends."""
 
     def __init__(self, content: AsyncIterator[Any], slot: StreamSlot, **kw: Any) -> None:
-        super().__init__(content, **kw)
+        super().__init__(content, **{"sep": LINE_END, **kw})
         self._slot = slot
         self._last_sent = 0.0  # time.monotonic() of the last message sent
 

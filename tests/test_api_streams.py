@@ -81,6 +81,48 @@ async def test_completion_stream_opens_with_its_first_token(make_stack) -> None:
     assert data_events(raw)[-1] == "[DONE]"
 
 
+def blank_line_messages(raw: bytes) -> list[str]:
+    """SSE messages split on ``\\n\\n``, as vLLM's ``bench serve`` client (its StreamedResponseHandler) and
+    many small clients split them: with ``\\r\\n`` line ends, messages read together stay glued."""
+    return [m.strip() for m in raw.decode().split("\n\n") if m.strip()]
+
+
+async def test_stream_messages_end_with_a_blank_line_so_every_token_and_the_usage_are_counted(make_stack) -> None:  # noqa: F811
+    """Tokens written faster than the client reads arrive in one read: each message must still end
+    in ``\\n\\n`` (OpenAI's and vLLM's servers send ``data: ...\\n\\n``), or vLLM's bench client loses every
+    message after the first glued pair, the usage among them, and counts output tokens from partial text."""
+    stack: Stack = make_stack(worker=False)
+    stack.call(lambda b: b.register_model("hand", 4096))
+    worker = HandWorker(stack, "hand")
+    key = stack.key("acme")
+    async with httpx.AsyncClient(base_url=stack.url, headers=auth(key), timeout=30) as h:
+        body = {
+            "model": "hand",
+            "prompt": "Once",
+            "max_tokens": 5,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        async with h.stream("POST", "/v1/completions", json=body) as r:
+            chunks = r.aiter_raw()
+            first = asyncio.ensure_future(anext(chunks))
+            [lease] = worker.claim()
+            for i, text in enumerate([" upon", " a", " time", " there", " was"]):
+                worker.token(lease, text, token_id=i + 1)
+            worker.finish(lease, "length")
+            raw = await asyncio.wait_for(first, 10)
+            async for more in chunks:
+                raw += more
+    assert b"\r" not in raw
+    messages = blank_line_messages(raw)
+    assert all(m.startswith("data: ") for m in messages), messages
+    payloads = [m.removeprefix("data: ") for m in messages]
+    assert payloads[-1] == "[DONE]"
+    parsed = [json.loads(p) for p in payloads[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in parsed if c["choices"]) == " upon a time there was"
+    assert parsed[-1]["choices"] == [] and parsed[-1]["usage"]["completion_tokens"] == 5
+
+
 def test_no_comment_while_tokens_flow_one_after_a_silence(make_stack) -> None:  # noqa: F811
     stack: Stack = make_stack(worker=False, keepalive_s=QUIET_S)
     stack.add_worker("m", sim_step_ms=20.0)  # a token every ~20 ms for ~3 s: never a second of silence
