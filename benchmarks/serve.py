@@ -12,7 +12,8 @@ Servers, one up at a time, alternated genq, vllm, genq, vllm... (``pairs`` of ea
 (:func:`benchmarks.batch.genq_engine_args`), checked after vLLM's ``serve`` parser has read
 them: every ``AsyncEngineArgs`` field must be equal. Each server is fresh for its run; the
 client's own warm-up requests (``--num-warmups``) run first, and the timing and the CPU
-counters start when the client prints that its main run starts.
+counters start when the client prints that its main run starts. The whole run holds the
+machine's vLLM lock (``GENQ_VLLM_LOCK``, as ``benchmarks.sse`` and the e2e tests).
 
 Reported per run: output tokens/s, mean and median TTFT and TPOT, completed requests and
 output tokens as the client counted them (genq must reach prompts x output_len), and the
@@ -64,6 +65,10 @@ class Config:
     max_num_seqs: int = 16  # genq's worker default
     model: str | None = None
     keep: str | None = None  # a folder to keep results and the processes' logs in
+    # One vLLM engine per machine at a time: the whole run holds the lock tests and benchmarks share.
+    lock_path: str = os.environ.get(
+        "GENQ_VLLM_LOCK", "/work/vllm.lock" if os.path.isdir("/work") else "/tmp/genq-vllm.lock"
+    )
 
     @classmethod
     def quick(cls) -> Config:
@@ -363,9 +368,12 @@ async def _run(cfg: Config, folder: Path) -> list[str]:
 
 
 def run(cfg: Config) -> list[str]:
-    if cfg.keep:
-        folder = Path(cfg.keep)
-        folder.mkdir(parents=True, exist_ok=True)
+    from benchmarks.sse import vllm_lock
+
+    with vllm_lock(cfg.lock_path), contextlib.ExitStack() as stack:
+        if cfg.keep:
+            folder = Path(cfg.keep)
+            folder.mkdir(parents=True, exist_ok=True)
+        else:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="genq-bench-serve-")))
         return asyncio.run(_run(cfg, folder))
-    with tempfile.TemporaryDirectory(prefix="genq-bench-serve-") as tmp:
-        return asyncio.run(_run(cfg, Path(tmp)))
