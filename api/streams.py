@@ -2,7 +2,10 @@
 
 Keep-alive: a comment line goes out only after ``ping`` seconds of silence, never
 between events (sse-starlette pings every ``ping`` seconds from the start; vLLM's
-``bench serve`` client loses every message after a comment).
+``bench serve`` client loses every message after a comment it reads alone, see AFTER_PING).
+
+Framing: every line ends in ``\n``, so a message ends in a blank line ``\n\n`` (see LINE_END),
+and the message after a keep-alive comment opens with an empty comment (see AFTER_PING).
 
 Cancellation: sse-starlette cancels the streaming task when the client goes away;
 with anyio's level-triggered cancellation every later ``await`` in that task would
@@ -31,6 +34,15 @@ from broker.events import Event
 log = structlog.get_logger(__name__)
 
 CLEANUP_S = 5.0
+# Lines end in "\n", as OpenAI's and vLLM's servers send them (sse-starlette's default is "\r\n"):
+# vLLM's ``bench serve`` client splits messages on "\n\n" only, so with "\r\n" two messages
+# read together stayed glued and it lost every later one, the final usage chunk among them.
+LINE_END = "\n"
+# The message after a keep-alive comment starts with an empty comment (":" and a blank line).
+# vLLM's bench serve client strips each read and splits on "\n\n": a comment read alone lost its
+# blank line, stayed at the head of its buffer and swallowed every later message (a TTFT past
+# ``keepalive_s``, as in a queue, lost the stream). Any SSE parser ignores the extra comment.
+AFTER_PING = b":" + LINE_END.encode() * 2
 
 
 async def follow(
@@ -113,9 +125,10 @@ class SlotEventSourceResponse(EventSourceResponse):
     """An SSE response that gives its tenant's stream slot back however it ends."""
 
     def __init__(self, content: AsyncIterator[Any], slot: StreamSlot, **kw: Any) -> None:
-        super().__init__(content, **kw)
+        super().__init__(content, **{"sep": LINE_END, **kw})
         self._slot = slot
         self._last_sent = 0.0  # time.monotonic() of the last message sent
+        self._pinged = False  # the last message sent was a keep-alive comment
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._last_sent = time.monotonic()  # the headers go out now
@@ -127,6 +140,9 @@ class SlotEventSourceResponse(EventSourceResponse):
     async def _send_with_timeout(self, send: Send, message: Message) -> None:
         # sse-starlette opens an anyio cancel scope around every send, even with no send
         # timeout; that scope was ~9 % of the API's CPU per token event (genq bench sse).
+        if self._pinged and message.get("body"):
+            message = {**message, "body": AFTER_PING + message["body"]}
+            self._pinged = False
         if self.send_timeout is None:
             await send(message)
         else:
@@ -144,3 +160,4 @@ class SlotEventSourceResponse(EventSourceResponse):
             async with self._send_lock:
                 if self.active:
                     await self._send_with_timeout(send, {"type": "http.response.body", "body": ping, "more_body": True})
+                    self._pinged = True  # see AFTER_PING

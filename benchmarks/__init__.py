@@ -11,6 +11,7 @@ Run from a checkout (they are not part of the installed package), with the
     python -m benchmarks batchcost  # Redis CPU per job, streamed vs written once (batch lines)
     python -m benchmarks fleet      # drain throughput of 1-8 simulated workers, one Redis and a Cluster
     python -m benchmarks batch      # a batch through genq vs vLLM's own run_batch (--lines, --max-tokens)
+    python -m benchmarks serve      # vLLM's bench serve client: genq's /v1/completions vs vllm serve
 
 ``--quick`` on each runs small numbers, for tests.
 """

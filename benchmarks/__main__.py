@@ -1,4 +1,4 @@
-"""``python -m benchmarks queue|queue-arq|redis|fleet|sse|e2e|batchcost|batch|submit|...`` (see :mod:`benchmarks`)."""
+"""``python -m benchmarks <name>`` (queue, redis, sse, batch, serve, submit, ...: see ``--help``)."""
 
 from benchmarks.cli import bench_app
 

@@ -233,3 +233,42 @@ def batch_command(
     )
     for line in batch.run(cfg):
         Console(soft_wrap=True).print(line, highlight=False)
+
+
+@bench_app.command(
+    "serve", help="vLLM's serving benchmark client (vllm bench serve) against genq's OpenAI endpoint and vllm serve."
+)
+def serve_command(
+    prompts: Annotated[int | None, typer.Option(help="Prompts per run [64].")] = None,
+    input_len: Annotated[int | None, typer.Option(help="Prompt tokens (random dataset) [128].")] = None,
+    output_len: Annotated[int | None, typer.Option(help="New tokens per request (--ignore-eos) [128].")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="The client's --max-concurrency [16].")] = None,
+    pairs: Annotated[int | None, typer.Option(help="Runs of each server, alternated genq, vllm, ... [3].")] = None,
+    warmups: Annotated[int | None, typer.Option(help="The client's warm-up requests before each run [16].")] = None,
+    max_num_seqs: Annotated[int | None, typer.Option(help="Engine sequence slots, the same for both [16].")] = None,
+    model: Annotated[str | None, typer.Option(help="Model path (default: the bundled SmolLM2-135M).")] = None,
+    keep: Annotated[str | None, typer.Option(help="Keep the results and the processes' logs in this folder.")] = None,
+    quick: Annotated[bool, typer.Option(help="One pair of tiny runs, for a smoke test.")] = False,
+) -> None:
+    import dataclasses
+
+    from rich.console import Console
+
+    from benchmarks import serve
+    from broker.logs import configure_logging
+
+    configure_logging()
+    cfg = serve.Config.quick() if quick else serve.Config()
+    given = {
+        "prompts": prompts,
+        "input_len": input_len,
+        "output_len": output_len,
+        "concurrency": concurrency,
+        "pairs": pairs,
+        "warmups": warmups,
+        "max_num_seqs": max_num_seqs,
+        "model": model,
+        "keep": keep,
+    }
+    for line in serve.run(dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})):
+        Console(soft_wrap=True).print(line, highlight=False)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -79,6 +80,100 @@ async def test_completion_stream_opens_with_its_first_token(make_stack) -> None:
             async for more in chunks:
                 raw += more
     assert data_events(raw)[-1] == "[DONE]"
+
+
+def vllm_bench_client(reads: list[bytes]) -> tuple[str, int | None]:
+    """What vLLM's ``bench serve`` client makes of a ``/v1/completions`` stream that arrives in these
+    reads: (text, the usage's completion_tokens). Its StreamedResponseHandler (vllm 0.32,
+    benchmarks/lib/endpoint_request_func.py) strips each read, splits messages on ``\\n\\n`` and takes a
+    rest that is one whole ``data:`` JSON; it counts output tokens from the usage chunk, else re-tokenizes
+    the text it got."""
+    buffer, text, tokens = "", "", None
+    for read in reads:
+        if not read.strip():
+            continue
+        buffer += read.strip().decode()
+        messages = []
+        while "\n\n" in buffer:
+            message, buffer = buffer.split("\n\n", 1)
+            if message.strip():
+                messages.append(message.strip())
+        rest = buffer.removeprefix("data: ").strip()
+        if buffer.startswith("data: ") and rest:
+            with contextlib.suppress(json.JSONDecodeError):
+                if rest != "[DONE]":
+                    json.loads(rest)
+                messages.append(buffer.strip())
+                buffer = ""
+        for m in messages:
+            chunk = m.removeprefix("data: ")
+            if m.startswith(":") or chunk == "[DONE]":
+                continue
+            data = json.loads(chunk)
+            if choices := data.get("choices"):
+                text += choices[0].get("text") or ""
+            elif usage := data.get("usage"):
+                tokens = usage.get("completion_tokens")
+    return text, tokens
+
+
+def read_patterns(reads: list[bytes]) -> list[list[bytes]]:
+    """Reads as they came, all in one (writes coalesced), and split in two at every read boundary.
+    (Not at any byte: a read ending inside ``data: `` breaks vLLM's client with any server.)"""
+    return [reads, [b"".join(reads)], *([b"".join(reads[:k]), b"".join(reads[k:])] for k in range(1, len(reads)))]
+
+
+WORDS = [" upon", " a", " time", " there", " was"]
+BODY = {"model": "hand", "prompt": "Once", "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}
+
+
+async def test_vllm_bench_client_counts_every_token_however_the_stream_is_read(make_stack) -> None:  # noqa: F811
+    """Messages end in ``\\n\\n`` (OpenAI's and vLLM's servers send ``data: ...\\n\\n``): with sse-starlette's
+    ``\\r\\n`` two messages read together stayed glued in vLLM's bench client, which then lost every later
+    one, the usage among them, and counted 43-49 of 128 tokens from partial text."""
+    stack: Stack = make_stack(worker=False)
+    stack.call(lambda b: b.register_model("hand", 4096))
+    worker = HandWorker(stack, "hand")
+    key = stack.key("acme")
+    async with httpx.AsyncClient(base_url=stack.url, headers=auth(key), timeout=30) as h:
+        async with h.stream("POST", "/v1/completions", json=BODY) as r:
+            chunks = r.aiter_raw()
+            first = asyncio.ensure_future(anext(chunks))
+            [lease] = worker.claim()
+            for i, text in enumerate(WORDS):
+                worker.token(lease, text, token_id=i + 1)
+            worker.finish(lease, "length")
+            reads = [await asyncio.wait_for(first, 10)]
+            async for more in chunks:
+                reads.append(more)
+    raw = b"".join(reads)
+    assert b"\r" not in raw and raw.endswith(b"data: [DONE]\n\n")
+    for pattern in read_patterns(reads):
+        assert vllm_bench_client(pattern) == ("".join(WORDS), 5), pattern
+
+
+async def test_vllm_bench_client_counts_every_token_after_a_keepalive_comment(make_stack) -> None:  # noqa: F811
+    """A job that waits longer than ``keepalive_s`` for its first token gets a comment first. Read alone,
+    it lost its blank line in vLLM's bench client (each read is stripped) and swallowed every later
+    message: the message after a comment opens with an empty comment, which restores the blank line."""
+    stack: Stack = make_stack(worker=False, keepalive_s=QUIET_S)
+    stack.call(lambda b: b.register_model("hand", 4096))
+    worker = HandWorker(stack, "hand")
+    key = stack.key("acme")
+    async with httpx.AsyncClient(base_url=stack.url, headers=auth(key), timeout=30) as h:
+        async with h.stream("POST", "/v1/completions", json=BODY) as r:
+            chunks = r.aiter_raw()
+            ping = await asyncio.wait_for(anext(chunks), 10 * QUIET_S)  # the queued job's silence
+            assert ping.strip() == b": ping"
+            [lease] = worker.claim()
+            for i, text in enumerate(WORDS):
+                worker.token(lease, text, token_id=i + 1)
+            worker.finish(lease, "length")
+            rest = [more async for more in chunks]
+    for reads in read_patterns(rest):
+        assert vllm_bench_client([ping, *reads]) == ("".join(WORDS), 5), reads
+    events = data_events(ping + b"".join(rest))
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] == 5
 
 
 def test_no_comment_while_tokens_flow_one_after_a_silence(make_stack) -> None:  # noqa: F811
