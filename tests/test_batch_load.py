@@ -131,7 +131,7 @@ def backlogs(stack: Stack, ids: list[str]) -> dict[str, list[Event]]:
 
 # -- a worker killed mid-batch ------------------------------------------------------------------
 LINES = 1000
-TOKENS = 6
+TOKENS = 30  # ~120 ms a line at 4 ms steps: a heartbeat finds the victim with lines running
 
 
 def test_worker_killed_mid_batch_runs_each_line_once(
@@ -152,7 +152,7 @@ def test_worker_killed_mid_batch_runs_each_line_once(
         )
         # Kill once the batch is well under way and the victim's heartbeat says it runs lines.
         wait_for(lambda: c.batches.retrieve(b.id).request_counts.completed >= 150, 60, "150 lines done")
-        wait_for(lambda: (heartbeat(stack, victim.id) or {}).get("running", 0) > 0, 10, "the victim running lines")
+        wait_for(lambda: (heartbeat(stack, victim.id) or {}).get("running", 0) > 0, 30, "the victim running lines")
         victim.proc.send_signal(signal.SIGKILL)
         assert victim.proc.wait(10) == -signal.SIGKILL
         at_kill = c.batches.retrieve(b.id).request_counts.completed
