@@ -331,7 +331,9 @@ def spawn_batcher(stack: Stack, log_path: Path) -> subprocess.Popen:
 
 def test_batcher_killed_mid_run_resumes_exactly_once(make_stack, tmp_path: Path) -> None:  # noqa: F811
     stack = make_stack(worker=False, files_url=str(tmp_path / "files"))
-    stack.add_worker("m", sim_step_ms=4.0)
+    # 16 slots x 7 steps x 20 ms: the 1,000 lines take >= 8.7 s, so the kill, ~2 s in, lands mid-run even
+    # when this process is slow to act on what it saw (under load, 4 ms steps finished all before the kill)
+    stack.add_worker("m", sim_step_ms=20.0, max_num_seqs=16)
     c = client(stack, stack.key("acme"))
     rows = [chat_line(i, 6) for i in range(1000)]
     b = c.batches.create(input_file_id=upload(c, jsonl(rows)), endpoint="/v1/chat/completions", completion_window="24h")
