@@ -31,9 +31,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import structlog
@@ -41,6 +42,9 @@ from httpx_sse import aconnect_sse
 
 from benchmarks.e2e import TOPICS, worker_command
 from benchmarks.redis_server import free_port, redis_server_binary
+
+if TYPE_CHECKING:
+    from broker import Broker
 
 log = structlog.get_logger(__name__)
 
@@ -253,6 +257,50 @@ class Procs:
                     proc.wait(10)
 
 
+@contextlib.asynccontextmanager
+async def genq_services(
+    procs: Procs, folder: Path, model: str, engine_kw: dict[str, Any], worker_timeout_s: float
+) -> AsyncIterator[tuple[Broker, dict[str, str], str]]:
+    """A private redis-server and a genq worker on it, started in ``procs`` (the caller stops them).
+
+    Yields (a broker on that Redis, the environment for more genq processes, the Redis URL) once
+    the worker heartbeats.
+    """
+    from broker import Broker, BrokerSettings
+
+    port = free_port()
+    redis_url = f"redis://127.0.0.1:{port}/0"
+    env = {
+        **os.environ,
+        "GENQ_REDIS_URL": redis_url,
+        "GENQ_QUEUE": "bench",
+        "GENQ_FILES_URL": str(folder / "files"),
+        "GENQ_MODELS": json.dumps([model]),
+        "GENQ_JSON_LOGS": "true",
+        "HF_HUB_OFFLINE": "1",
+    }
+    redis_cmd = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    procs.start("redis", [*redis_cmd, "--appendonly", "no", "--dir", str(folder)], env)
+    async with Broker.from_settings(BrokerSettings(redis_url=redis_url, queue="bench")) as broker:
+        deadline = time.monotonic() + 20
+        while True:  # a child process coming up: no event to wait on
+            procs.check()
+            with contextlib.suppress(Exception):
+                await broker.workers()
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit("redis-server did not start")
+            await asyncio.sleep(0.05)
+        procs.start("worker", worker_command(engine_kw), env)
+        deadline = time.monotonic() + worker_timeout_s
+        while not await broker.workers():
+            procs.check()
+            if time.monotonic() > deadline:
+                raise SystemExit("the worker did not start")
+            await asyncio.sleep(0.5)  # the worker loading its engine
+        yield broker, env, redis_url
+
+
 async def lines_span(redis_url: str, tenant: str, job_ids: set[str]) -> float | None:
     from broker import Broker, BrokerSettings
 
@@ -323,41 +371,12 @@ async def genq_phase(cfg: Config, engine_kw: dict[str, Any], folder: Path, rows:
     import openai
 
     from api.auth import create_key
-    from broker import Broker, BrokerSettings
 
     procs = Procs(folder)
-    redis_port, api_port = free_port(), free_port()
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    api_port = free_port()
     model = rows[0]["body"]["model"]
-    env = {
-        **os.environ,
-        "GENQ_REDIS_URL": redis_url,
-        "GENQ_QUEUE": "bench",
-        "GENQ_FILES_URL": str(folder / "files"),
-        "GENQ_MODELS": json.dumps([model]),
-        "GENQ_JSON_LOGS": "true",
-        "HF_HUB_OFFLINE": "1",
-    }
-    redis_cmd = [redis_server_binary(), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""]
-    procs.start("redis", [*redis_cmd, "--appendonly", "no", "--dir", str(folder)], env)
     try:
-        async with Broker.from_settings(BrokerSettings(redis_url=redis_url, queue="bench")) as broker:
-            deadline = time.monotonic() + 20
-            while True:  # a child process coming up: no event to wait on
-                procs.check()
-                with contextlib.suppress(Exception):
-                    await broker.workers()
-                    break
-                if time.monotonic() > deadline:
-                    raise SystemExit("redis-server did not start")
-                await asyncio.sleep(0.05)
-            procs.start("worker", worker_command(engine_kw), env)
-            deadline = time.monotonic() + 600
-            while not await broker.workers():
-                procs.check()
-                if time.monotonic() > deadline:
-                    raise SystemExit("the worker did not start")
-                await asyncio.sleep(0.5)  # the worker loading its engine
+        async with genq_services(procs, folder, model, engine_kw, worker_timeout_s=600) as (broker, env, redis_url):
             log.info("worker ready")
             procs.start("api", [sys.executable, "-m", "genq.cli", "api", "--port", str(api_port)], env)
             procs.start("batcher", [sys.executable, "-m", "genq.cli", "batcher"], env)

@@ -42,8 +42,8 @@ from typing import Any
 import httpx
 import structlog
 
-from benchmarks.batch import Procs, _norm, cpu_delta, cpu_snapshot, engine_flags, genq_engine_args
-from benchmarks.redis_server import free_port, redis_server_binary
+from benchmarks.batch import Procs, _norm, cpu_delta, cpu_snapshot, engine_flags, genq_engine_args, genq_services
+from benchmarks.redis_server import free_port
 
 log = structlog.get_logger(__name__)
 
@@ -154,43 +154,13 @@ async def wait_http(procs: Procs, url: str, timeout_s: float, headers: dict[str,
 async def genq_stack(engine_kw: dict[str, Any], model: str, folder: Path) -> AsyncIterator[tuple[str, str, Procs]]:
     """redis-server, genq worker, genq api: yields (base URL, API key, processes)."""
     from api.auth import create_key
-    from benchmarks.e2e import worker_command
-    from broker import Broker, BrokerSettings
 
     procs = Procs(folder)
-    redis_port, api_port = free_port(), free_port()
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    env = {
-        **os.environ,
-        "GENQ_REDIS_URL": redis_url,
-        "GENQ_QUEUE": "bench",
-        "GENQ_FILES_URL": str(folder / "files"),
-        "GENQ_MODELS": json.dumps([model]),
-        "GENQ_JSON_LOGS": "true",
-        "HF_HUB_OFFLINE": "1",
-    }
-    redis_cmd = [redis_server_binary(), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""]
-    procs.start("redis", [*redis_cmd, "--appendonly", "no", "--dir", str(folder)], env)
+    api_port = free_port()
     try:
-        async with Broker.from_settings(BrokerSettings(redis_url=redis_url, queue="bench")) as broker:
-            deadline = time.monotonic() + 20
-            while True:  # a child process coming up: no event to wait on
-                procs.check()
-                with contextlib.suppress(Exception):
-                    await broker.workers()
-                    break
-                if time.monotonic() > deadline:
-                    raise SystemExit("redis-server did not start")
-                await asyncio.sleep(0.05)
-            procs.start("worker", worker_command(engine_kw), env)
+        async with genq_services(procs, folder, model, engine_kw, worker_timeout_s=900) as (broker, env, _):
             procs.start("api", [sys.executable, "-m", "genq.cli", "api", "--port", str(api_port)], env)
             key = await create_key(broker, "bench", "bench serve")
-            deadline = time.monotonic() + 900
-            while not await broker.workers():
-                procs.check()
-                if time.monotonic() > deadline:
-                    raise SystemExit("the worker did not start")
-                await asyncio.sleep(0.5)  # the worker loading its engine
         base = f"http://127.0.0.1:{api_port}"
         await wait_http(procs, base + "/readyz", 60)
         yield base, key, procs
