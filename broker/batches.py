@@ -22,7 +22,6 @@ the same code runs on standalone, Sentinel and Cluster, each call on the namespa
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import time
 from collections.abc import Iterable, Mapping
@@ -35,7 +34,7 @@ from redis.commands.core import AsyncScript
 
 from broker import errors
 from broker.connection import RedisClient
-from broker.errors import Code, translated
+from broker.errors import Code, translate_public
 from broker.keys import Keys
 from broker.replies import typed_reply
 
@@ -227,6 +226,4 @@ class BatchStore:
             start += len(ids)
 
 
-for _name, _fn in list(vars(BatchStore).items()):
-    if not _name.startswith("_") and inspect.iscoroutinefunction(_fn):
-        setattr(BatchStore, _name, translated(_fn))
+translate_public(BatchStore)

@@ -10,6 +10,7 @@ never leave the broker: they become :class:`Unavailable`, and so do the errors t
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Awaitable, Callable
 from enum import IntEnum
 from typing import ParamSpec, TypeVar
@@ -244,3 +245,11 @@ def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             raise Unavailable(f"Redis unavailable: {type(e).__name__}: {e}") from e
 
     return wrapper
+
+
+def translate_public(cls: type) -> None:
+    """Wrap every public coroutine method of ``cls``, its own and inherited, in :func:`translated`:
+    callers see :class:`Unavailable`, never a redis-py error."""
+    for name, fn in inspect.getmembers(cls, inspect.iscoroutinefunction):
+        if not name.startswith("_"):
+            setattr(cls, name, translated(fn))
