@@ -71,7 +71,7 @@ def redis_server_binary() -> str:
 # deploy/redis.conf's memory settings (no persistence: the bench measures CPU and memory, not fsyncs)
 SERVER_ARGS = [
     *("--save", "", "--appendonly", "no"),
-    *("--stream-node-max-bytes", "512", "--stream-node-max-entries", "100", "--hash-max-listpack-value", "1024"),
+    *("--stream-node-max-bytes", "320", "--stream-node-max-entries", "100", "--hash-max-listpack-value", "1024"),
 ]
 
 

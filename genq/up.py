@@ -32,6 +32,7 @@ from rich.console import Console
 
 from broker import Broker, BrokerSettings
 from broker.logs import safe
+from broker.redis_check import HASH_MAX_LISTPACK_VALUE, STREAM_NODE_MAX_BYTES
 from broker.settings import DEFAULT_MODEL
 from genq import procs
 
@@ -125,9 +126,9 @@ class Stack:
             "--maxmemory-policy",
             "noeviction",
             "--stream-node-max-bytes",
-            "512",
+            str(STREAM_NODE_MAX_BYTES),
             "--hash-max-listpack-value",
-            "1024",
+            str(HASH_MAX_LISTPACK_VALUE),
             "--save",
             "",
             "--logfile",

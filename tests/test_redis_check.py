@@ -60,10 +60,10 @@ async def test_large_stream_nodes_get_advice_never_a_refusal(redis_server) -> No
         assert await problems_of(default.url, env="production") == []  # memory, not durability
     advice = [e["advice"] for e in logs if e["event"] == "redis tuning"]
     assert len(advice) == 2 and "`stream-node-max-bytes 4096`" in advice[0]
-    assert "`stream-node-max-bytes 512`" in advice[0]
+    assert "`stream-node-max-bytes 320`" in advice[0]
     assert "`hash-max-listpack-value 64`" in advice[1] and "`hash-max-listpack-value 1024`" in advice[1]
 
-    tuned = redis_server("--appendonly", "yes", "--stream-node-max-bytes", "512", "--hash-max-listpack-value", "1024")
+    tuned = redis_server("--appendonly", "yes", "--stream-node-max-bytes", "320", "--hash-max-listpack-value", "1024")
     with capture_logs() as logs:
         await problems_of(tuned.url)
     assert not [e for e in logs if e["event"] == "redis tuning"]
