@@ -207,7 +207,7 @@ class Broker(JobReads, FleetRecords):
             s.max_attempts,
             s.events_maxlen,
             k.channel(job_id),
-            _fingerprint(spec),
+            _fingerprint(spec) if spec.idempotency_key else "",
             "" if spec.webhook_url is None else spec.webhook_url or "-",
             1 if record else 0,
         ]

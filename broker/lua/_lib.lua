@@ -125,11 +125,12 @@ local function enqueue(P, mp, jid, tenant, prio, seq, pscore, cost, counted)
     redis.call('HINCRBY', k_tenant_state(P, tenant), 'q', 1)
     redis.call('HINCRBY', k_global(P), 'queued', 1)
   end
-  local wake = k_wake(mp)  -- a wake-up for a claimer blocked in BLPOP; 64 are plenty
-  if redis.call('RPUSH', wake, 1) > 64 then redis.call('LTRIM', wake, -64, -1) end
+  -- a wake-up for a claimer blocked in BLPOP; 64 are plenty (a backlog finds the list full: one LLEN)
+  local wake = k_wake(mp)
+  if redis.call('LLEN', wake) < 64 then redis.call('RPUSH', wake, 1) end
   if tonumber(prio) < LOWEST_PRIORITY then  -- work that may preempt: wakes full workers too (claim.lua's max priority)
     wake = k_wake_urgent(mp)
-    if redis.call('RPUSH', wake, 1) > 64 then redis.call('LTRIM', wake, -64, -1) end
+    if redis.call('LLEN', wake) < 64 then redis.call('RPUSH', wake, 1) end
   end
 end
 

@@ -14,7 +14,7 @@
 --       8 has idempotency key (0/1), 9 request JSON, 10 result ttl ms (the job's), 11 max queued
 --       (global), 12-17 default rpm, rpm_burst, tpm, tpm_burst, max_queued, weight,
 --       18 deadline ms (0 = none), 19 max_attempts, 20 events maxlen, 21 channel,
---       22 request fingerprint (a repeated idempotency key must carry the same),
+--       22 request fingerprint (a repeated idempotency key must carry the same; '' without a key),
 --       23 webhook URL ('' = the tenant's default `webhook_url`, '-' = none),
 --       24 '1' = also return the admitted job's record (optional: the API's 202 is built from it)
 -- Returns {code, job id, position, rq_limit, rq_remaining, rq_reset_ms,
@@ -121,18 +121,22 @@ redis.call('HSET', KEYS[11], 'd' .. prio, num(stats[4], 0) + 1, 'k' .. prio, num
 local ttl = tonumber(ARGV[10])
 local deadline = tonumber(ARGV[18])
 local pscore = prio * 1e13 + now
-redis.call('HSET', J.job, 'id', jid, 'tenant', tenant, 'model', model, 'status', STATUS.queued,
+local f = {'id', jid, 'tenant', tenant, 'model', model, 'status', STATUS.queued,
   'priority', prio, 'attempts', 0, 'max_attempts', ARGV[19], 'request', ARGV[9],
   'prompt_tokens', pt, 'max_tokens', mt, 'cost', cost, 'completion_tokens', 0,
   'created_ms', now, 'seq', seq, 'pscore', pscore, 'weight', weight,
-  'tpm', tpm, 'tpm_burst', tpm_b, 'deadline_ms', deadline, 'fence', 0, 'ttl', ttl, 'evn', 1, 'fp', ARGV[22])
+  'tpm', tpm, 'tpm_burst', tpm_b, 'deadline_ms', deadline, 'fence', 0, 'ttl', ttl, 'evn', 1}
+-- the request's fingerprint is read only through an idempotency key: kept only with one
+if ARGV[8] == '1' then f[#f + 1] = 'fp'; f[#f + 1] = ARGV[22] end
 local webhook = ARGV[23] or ''
 if webhook == '' then webhook = L[8] or '' end
-if webhook ~= '' and webhook ~= '-' then redis.call('HSET', J.job, 'webhook', webhook) end
+if webhook ~= '' and webhook ~= '-' then f[#f + 1] = 'webhook'; f[#f + 1] = webhook end
+redis.call('HSET', J.job, unpack(f))
 enqueue(P, mp, jid, tenant, prio, seq, pscore, cost, true)
 if deadline > 0 then redis.call('ZADD', k_deadlines(mp), deadline, jid) end
 redis.call('ZADD', KEYS[8], now, jid)
-redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', now - ttl)
+-- entries older than the TTL name expired jobs (a listing skips them): dropped at every 16th admission
+if seq % 16 == 0 then redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', now - ttl) end
 if ARGV[8] == '1' then redis.call('SET', KEYS[5], jid, 'PX', ttl) end
 -- The first event: nobody can follow a job whose id this call is only now making known, so it
 -- goes to the stream (where a follower starts) and is not published.
