@@ -56,6 +56,7 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.errors import BadRedisUrl
+from broker.packing import HiredisPacking
 
 T = TypeVar("T")
 
@@ -197,15 +198,15 @@ class _RetriedHandshake(AbstractConnection):
         await self.retry.call_with_retry(super().connect, lambda error: self.disconnect())
 
 
-class RetriedConnection(_RetriedHandshake, Connection):
+class RetriedConnection(HiredisPacking, _RetriedHandshake, Connection):
     pass
 
 
-class RetriedSSLConnection(_RetriedHandshake, SSLConnection):
+class RetriedSSLConnection(HiredisPacking, _RetriedHandshake, SSLConnection):
     pass
 
 
-class RetriedUnixConnection(_RetriedHandshake, UnixDomainSocketConnection):
+class RetriedUnixConnection(HiredisPacking, _RetriedHandshake, UnixDomainSocketConnection):
     pass
 
 
