@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
+
+import redis as redis_sync
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_lua_contract import SHARED_REDIS
 
 from broker.scripts import NAMES, _units, library, source, used_library
 
@@ -35,3 +41,12 @@ def test_a_small_script_carries_a_small_part_of_the_library() -> None:
     renew = source("renew")
     assert "local function k_job" in renew and "local function enqueue" not in renew
     assert len(renew) < len(library()) / 4
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(), st.integers(0, 10**6), st.integers(1, 64), st.sampled_from(["", '{"token":"a","logprob":-0.5}']))
+def test_a_token_events_data_is_json_of_its_fields(text: str, seq: int, n: int, logprobs: str) -> None:
+    script = library() + "\nreturn token_event(tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4])"
+    data = json.loads(redis_sync.Redis.from_url(SHARED_REDIS).eval(script, 0, seq, text, n, logprobs))
+    want = {"seq": seq, "text": text, "n": n} | ({"logprobs": [json.loads(logprobs)]} if logprobs else {})
+    assert data == want

@@ -37,9 +37,12 @@ local function k_vtc(mp, prio) return mp .. ':p' .. prio .. ':vtc' end
 local function k_tenant_queue(mp, prio, tenant) return mp .. ':p' .. prio .. ':t:' .. tenant end
 local function k_webhooks(P) return P .. ':webhooks' end
 
--- A job's own keys: {job, ev, out, oid, ch}, from KEYS (first index i) or built here.
-local function job_keys_from(keys, i, channel)
-  return {job = keys[i], ev = keys[i + 1], out = keys[i + 2], oid = keys[i + 3], ch = channel}
+-- A job's own keys: {job, ev, out, oid, ch}, from KEYS (first index i) or built here. ``into``:
+-- a table to fill instead of a new one (a loop over many jobs then makes no garbage per job).
+local function job_keys_from(keys, i, channel, into)
+  local J = into or {}
+  J.job, J.ev, J.out, J.oid, J.ch = keys[i], keys[i + 1], keys[i + 2], keys[i + 3], channel
+  return J
 end
 local function job_keys(P, jid)
   return {job = k_job(P, jid), ev = k_events(P, jid), out = k_output(P, jid), oid = k_output_ids(P, jid),
@@ -195,13 +198,12 @@ local function expire_queued(P, J, jid, now, maxlen)
   return true
 end
 
--- A token event's data. The logprobs come as JSON items already (the worker encoded them):
--- spliced in as they are, Redis parses none of it.
-local LOGPROBS_FIELD = ',"logprobs":['
+-- A token event's data, {"seq":..,"text":..,"n":..[,"logprobs":[..]]}, written out (no table to
+-- encode per delta: only the text needs cjson's escaping). The logprobs come as JSON items
+-- already (the worker encoded them): spliced in as they are, Redis parses none of it.
 local function token_event(seq, text, n, logprobs)
-  local data = cjson.encode({seq = seq, text = text, n = n})
-  if logprobs == '' then return data end
-  return string.sub(data, 1, -2) .. LOGPROBS_FIELD .. logprobs .. ']}'
+  if logprobs == '' then return string.format('{"seq":%d,"text":%s,"n":%d}', seq, cjson.encode(text), n) end
+  return string.format('{"seq":%d,"text":%s,"n":%d,"logprobs":[%s]}', seq, cjson.encode(text), n, logprobs)
 end
 
 -- Append one delta's text and token ids; O(1) in the output's length.

@@ -13,10 +13,10 @@
 -- Per write: one HMGET, two APPENDs, one HSET, XADD and PUBLISH (the counters a delta moves
 -- are read together and written together; TIME once per call).
 local maxlen, now = ARGV[1], now_ms()
-local out = {}
+local out, J = {}, {}
 for w = 1, #KEYS / 4 do
   local i, j = 4 * w - 3, 1 + 7 * (w - 1)
-  local J = job_keys_from(KEYS, i, ARGV[j + 5])
+  job_keys_from(KEYS, i, ARGV[j + 5], J)
   local h = redis.call('HMGET', J.job, 'status', 'fence', 'completion_tokens', 'seq_out', 'evn', 'first_token_ms')
   local written, offset = num(h[3], 0), tonumber(ARGV[j + 6])
   if h[1] ~= STATUS.running or h[2] ~= ARGV[j + 1] then
