@@ -56,7 +56,7 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.errors import BadRedisUrl
-from broker.packing import HiredisPacking
+from broker.packing import HiredisPacking, PackedSentinelConnection, PackedSentinelSSLConnection, packed_class
 
 T = TypeVar("T")
 
@@ -342,6 +342,12 @@ class ClusterClient(RedisCluster):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.nodes_manager.__class__ = SlotMapNodes  # built by RedisCluster.__init__; state unchanged
+        # hiredis packs the commands (broker.packing): the nodes known now and those found later
+        # (the nodes manager builds them from the same connection_kwargs); none is connected yet
+        packed = packed_class(self.connection_kwargs["connection_class"])
+        self.connection_kwargs["connection_class"] = packed
+        for node in self.nodes_manager.startup_nodes.values():
+            node.connection_class = packed
         self.script_sources: dict[str, str] = {}  # sha -> source, filled by Scripts.register
 
     async def ensure_scripts(self, shas: list[str], *, force: bool = False) -> None:
@@ -406,10 +412,12 @@ def connect_redis(url: str, **kw: Any) -> RedisClient:
             **({k: v for k, v in common.items() if k.startswith("ssl")}),
         }
         sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_kwargs)
+        tls = common.pop("ssl", False)  # the pool reads it only to pick the class named here
         master: Redis = sentinel.master_for(
             target.service,
             redis_class=SentinelMaster,
             connection_pool_class=FailoverAwarePool,
+            connection_class=PackedSentinelSSLConnection if tls else PackedSentinelConnection,
             db=target.db,
             retry=_short_retry(3.0),
             **common,

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection
+from redis.asyncio.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
 
 _pack: Callable[[tuple[Any, ...]], bytes] | None
 try:
@@ -36,3 +37,24 @@ class HiredisPacking(AbstractConnection):
             return [_pack(args)]
         except TypeError:  # e.g. a memoryview, or a value redis-py refuses with its own error
             return super().pack_command(*args)
+
+
+class PackedConnection(HiredisPacking, Connection):
+    pass
+
+
+class PackedSSLConnection(HiredisPacking, SSLConnection):
+    pass
+
+
+class PackedSentinelConnection(HiredisPacking, SentinelManagedConnection):
+    pass
+
+
+class PackedSentinelSSLConnection(HiredisPacking, SentinelManagedSSLConnection):
+    pass
+
+
+def packed_class(cls: type[Connection]) -> type[Connection]:
+    """The hiredis-packing class for a Cluster node's connection class (plain or TLS)."""
+    return PackedSSLConnection if issubclass(cls, SSLConnection) else PackedConnection

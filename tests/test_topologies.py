@@ -32,6 +32,7 @@ from broker.contract import FailOutcome, JobErrorCode, RenewResult
 from broker.errors import Unavailable
 from broker.keys import Keys
 from broker.models import TenantLimits
+from broker.packing import HiredisPacking
 from tests.conftest import RedisCluster, RedisSentinel, start_sentinel
 
 pytestmark = pytest.mark.topologies
@@ -75,6 +76,18 @@ async def topo(
     await b.close()
 
 
+def packs_with_hiredis(b: Broker) -> bool:
+    """Every connection the client opened packs its commands with hiredis (broker.packing)."""
+    client = b._redis
+    if isinstance(client, ClusterClient):
+        nodes = client.nodes_manager.nodes_cache.values()
+        conns = [c for n in nodes for c in n._connections]
+        return bool(conns) and all(isinstance(c, HiredisPacking) for c in conns)
+    pool = client.connection_pool
+    conns = [*pool._available_connections, *pool._in_use_connections]
+    return bool(conns) and all(isinstance(c, HiredisPacking) for c in conns)
+
+
 async def test_every_transition(topo: Broker) -> None:
     b = topo
     assert not await b.check_server()  # AOF on, noeviction: on every primary
@@ -83,6 +96,7 @@ async def test_every_transition(topo: Broker) -> None:
 
     # admit (one call and a pipeline), claim, renew, append, complete
     first = await b.admit(spec(max_tokens=8, idempotency_key="k1"))
+    assert packs_with_hiredis(b)
     assert (await b.admit(spec(max_tokens=8, idempotency_key="k1"))).duplicate
     more = await b.admit_many([spec(max_tokens=8) for _ in range(4)])
     assert all(not isinstance(a, Exception) for a in more)
