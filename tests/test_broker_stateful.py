@@ -256,7 +256,7 @@ class BrokerMachine(RuleBasedStateMachine):
             assert status == j.status, (jid, status, j)
             assert status in FORWARD[self.seen.get(jid, Q)]
             self.seen[jid] = status
-            assert int(attempts) == j.attempts
+            assert int(attempts or 0) == j.attempts  # a job never claimed has no attempts field: 0
             if status == R:
                 assert int(fence) == j.fence
                 assert (cancel == "1") == j.cancel

@@ -121,11 +121,14 @@ redis.call('HSET', KEYS[11], 'd' .. prio, num(stats[4], 0) + 1, 'k' .. prio, num
 local ttl = tonumber(ARGV[10])
 local deadline = tonumber(ARGV[18])
 local pscore = prio * 1e13 + now
+-- Counters that start at 0 (attempts, fence, completion_tokens; deadline_ms 0 = none) are left
+-- out: every reader takes a missing one as 0 (num(), Job.from_hash).
 local f = {'id', jid, 'tenant', tenant, 'model', model, 'status', STATUS.queued,
-  'priority', prio, 'attempts', 0, 'max_attempts', ARGV[19], 'request', ARGV[9],
-  'prompt_tokens', pt, 'max_tokens', mt, 'cost', cost, 'completion_tokens', 0,
+  'priority', prio, 'max_attempts', ARGV[19], 'request', ARGV[9],
+  'prompt_tokens', pt, 'max_tokens', mt, 'cost', cost,
   'created_ms', now, 'seq', seq, 'pscore', pscore, 'weight', weight,
-  'tpm', tpm, 'tpm_burst', tpm_b, 'deadline_ms', deadline, 'fence', 0, 'ttl', ttl, 'evn', 1}
+  'tpm', tpm, 'tpm_burst', tpm_b, 'ttl', ttl, 'evn', 1}
+if deadline > 0 then f[#f + 1] = 'deadline_ms'; f[#f + 1] = deadline end
 -- the request's fingerprint is read only through an idempotency key: kept only with one
 if ARGV[8] == '1' then f[#f + 1] = 'fp'; f[#f + 1] = ARGV[22] end
 local webhook = ARGV[23] or ''
