@@ -40,6 +40,8 @@ _DEFINITION = re.compile(r"^local (?:function )?([A-Za-z_][A-Za-z0-9_]*)\b", re.
 
 def _units(lib: str) -> list[tuple[str, str]]:
     """The library's top-level definitions in order, as (name, text up to the next one)."""
+    if several := re.search(r"^local [A-Za-z_][A-Za-z0-9_]*\s*,.*$", lib, re.M):
+        raise ValueError(f"one name per top-level local in the Lua library: {several.group(0)!r}")
     starts = list(_DEFINITION.finditer(lib))
     ends = [m.start() for m in starts[1:]] + [len(lib)]
     return [(m.group(1), lib[m.start() : end]) for m, end in zip(starts, ends, strict=True)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import redis as redis_sync
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,6 +26,11 @@ def test_a_definition_named_through_another_comes_along_in_library_order() -> No
     assert used_library("return g()", LIB) == "".join(t for n, t in _units(LIB) if n in {"A", "f", "g"})
     assert "function h" not in used_library("return g()", LIB)
     assert used_library("return 1", LIB) == ""
+
+
+def test_a_top_level_local_naming_two_is_refused() -> None:
+    with pytest.raises(ValueError, match="one name per top-level local"):
+        used_library("return b", LIB + "local a, b = 1, 2\n")
 
 
 def test_every_library_name_a_built_script_uses_is_defined_in_it() -> None:
