@@ -353,6 +353,22 @@ async def test_results_and_events_expire_with_ttl(broker: Broker) -> None:
     assert await b.list_jobs("acme") == []
 
 
+async def test_a_tenants_index_drops_entries_older_than_the_ttl_as_it_admits(broker: Broker) -> None:
+    """Admission trims the tenant's job index now and then (about one call in 16, by the clock):
+    under a steady trickle of admissions every tenant's old entries go, whatever its turn."""
+    b = Broker(broker._redis, broker.settings.model_copy(update={"result_ttl_s": 1}))
+    index = b._keys.tenant_jobs("acme")
+    old = [(await b.admit(spec())).job_id for _ in range(3)]
+    others = ["t" + str(i) for i in range(15)]
+    # No event marks a TTL's end: admit (16 tenants taking turns) until the old entries are gone.
+    async with asyncio.timeout(10):
+        while any([await b._redis.zscore(index, j) is not None for j in old]):
+            for t in ["acme", *others]:
+                await b.admit(spec(tenant=t))
+            await asyncio.sleep(0.002)  # a new millisecond for the next round
+    assert await b._redis.zcard(index) >= 1  # what was admitted within the TTL stays
+
+
 async def test_admit_returns_the_job_as_admitted_when_asked(broker: Broker) -> None:
     first = await broker.admit(spec(idempotency_key="k1", webhook_url=None), record=True)
     assert first.job is not None and not first.duplicate

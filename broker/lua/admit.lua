@@ -138,8 +138,10 @@ redis.call('HSET', J.job, unpack(f))
 enqueue(P, mp, jid, tenant, prio, seq, pscore, cost, true)
 if deadline > 0 then redis.call('ZADD', k_deadlines(mp), deadline, jid) end
 redis.call('ZADD', KEYS[8], now, jid)
--- entries older than the TTL name expired jobs (a listing skips them): dropped at every 16th admission
-if seq % 16 == 0 then redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', now - ttl) end
+-- entries older than the TTL name expired jobs (a listing skips them): dropped at about one
+-- admission in 16, by the millisecond clock (not by seq: with 16 tenants taking turns, one
+-- tenant's admissions would all fall on a multiple of 16, another's never)
+if now % 16 == 0 then redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', now - ttl) end
 if ARGV[8] == '1' then redis.call('SET', KEYS[5], jid, 'PX', ttl) end
 -- The first event: nobody can follow a job whose id this call is only now making known, so it
 -- goes to the stream (where a follower starts) and is not published.
