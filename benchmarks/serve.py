@@ -9,7 +9,7 @@ number of prompts, streamed ``/v1/completions``, ``--save-result`` JSON read bac
 Servers, one up at a time, alternated genq, vllm, genq, vllm... (``pairs`` of each):
 (a) genq: a private ``redis-server``, ``genq worker`` (vLLM engine) and ``genq api``;
 (b) ``vllm serve`` with the flags made from the worker's own engine arguments
-(:func:`benchmarks.batch.genq_engine_args`), checked after vLLM's ``serve`` parser has read
+(:func:`benchmarks.stack.genq_engine_args`), checked after vLLM's ``serve`` parser has read
 them: every ``AsyncEngineArgs`` field must be equal. Each server is fresh for its run; the
 client's own warm-up requests (``--num-warmups``) run first, and the timing and the CPU
 counters start when the client prints that its main run starts. The whole run holds the
@@ -42,8 +42,8 @@ from typing import Any
 import httpx
 import structlog
 
-from benchmarks.batch import Procs, _norm, cpu_delta, cpu_snapshot, engine_flags, genq_engine_args, genq_services
 from benchmarks.redis_server import free_port
+from benchmarks.stack import Procs, cpu_delta, cpu_snapshot, engine_flags, genq_engine_args, genq_services, norm
 
 log = structlog.get_logger(__name__)
 
@@ -132,7 +132,7 @@ def check_serve_args(ours: Any, argv: list[str]) -> None:
 
 
 def _same_default(a: Any, b: Any) -> bool:
-    a, b = _norm(a), _norm(b)
+    a, b = norm(a), norm(b)
     return a == b or (not a and not b) or (a in (None, True) and b in (None, True))
 
 
