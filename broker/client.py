@@ -78,6 +78,13 @@ class OutputWrite:
     logprobs: str = ""
 
 
+# What claim.lua returns of each claimed job, in its order (its HMGET's fields, as after the
+# claim); the id, model, status and worker are the claim's own.
+CLAIMED_FIELDS = (
+    *("cost", "weight", "deadline_ms", "attempts", "started_ms", "evn", "seq_out", "tenant", "priority"),
+    *("max_attempts", "request", "prompt_tokens", "max_tokens", "completion_tokens", "created_ms"),
+    *("first_token_ms", "cancel", "output", "output_ids"),
+)
 APPEND_CHUNK = 128  # writes per append call: one flush of a full worker, a bounded time inside Redis
 
 
@@ -324,8 +331,10 @@ class Broker(JobReads, FleetRecords):
             ],
         )
         leases = []
+        running = {"model": model, "status": JobStatus.RUNNING.value, "worker": worker_id}
         for rec in reply:
-            h = dict(zip(rec[2::2], rec[3::2], strict=True))
+            h = {f: v for f, v in zip(CLAIMED_FIELDS, rec[2:], strict=True) if v is not None}
+            h.update(running, id=rec[0], fence=rec[1])
             leases.append(Lease(Job.from_hash(h), int(rec[1])))
         return leases
 

@@ -217,3 +217,39 @@ async def test_queue_position_estimate_is_the_fair_claim_order(broker: Broker, w
         assert p.ahead_min <= ahead <= p.ahead_max, (jid, p, ahead)
         assert p.estimate == ahead, (jid, p, ahead)
     assert await broker.position(await broker.get_job(jobs[0])) is None  # claimed: no place
+
+
+async def test_a_claimed_job_reads_as_its_hash_does(broker: Broker):
+    """claim.lua returns a job's fields positionally (broker.client.CLAIMED_FIELDS): the lease's
+    job equals the job read whole, on a first attempt and on a retried one that resumes output."""
+    from dataclasses import replace
+
+    from broker.client import OutputWrite, now_ms
+    from broker.contract import JobErrorCode
+
+    adm = await broker.admit(
+        spec(
+            priority=3,
+            max_tokens=50,
+            deadline_ms=now_ms() + 600_000,
+            idempotency_key="k1",
+            webhook_url="https://example.com/hook",
+            prompt_tokens=7,
+        )
+    )
+
+    async def lease_matches_hash() -> object:
+        [lease] = await broker.claim("m", "w-1", 1)
+        whole = await broker.get_job(adm.job_id)
+        assert lease.job == replace(whole, webhook=None), (lease.job, whole)
+        assert lease.fence == whole.fence
+        return lease
+
+    first = await lease_matches_hash()
+    assert first.job.attempts == 1 and first.job.output == ""
+    assert await broker.append_many([OutputWrite(first.id, first.fence, "hello", [1, 2])]) == {first.id: True}
+    assert await broker.fail(first, JobErrorCode.WORKER_ERROR, "boom", retry=True) == "queued"
+    second = await lease_matches_hash()
+    assert (second.job.attempts, second.job.output, second.job.output_token_ids) == (2, "hello", [1, 2])
+    assert second.job.first_token_ms and second.job.started_ms == first.job.started_ms
+    assert second.job.priority == 3 and second.job.completion_tokens == 2

@@ -225,3 +225,12 @@ def test_key_check_fails_on_a_mutated_script(client: redis_sync.Redis, script: s
     assert old in srcs[script]
     srcs[script] = srcs[script].replace(old, new, 1)
     assert key_problems(srcs, client) != []
+
+
+def test_the_claim_script_reads_the_fields_the_client_names():
+    from broker.client import CLAIMED_FIELDS
+
+    src = sources()["claim"]
+    hmget = re.search(r"redis\.call\('HMGET', J\.job, (.*?)\)", src, re.S)
+    assert hmget, "claim.lua reads the job with one HMGET"
+    assert (*re.findall(r"'(\w+)'", hmget.group(1)), "output", "output_ids") == CLAIMED_FIELDS

@@ -13,8 +13,10 @@
 --       more urgent. A full worker claims so to preempt its least urgent runs; when it finds
 --       nothing and no preempting work is queued at all, the urgent wake-up list is emptied
 --       (its tokens are stale: they would only wake that worker again for nothing).
--- Returns a list of {job id, fence, field1, value1, ...} (the job hash after the claim,
--- plus its output and output_ids so far).
+-- Returns a list of {job id, fence, v1, ..., vN, output, output_ids}: the job's fields below
+-- (broker.client.CLAIMED_FIELDS, in this order; false where the hash has none) as they are after
+-- the claim, then what earlier attempts emitted. Positional and only what a worker reads: a whole
+-- job hash through Lua (HGETALL, then the reply) cost ~5 µs more per claimed job.
 local P, model = ARGV[1], ARGV[2]
 local mp = k_model(P, model)
 local max_jobs, max_tok, lease = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -42,7 +44,8 @@ for p = 0, maxp do
       else
         local J = job_keys(P, jid)
         local j = redis.call('HMGET', J.job, 'cost', 'weight', 'deadline_ms', 'attempts', 'started_ms', 'evn',
-          'seq_out')
+          'seq_out', 'tenant', 'priority', 'max_attempts', 'request', 'prompt_tokens', 'max_tokens',
+          'completion_tokens', 'created_ms', 'first_token_ms', 'cancel')
         local cost = num(j[1], 0)
         local deadline = num(j[3], 0)
         if deadline > 0 and deadline < now and num(j[4], 0) == 0 then
@@ -70,16 +73,11 @@ for p = 0, maxp do
           leased[#leased + 1] = now + lease
           leased[#leased + 1] = jid
           emit_numbered(J, maxlen, evn, EVENT.started, cjson.encode({attempt = attempt, worker = worker}))
-          local rec = redis.call('HGETALL', J.job)
           -- what earlier attempts emitted: the worker resumes after it (none before a first delta)
           local streamed = num(j[7], 0) > 0
-          rec[#rec + 1] = 'output'
-          rec[#rec + 1] = streamed and (redis.call('GET', J.out) or '') or ''
-          rec[#rec + 1] = 'output_ids'
-          rec[#rec + 1] = streamed and (redis.call('GET', J.oid) or '') or ''
-          table.insert(rec, 1, tostring(fence))
-          table.insert(rec, 1, jid)
-          out[#out + 1] = rec
+          out[#out + 1] = {jid, fence, j[1], j[2], j[3], attempt, j[5] or now, evn, j[7], j[8], j[9], j[10], j[11],
+            j[12], j[13], j[14], j[15], j[16], j[17],
+            streamed and (redis.call('GET', J.out) or '') or '', streamed and (redis.call('GET', J.oid) or '') or ''}
           tokens = tokens + cost
         end
       end
