@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from broker import Broker, JobSpec, JobStatus
+from broker.client import now_ms
 from broker.errors import (
     AlreadyTerminal,
     ContextTooLong,
@@ -377,6 +378,10 @@ async def test_admit_returns_the_job_as_admitted_when_asked(broker: Broker) -> N
     assert (await broker.admit(spec(), record=False)).job is None  # only when asked: admit_many never
     again = await broker.admit(spec(idempotency_key="k1", webhook_url=None), record=True)
     assert again.duplicate and again.job_id == first.job_id and again.job is None  # it may have moved on
+    # numbers the script computes (a fractional weight, token limits, the priority score) read the same
+    await broker.set_tenant("frac", TenantLimits(weight=0.5, tpm=100_000, tpm_burst=20_000, rpm=600))
+    odd = await broker.admit(spec(tenant="frac", priority=2, deadline_ms=now_ms() + 60_000), record=True)
+    assert odd.job == await broker.get_job(odd.job_id)
 
 
 async def test_cancel_job_answers_with_the_job_as_the_call_left_it(broker: Broker) -> None:

@@ -148,5 +148,8 @@ if ARGV[8] == '1' then redis.call('SET', KEYS[5], jid, 'PX', ttl) end
 record(J, ARGV[20], 1, EVENT.queued, cjson.encode({priority = prio, model = model}))
 local pos = redis.call('ZCOUNT', k_queued(mp), '-inf', '(' .. pscore)
 local reply = {0, jid, pos, rpm, rq_left, rq_reset, tpm, tk_left, tk_reset, 0}
-if ARGV[24] == '1' then reply[11] = redis.call('HGETALL', J.job) end
+if ARGV[24] == '1' then  -- the hash is what f wrote (a new job): f as HSET stored it (Lua numbers as strings)
+  for i = 2, #f, 2 do f[i] = tostring(f[i]) end
+  reply[11] = f
+end
 return reply
