@@ -181,9 +181,6 @@ class Broker(JobReads, FleetRecords):
         ttl_ms = (spec.result_ttl_s or s.result_ttl_s) * 1000
         keys = [
             k.job(job_id),
-            k.events(job_id),
-            k.output(job_id),
-            k.output_ids(job_id),
             k.idem(spec.tenant, spec.idempotency_key),
             k.tenant(spec.tenant),
             k.tenant_state(spec.tenant),
@@ -212,8 +209,6 @@ class Broker(JobReads, FleetRecords):
             s.default_weight,
             spec.deadline_ms or 0,
             s.max_attempts,
-            s.events_maxlen,
-            k.channel(job_id),
             _fingerprint(spec) if spec.idempotency_key else "",
             "" if spec.webhook_url is None else spec.webhook_url or "-",
             1 if record else 0,

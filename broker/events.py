@@ -37,9 +37,15 @@ log = structlog.get_logger(__name__)
 _WAKE = object()  # a follower's deadline (resync or tick) has passed
 
 
+# A job's first event, ``queued``, is not stored: admission would create a stream per queued job
+# (~600 of the ~1,600 bytes a queued job holds), and its content is the job hash's. Readers make
+# it from the hash, with an id below every stream entry id; resuming after it reads the stream.
+QUEUED_EVENT_ID = "0-1"
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
-    id: str  # the stream entry id: resumable, totally ordered within a job
+    id: str  # the stream entry id (QUEUED_EVENT_ID for queued): resumable, totally ordered within a job
     type: EventType
     data: dict[str, Any]
     n: int = 0  # the job's event count at this event (1, 2, ...): reveals a gap
@@ -52,6 +58,10 @@ class Event:
 def _order(event_id: str) -> tuple[int, int]:
     ms, _, seq = event_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def _stored(eid: str, f: dict[str, str]) -> Event:
+    return Event(eid, EventType(f["t"]), json.loads(f["d"]), int(f.get("n", 0)))
 
 
 def _parse_message(payload: str) -> Event:
@@ -190,13 +200,23 @@ class EventHub:
 
     @translated
     async def backlog(self, job_id: str, after: str | None = None, count: int = 1000) -> list[Event]:
-        start = f"({after}" if after else "-"
-        entries = await self.redis.xrange(self.keys.events(job_id), min=start, max="+", count=count)
-        return [Event(eid, EventType(f["t"]), json.loads(f["d"]), int(f.get("n", 0))) for eid, f in entries]
+        """The job's events after ``after`` (from its first without), up to ``count`` stored ones."""
+        if after:
+            entries = await self.redis.xrange(self.keys.events(job_id), min=f"({after}", max="+", count=count)
+            return [_stored(eid, f) for eid, f in entries]
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(self.keys.job(job_id), ["priority", "model"])
+        pipe.xrange(self.keys.events(job_id), min="-", max="+", count=count)
+        (priority, model), entries = await pipe.execute()
+        events = [_stored(eid, f) for eid, f in entries]
+        # (a stream from before the queued event was synthesized begins with it, numbered 1)
+        if model is not None and not (events and events[0].n == 1):
+            events.insert(0, Event(QUEUED_EVENT_ID, EventType.QUEUED, {"priority": int(priority), "model": model}, 1))
+        return events
 
     @translated
     async def _exists(self, job_id: str) -> bool:
-        return bool(await self.redis.exists(self.keys.events(job_id)))
+        return bool(await self.redis.exists(self.keys.job(job_id)))
 
     @translated
     async def _state(self, job_id: str) -> tuple[bool, int]:
@@ -213,7 +233,7 @@ class EventHub:
         live events (measured from the previous tick), so a caller can interleave periodic
         work (e.g. queue positions) without a task or a timer per event.
 
-        Raises NotFound if the job has no events (unknown, or expired).
+        Raises NotFound if the job is unknown (or expired).
         """
         last = last_event_id
         last_n = 0 if last is None else -1  # -1: not known yet

@@ -23,7 +23,8 @@ P:retry:<t>:<digest>                  string  server-side idempotency key of the
                                               first attempt of an OpenAI client request
 P:job:<id>                            hash    the job record (see models.Job); its `ttl`  result TTL once terminal
                                               field is the result TTL set at admission
-P:ev:<id>                             stream  job events (status, token, done...)         result TTL once terminal
+P:ev:<id>                             stream  job events from `started` on (`queued` is   result TTL once terminal
+                                              made from the hash: broker.events)
 P:out:<id>                            string  output text so far (APPEND per write)       result TTL once terminal
 P:oid:<id>                            string  output token ids so far, comma separated    result TTL once terminal
 P:ch:<id>                             pubsub  live copy of each event of the job          -

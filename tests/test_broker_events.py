@@ -211,3 +211,31 @@ async def test_follower_fills_a_missed_live_message_from_the_stream(broker: Brok
     assert [e.data.get("text") for e in got if e.type == "token"] == ["lost", "live"]
     assert [e.n for e in got] == list(range(1, len(got) + 1))
     assert len({e.id for e in got}) == len(got)
+
+
+async def test_the_queued_event_is_made_from_the_job_not_stored(broker: Broker) -> None:
+    """A queued job has no stream; its first event reads from the hash, id below any stream id.
+    Resuming after it reads the stream; a stream that stored it (written before) is not doubled."""
+    from broker.events import QUEUED_EVENT_ID
+
+    adm = await broker.admit(spec(priority=4))
+    assert not await broker._redis.exists(broker._keys.events(adm.job_id))
+    async with broker.event_hub() as hub:
+        [queued] = await hub.backlog(adm.job_id)
+        assert (queued.id, queued.type, queued.n, queued.data) == (
+            QUEUED_EVENT_ID,
+            "queued",
+            1,
+            {"priority": 4, "model": "m"},
+        )
+        assert await hub.backlog(adm.job_id, QUEUED_EVENT_ID) == []
+        [lease] = await broker.claim("m", "w", 1)
+        await broker.complete(lease, "stop", "ok", [1])
+        everything = await take(hub, adm.job_id)
+        assert [(e.type, e.n) for e in everything] == [("queued", 1), ("started", 2), ("token", 3), ("done", 4)]
+        assert await take(hub, adm.job_id, QUEUED_EVENT_ID) == everything[1:]
+
+        # a job admitted by a version that stored its queued event: read once
+        old = await broker.admit(spec())
+        await broker._redis.xadd(broker._keys.events(old.job_id), {"n": 1, "t": "queued", "d": '{"priority": 5}'})
+        assert [e.type for e in await hub.backlog(old.job_id)] == ["queued"]

@@ -113,12 +113,10 @@ async def test_redis_restart_mid_run_loses_no_acknowledged_job(redis_server, set
             f"{sum(st is None for st in statuses)} acknowledged jobs lost"
         )
         # Visible completion exactly once: one "done" event per job, and it is the last one.
-        pipe = broker._redis.pipeline(transaction=False)
-        for jid in acked:
-            pipe.xrange(broker._keys.events(jid))
-        for jid, entries in zip(acked, await pipe.execute(), strict=True):
-            types = [fields["t"] for _, fields in entries]
-            assert types.count("done") == 1 and types[0] == "queued" and types[-1] == "done", (jid, types)
+        async with broker.event_hub() as hub:
+            for jid in acked:
+                types = [ev.type for ev in await hub.backlog(jid)]
+                assert types.count("done") == 1 and types[0] == "queued" and types[-1] == "done", (jid, types)
         log.info(
             "redis restart survived",
             jobs=N_JOBS,

@@ -192,7 +192,7 @@ def test_every_emitted_name_is_a_contract_member() -> None:
     [
         ("append", "EVENT.token", "EVENT.tokens"),  # an undefined table entry (nil in Lua)
         ("claim", "EVENT.started", "'starting'"),  # a bare literal event type (emit_numbered)
-        ("admit", "EVENT.queued", "'waiting'"),  # a bare literal event type (record)
+        ("_lib", "emit(J, maxlen, EVENT.retry", "emit(J, maxlen, 'again'"),  # a bare literal event type (emit)
         ("complete", "STATUS.succeeded, EVENT.done", "'success', EVENT.done"),
         ("reap", "settle(P, J, jid, ERROR.worker_lost", "settle(P, J, jid, 'lost'"),
         ("_lib", "cancelled = 'cancelled', expired", "cancelled = 'canceled', expired"),

@@ -1,22 +1,19 @@
 -- admit: accept one job into its model's queue, or refuse it, atomically.
 -- KEYS[1] job hash          P:job:<id>
--- KEYS[2] events            P:ev:<id>
--- KEYS[3] output            P:out:<id>
--- KEYS[4] token ids         P:oid:<id>
--- KEYS[5] idempotency key   P:idem:<tenant>:<key>   (unused when ARGV[8] == '0')
--- KEYS[6] tenant limits     P:tenant:<t>
--- KEYS[7] tenant state      P:ts:<t>
--- KEYS[8] tenant jobs       P:tjobs:<t>
--- KEYS[9] models            P:models
--- KEYS[10] global           P:global
--- KEYS[11] model stats      P:m:<model>:stats
+-- KEYS[2] idempotency key   P:idem:<tenant>:<key>   (unused when ARGV[8] == '0')
+-- KEYS[3] tenant limits     P:tenant:<t>
+-- KEYS[4] tenant state      P:ts:<t>
+-- KEYS[5] tenant jobs       P:tjobs:<t>
+-- KEYS[6] models            P:models
+-- KEYS[7] global            P:global
+-- KEYS[8] model stats       P:m:<model>:stats
 -- ARGV: 1 P, 2 job id, 3 tenant, 4 model, 5 priority, 6 prompt_tokens, 7 max_tokens,
 --       8 has idempotency key (0/1), 9 request JSON, 10 result ttl ms (the job's), 11 max queued
 --       (global), 12-17 default rpm, rpm_burst, tpm, tpm_burst, max_queued, weight,
---       18 deadline ms (0 = none), 19 max_attempts, 20 events maxlen, 21 channel,
---       22 request fingerprint (a repeated idempotency key must carry the same; '' without a key),
---       23 webhook URL ('' = the tenant's default `webhook_url`, '-' = none),
---       24 '1' = also return the admitted job's record (optional: the API's 202 is built from it)
+--       18 deadline ms (0 = none), 19 max_attempts,
+--       20 request fingerprint (a repeated idempotency key must carry the same; '' without a key),
+--       21 webhook URL ('' = the tenant's default `webhook_url`, '-' = none),
+--       22 '1' = also return the admitted job's record (optional: the API's 202 is built from it)
 -- Returns {code, job id, position, rq_limit, rq_remaining, rq_reset_ms,
 --          tk_limit, tk_remaining, tk_reset_ms, retry_after_ms[, job hash as field, value, ...]}
 --   code 0 OK, 1 DUPLICATE (job id = the earlier job), 10 RATE_REQUESTS, 11 RATE_TOKENS,
@@ -27,28 +24,28 @@
 local P, jid, tenant, model = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local prio, pt, mt = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local mp = k_model(P, model)
-local J = job_keys_from(KEYS, 1, ARGV[21])
+local job = KEYS[1]
 
 -- A replay of this very call (client retry after a lost reply) must not enqueue twice.
-if redis.call('EXISTS', J.job) == 1 then
+if redis.call('EXISTS', job) == 1 then
   return {1, jid, num(redis.call('ZRANK', k_queued(mp), jid), 0), 0, 0, 0, 0, 0, 0, 0}
 end
 
 if ARGV[8] == '1' then
-  local prev = redis.call('GET', KEYS[5])
+  local prev = redis.call('GET', KEYS[2])
   if prev and redis.call('EXISTS', k_job(P, prev)) == 1 then
     local fp = redis.call('HGET', k_job(P, prev), 'fp')
-    if fp and fp ~= ARGV[22] then return {18, prev, 0, 0, 0, 0, 0, 0, 0, 0} end
+    if fp and fp ~= ARGV[20] then return {18, prev, 0, 0, 0, 0, 0, 0, 0, 0} end
     return {1, prev, num(redis.call('ZRANK', k_queued(mp), prev), 0), 0, 0, 0, 0, 0, 0, 0}
   end
 end
 
-local minfo = redis.call('HGET', KEYS[9], model)
+local minfo = redis.call('HGET', KEYS[6], model)
 if not minfo then return {15, '', 0, 0, 0, 0, 0, 0, 0, 0} end
 local mlen = num(cjson.decode(minfo)['max_model_len'], 0)
 if mlen > 0 and pt + mt > mlen then return {16, '', mlen, 0, 0, 0, 0, 0, 0, 0} end
 
-local L = redis.call('HMGET', KEYS[6], 'rpm', 'rpm_burst', 'tpm', 'tpm_burst', 'max_queued', 'weight', 'priorities',
+local L = redis.call('HMGET', KEYS[3], 'rpm', 'rpm_burst', 'tpm', 'tpm_burst', 'max_queued', 'weight', 'priorities',
   'webhook_url')
 local rpm, rpm_b = num(L[1], tonumber(ARGV[12])), num(L[2], tonumber(ARGV[13]))
 local tpm, tpm_b = num(L[3], tonumber(ARGV[14])), num(L[4], tonumber(ARGV[15]))
@@ -61,7 +58,7 @@ end
 
 local now = now_ms()
 -- Counters this admission moves are read together here and written together at the end.
-local stats = redis.call('HMGET', KEYS[11], 'dr', 'w_start', 'w_jobs', 'd' .. prio, 'k' .. prio)
+local stats = redis.call('HMGET', KEYS[8], 'dr', 'w_start', 'w_jobs', 'd' .. prio, 'k' .. prio)
 local drain = num(stats[1], 0)
 if drain <= 0 and stats[2] and now > tonumber(stats[2]) then
   drain = num(stats[3], 0) * 1000 / math.max(1000, now - tonumber(stats[2]))
@@ -71,12 +68,12 @@ local function wait_for(excess)
   return math.max(1, math.ceil(excess * 1000 / drain))
 end
 
-local g = redis.call('HMGET', KEYS[10], 'queued', 'seq')
+local g = redis.call('HMGET', KEYS[7], 'queued', 'seq')
 local gq = num(g[1], 0)
 if gq >= tonumber(ARGV[11]) then
   return {13, '', 0, 0, 0, 0, 0, 0, 0, wait_for(gq - tonumber(ARGV[11]) + 1)}
 end
-local ts = redis.call('HMGET', KEYS[7], 'q', 'rq', 'rq_ts', 'tk', 'tk_ts')
+local ts = redis.call('HMGET', KEYS[4], 'q', 'rq', 'rq_ts', 'tk', 'tk_ts')
 local tq = num(ts[1], 0)
 if maxq > 0 and tq >= maxq then
   return {12, '', 0, 0, 0, 0, 0, 0, 0, wait_for(1)}
@@ -113,10 +110,10 @@ if tpm > 0 then
   state[#state + 1] = 'tk_ts'; state[#state + 1] = now
   tk_left, tk_reset = math.floor(tk_level), math.ceil((tpm_b - tk_level) * 60000 / tpm)
 end
-redis.call('HSET', KEYS[7], unpack(state))
+redis.call('HSET', KEYS[4], unpack(state))
 local seq = num(g[2], 0) + 1
-redis.call('HSET', KEYS[10], 'seq', seq, 'queued', gq + 1)
-redis.call('HSET', KEYS[11], 'd' .. prio, num(stats[4], 0) + 1, 'k' .. prio, num(stats[5], 0) + cost)
+redis.call('HSET', KEYS[7], 'seq', seq, 'queued', gq + 1)
+redis.call('HSET', KEYS[8], 'd' .. prio, num(stats[4], 0) + 1, 'k' .. prio, num(stats[5], 0) + cost)
 
 local ttl = tonumber(ARGV[10])
 local deadline = tonumber(ARGV[18])
@@ -130,25 +127,24 @@ local f = {'id', jid, 'tenant', tenant, 'model', model, 'status', STATUS.queued,
   'tpm', tpm, 'tpm_burst', tpm_b, 'ttl', ttl, 'evn', 1}
 if deadline > 0 then f[#f + 1] = 'deadline_ms'; f[#f + 1] = deadline end
 -- the request's fingerprint is read only through an idempotency key: kept only with one
-if ARGV[8] == '1' then f[#f + 1] = 'fp'; f[#f + 1] = ARGV[22] end
-local webhook = ARGV[23] or ''
+if ARGV[8] == '1' then f[#f + 1] = 'fp'; f[#f + 1] = ARGV[20] end
+local webhook = ARGV[21] or ''
 if webhook == '' then webhook = L[8] or '' end
 if webhook ~= '' and webhook ~= '-' then f[#f + 1] = 'webhook'; f[#f + 1] = webhook end
-redis.call('HSET', J.job, unpack(f))
+redis.call('HSET', job, unpack(f))
 enqueue(P, mp, jid, tenant, prio, seq, pscore, cost, true)
 if deadline > 0 then redis.call('ZADD', k_deadlines(mp), deadline, jid) end
-redis.call('ZADD', KEYS[8], now, jid)
+redis.call('ZADD', KEYS[5], now, jid)
 -- entries older than the TTL name expired jobs (a listing skips them): dropped at about one
 -- admission in 16, by the millisecond clock (not by seq: with 16 tenants taking turns, one
 -- tenant's admissions would all fall on a multiple of 16, another's never)
-if now % 16 == 0 then redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', now - ttl) end
-if ARGV[8] == '1' then redis.call('SET', KEYS[5], jid, 'PX', ttl) end
--- The first event: nobody can follow a job whose id this call is only now making known, so it
--- goes to the stream (where a follower starts) and is not published.
-record(J, ARGV[20], 1, EVENT.queued, cjson.encode({priority = prio, model = model}))
+if now % 16 == 0 then redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - ttl) end
+if ARGV[8] == '1' then redis.call('SET', KEYS[2], jid, 'PX', ttl) end
+-- The first event, queued (evn 1), is not stored: readers make it from the hash (QUEUED_EVENT_ID in
+-- broker/events.py), so a queued job has no stream yet (~600 bytes less; its first write, the claim's).
 local pos = redis.call('ZCOUNT', k_queued(mp), '-inf', '(' .. pscore)
 local reply = {0, jid, pos, rpm, rq_left, rq_reset, tpm, tk_left, tk_reset, 0}
-if ARGV[24] == '1' then  -- the hash is what f wrote (a new job): f as HSET stored it (Lua numbers as strings)
+if ARGV[22] == '1' then  -- the hash is what f wrote (a new job): f as HSET stored it (Lua numbers as strings)
   for i = 2, #f, 2 do f[i] = tostring(f[i]) end
   reply[11] = f
 end
