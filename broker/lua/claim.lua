@@ -38,7 +38,8 @@ for p = 0, maxp do
       if #top == 0 then break end
       local tenant, vt = top[1], tonumber(top[2])
       local tq = k_tenant_queue(mp, p, tenant)
-      local jid = redis.call('ZRANGE', tq, 0, 0)[1]
+      local head = redis.call('ZRANGE', tq, 0, 1)  -- the job, and whether another one follows it
+      local jid = head[1]
       if not jid then
         leave(mp, p, tenant)
       else
@@ -55,7 +56,7 @@ for p = 0, maxp do
           redis.call('ZADD', tz, vt + cost / num(j[2], 1), tenant)
           -- unqueue, its counters deferred (the job is its tenant queue's head)
           redis.call('ZREM', tq, jid)
-          if redis.call('ZCARD', tq) == 0 then leave(mp, p, tenant) end
+          if not head[2] then leave(mp, p, tenant) end
           redis.call('ZREM', k_queued(mp), jid)
           if deadline > 0 then redis.call('ZREM', k_deadlines(mp), jid) end
           local bp = by_prio[p] or {0, 0}
