@@ -63,6 +63,12 @@ async def test_large_stream_nodes_get_advice_never_a_refusal(redis_server) -> No
     assert "`stream-node-max-bytes 320`" in advice[0]
     assert "`hash-max-listpack-value 64`" in advice[1] and "`hash-max-listpack-value 1024`" in advice[1]
 
+    older = redis_server("--appendonly", "yes", "--stream-node-max-bytes", "512", "--hash-max-listpack-value", "1024")
+    with capture_logs() as logs:
+        await problems_of(older.url)  # what an earlier deploy/redis.conf set
+    [advice] = [e["advice"] for e in logs if e["event"] == "redis tuning"]
+    assert "`stream-node-max-bytes 512`" in advice and "`stream-node-max-bytes 320`" in advice
+
     tuned = redis_server("--appendonly", "yes", "--stream-node-max-bytes", "320", "--hash-max-listpack-value", "1024")
     with capture_logs() as logs:
         await problems_of(tuned.url)
