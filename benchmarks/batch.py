@@ -38,10 +38,10 @@ import structlog
 from httpx_sse import aconnect_sse
 
 from benchmarks.e2e import TOPICS
+from benchmarks.procs import Procs
 from benchmarks.redis_server import free_port
 from benchmarks.stack import (
     ENGINE_KEYS,
-    Procs,
     cpu_delta,
     cpu_snapshot,
     engine_flags,

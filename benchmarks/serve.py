@@ -39,11 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import structlog
 
+from benchmarks.procs import Procs, vllm_lock, wait_http
 from benchmarks.redis_server import free_port
-from benchmarks.stack import Procs, cpu_delta, cpu_snapshot, engine_flags, genq_engine_args, genq_services, norm
+from benchmarks.stack import cpu_delta, cpu_snapshot, engine_flags, genq_engine_args, genq_services, norm
 
 log = structlog.get_logger(__name__)
 
@@ -137,19 +137,6 @@ def _same_default(a: Any, b: Any) -> bool:
 
 
 # -- the two servers --------------------------------------------------------------------------
-async def wait_http(procs: Procs, url: str, timeout_s: float, headers: dict[str, str] | None = None) -> None:
-    async with httpx.AsyncClient(timeout=10) as http:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            procs.check()
-            with contextlib.suppress(httpx.HTTPError):
-                if (await http.get(url, headers=headers)).status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{url} did not answer 200 within {timeout_s:.0f} s")
-            await asyncio.sleep(0.5)  # a child process loading its engine: no event to wait on
-
-
 @contextlib.asynccontextmanager
 async def genq_stack(engine_kw: dict[str, Any], model: str, folder: Path) -> AsyncIterator[tuple[str, str, Procs]]:
     """redis-server, genq worker, genq api: yields (base URL, API key, processes)."""
@@ -338,7 +325,6 @@ async def _run(cfg: Config, folder: Path) -> list[str]:
 
 
 def run(cfg: Config) -> list[str]:
-    from benchmarks.sse import vllm_lock
 
     with vllm_lock(cfg.lock_path), contextlib.ExitStack() as stack:
         if cfg.keep:

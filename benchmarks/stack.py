@@ -8,14 +8,13 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.e2e import worker_command
+from benchmarks.procs import Procs
 from benchmarks.redis_server import free_port, redis_server_binary
 
 if TYPE_CHECKING:
@@ -93,39 +92,6 @@ def cpu_snapshot(named: list[tuple[str, int]]) -> dict[str, float]:
 
 def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {k: round(after[k] - before.get(k, 0.0), 2) for k in after}
-
-
-class Procs:
-    """Child processes of the genq phase, stopped (SIGTERM, then SIGKILL) in reverse order."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.procs = folder, []
-
-    def start(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-        out = (self.folder / f"{name}.log").open("wb")
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        out.close()
-        self.procs.append((name, proc))
-        return proc
-
-    def pids(self) -> list[tuple[str, int]]:
-        return [(name, proc.pid) for name, proc in self.procs]
-
-    def check(self) -> None:
-        for name, proc in self.procs:
-            if proc.poll() is not None:
-                tail = (self.folder / f"{name}.log").read_text(errors="replace")[-3000:]
-                raise SystemExit(f"{name} exited early (code {proc.returncode}):\n{tail}")
-
-    def stop(self) -> None:
-        for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
 
 
 @contextlib.asynccontextmanager

@@ -21,8 +21,8 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from benchmarks.common import percentile
+from benchmarks.procs import Child, wait_http
 from benchmarks.redis_server import free_port, servers
-from benchmarks.sse import Child, wait_http
 from broker import Broker, BrokerSettings
 from broker.models import TenantLimits
 
