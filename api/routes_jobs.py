@@ -28,7 +28,8 @@ log = structlog.get_logger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 RT = Annotated[Runtime, Depends(get_runtime)]
 JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
-EVENT_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$", re.ASCII)
+# a stream entry id, or a token event's: its stored event's id and its seq (broker.events)
+EVENT_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}(-[0-9]{1,20})?$", re.ASCII)
 U64_MAX = 2**64 - 1
 
 

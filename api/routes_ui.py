@@ -34,7 +34,8 @@ from broker.models import MODEL, TENANT, Job, JobStatus
 api = APIRouter(prefix="/v1/ui", tags=["console"])
 RT = Annotated[Runtime, Depends(get_runtime)]
 JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
-EVENT_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+# a stream entry id, or a token event's: its stored event's id and its seq (broker.events)
+EVENT_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}(-[0-9]{1,20})?$")
 DEAD_AFTER_MS = 10 * 60 * 1000  # a worker silent this long is forgotten (shown as dead until then)
 
 

@@ -83,7 +83,7 @@ class OutputWrite:
 CLAIMED_FIELDS = (
     *("cost", "weight", "deadline_ms", "attempts", "started_ms", "evn", "seq_out", "tenant", "priority"),
     *("max_attempts", "request", "prompt_tokens", "max_tokens", "completion_tokens", "created_ms"),
-    *("first_token_ms", "cancel", "output", "output_ids"),
+    *("first_token_ms", "cancel", "lev", "output", "output_ids"),
 )
 APPEND_CHUNK = 128  # writes per append call: one flush of a full worker, a bounded time inside Redis
 
@@ -158,7 +158,7 @@ class Broker(JobReads, FleetRecords):
 
     def event_hub(self, resync_s: float = 5.0) -> EventHub:
         """The process's one pub/sub follower of job events (an async context manager)."""
-        return EventHub(self._redis, self._keys, resync_s)
+        return EventHub(self._redis, self._keys, self._scripts.backlog, resync_s)
 
     def cancel_notices(self, model: str) -> ControlListener:
         """A worker's subscription to the cancel notices of its model (an async context manager)."""
@@ -365,7 +365,7 @@ class Broker(JobReads, FleetRecords):
             keys: list[str] = []
             args: list[Any] = [s.events_maxlen]
             for d in chunk:
-                keys += [k.job(d.job_id), k.events(d.job_id), k.output(d.job_id), k.output_ids(d.job_id)]
+                keys += k.job_keys(d.job_id)
                 args += [
                     d.fence,
                     d.text,
@@ -427,7 +427,7 @@ class Broker(JobReads, FleetRecords):
             args: list[Any] = [s.events_maxlen]
             for c in chunk:
                 job = c.lease.job
-                keys += [k.job(job.id), k.events(job.id), k.output(job.id), k.output_ids(job.id)]
+                keys += k.job_keys(job.id)
                 keys.append(k.tenant_state(job.tenant))
                 args += [
                     c.lease.fence,
@@ -460,7 +460,7 @@ class Broker(JobReads, FleetRecords):
         k, s, jid = self._keys, self.settings, lease.job.id
         mode = (2 if handback else 1) if retry else 0
         reply = await self._scripts.fail(
-            [k.job(jid), k.events(jid), k.output(jid), k.output_ids(jid)],
+            k.job_keys(jid),
             [lease.fence, k.prefix, jid, code.value, message, mode, s.events_maxlen, k.channel(jid)],
         )
         if int(reply[0]) == Code.STALE_LEASE:
@@ -499,7 +499,7 @@ class Broker(JobReads, FleetRecords):
     async def _cancel(self, job_id: str, tenant: str | None, *, record: bool) -> list[Any]:
         k, s = self._keys, self.settings
         reply = await self._scripts.cancel(
-            [k.job(job_id), k.events(job_id), k.output(job_id), k.output_ids(job_id)],
+            k.job_keys(job_id),
             [k.prefix, job_id, tenant or "", s.events_maxlen, k.channel(job_id), 1 if record else 0],
         )
         code, status = int(reply[0]), reply[1]

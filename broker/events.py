@@ -1,5 +1,12 @@
 """Job events: one Redis Stream per job, each event also PUBLISHed on the job's channel.
 
+Token events are the exception: a delta is published but not stored (an entry per delta was
+most of what Redis spent per streamed token). Its place goes to the job's token index instead,
+16 hex digits per token event (the output's bytes and tokens after it), and :meth:`EventHub.backlog`
+rebuilds the events from the index and the output, each with the id it was published with,
+``<id of the stored event before it>-<seq>``, and its event count. Token events with logprobs are
+stored as they are (the stream is their only copy).
+
 :class:`EventHub` holds the process's single pub/sub connection and fans messages
 out to per-follower queues. :meth:`EventHub.follow` subscribes *first*, then reads
 the stream backlog after ``last_event_id``, then follows live messages, dropping
@@ -31,6 +38,7 @@ from broker.contract import TERMINAL, TERMINAL_EVENTS, EventType
 from broker.errors import REDIS_DOWN, NotFound, Unavailable, translated
 from broker.keys import Keys
 from broker.replies import typed_reply
+from broker.scripts import Script
 
 log = structlog.get_logger(__name__)
 
@@ -45,7 +53,9 @@ QUEUED_EVENT_ID = "0-1"
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    id: str  # the stream entry id (QUEUED_EVENT_ID for queued): resumable, totally ordered within a job
+    # resumable, totally ordered within a job: a stream entry id (QUEUED_EVENT_ID for queued), or
+    # for a token event not stored, the id of the stored event before it and its seq ("<ms>-<n>-<seq>")
+    id: str
     type: EventType
     data: dict[str, Any]
     n: int = 0  # the job's event count at this event (1, 2, ...): reveals a gap
@@ -55,13 +65,58 @@ class Event:
         return self.type in TERMINAL_EVENTS
 
 
-def _order(event_id: str) -> tuple[int, int]:
-    ms, _, seq = event_id.partition("-")
-    return int(ms), int(seq or 0)
+def _order(event_id: str) -> tuple[int, int, int]:
+    ms, _, rest = event_id.partition("-")
+    n, _, seq = rest.partition("-")
+    return int(ms), int(n or 0), int(seq or 0)
 
 
 def _stored(eid: str, f: dict[str, str]) -> Event:
     return Event(eid, EventType(f["t"]), json.loads(f["d"]), int(f.get("n", 0)))
+
+
+def _rebuild(entries: list[Any], start: str, seq: int, index: str, output: str, *, whole: bool) -> list[Event]:
+    """The stored events read from ``start`` on (``start`` itself left out), with the token events
+    of the index placed among them: a stored event's ``s`` (its job's token events so far) says
+    which go before it. ``seq``: the token events before the index's records (the first record is
+    seq's own then, its offsets where ``output`` starts). ``whole``: the entries reach the end of
+    the stream, so the index's last records follow them; otherwise the page stops at its last entry.
+    """
+    records = [(int(index[i : i + 8], 16), int(index[i + 8 : i + 16], 16)) for i in range(0, len(index) - 15, 16)]
+    b0 = k = 0
+    if seq > 0 and records:
+        (b0, k), records = records[0], records[1:]
+    text, b, first, placed = output.encode(), b0, seq, seq
+    out: list[Event] = []
+    after: tuple[str, int, int] | None = (QUEUED_EVENT_ID, 1, 0) if start == "-" else None  # (id, n, s)
+
+    def place(upto: int, *, emit: bool = True) -> None:
+        nonlocal placed, b, k
+        while placed < upto and placed - first < len(records):
+            nb, nk = records[placed - first]
+            placed += 1
+            if emit and after is not None:
+                aid, an, a_s = after
+                data = {"seq": placed, "text": text[b - b0 : nb - b0].decode(errors="replace"), "n": nk - k}
+                out.append(Event(f"{aid}-{placed}", EventType.TOKEN, data, an + placed - a_s))
+            b, k = nb, nk
+
+    for eid, fields in entries:
+        f = dict(zip(fields[::2], fields[1::2], strict=True))
+        s = int(f["s"]) if "s" in f else None  # none: a stream from before token indexes
+        if eid == start:  # the resume point's stored event: the token events after it follow it
+            after = None if s is None else (eid, int(f.get("n", 0)), s)
+            continue
+        ev = _stored(eid, f)
+        if s is not None:
+            place(s - 1 if ev.type is EventType.TOKEN else s)
+            if ev.type is EventType.TOKEN:  # stored (it has logprobs): its record only moves the offsets
+                place(s, emit=False)
+        out.append(ev)
+        after = None if s is None else (eid, ev.n, s)
+    if whole:
+        place(first + len(records))
+    return out
 
 
 def _parse_message(payload: str) -> Event:
@@ -72,9 +127,10 @@ def _parse_message(payload: str) -> Event:
 class EventHub:
     """One pub/sub connection per process, shared by every follower."""
 
-    def __init__(self, redis: RedisClient, keys: Keys, resync_s: float = 5.0) -> None:
+    def __init__(self, redis: RedisClient, keys: Keys, backlog: Script, resync_s: float = 5.0) -> None:
         self.redis = redis
         self.keys = keys
+        self._backlog = backlog  # broker/lua/backlog.lua
         self.resync_s = resync_s
         self._pubsub = redis.pubsub(ignore_subscribe_messages=True)
         self._subs: dict[str, set[asyncio.Queue[Any]]] = defaultdict(set)
@@ -200,17 +256,22 @@ class EventHub:
 
     @translated
     async def backlog(self, job_id: str, after: str | None = None, count: int = 1000) -> list[Event]:
-        """The job's events after ``after`` (from its first without), up to ``count`` stored ones."""
-        if after:
-            entries = await self.redis.xrange(self.keys.events(job_id), min=f"({after}", max="+", count=count)
-            return [_stored(eid, f) for eid, f in entries]
+        """The job's events after ``after`` (from its first without), up to ``count`` stored ones
+        and the token events among them."""
+        k = self.keys
+        keys = [k.events(job_id), k.output(job_id), k.token_index(job_id)]
+        if after and after != QUEUED_EVENT_ID:
+            ms, n, seq = _order(after)
+            start = f"{ms}-{n}"  # a token event's id starts with its stored event's
+            entries, seq, index, output = await self._backlog(keys, [start, seq or -1, count + 1])
+            return _rebuild(entries, start, int(seq), index, output, whole=len(entries) <= count)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hmget(self.keys.job(job_id), ["priority", "model"])
-        pipe.xrange(self.keys.events(job_id), min="-", max="+", count=count)
-        (priority, model), entries = await pipe.execute()
-        events = [_stored(eid, f) for eid, f in entries]
+        pipe.hmget(k.job(job_id), ["priority", "model"])
+        await self._backlog(keys, ["-", 0, count], client=pipe)
+        (priority, model), (entries, seq, index, output) = await pipe.execute()
+        events = _rebuild(entries, "-", int(seq), index, output, whole=len(entries) < count)
         # (a stream from before the queued event was synthesized begins with it, numbered 1)
-        if model is not None and not (events and events[0].n == 1):
+        if after is None and model is not None and not (events and events[0].n == 1):
             events.insert(0, Event(QUEUED_EVENT_ID, EventType.QUEUED, {"priority": int(priority), "model": model}, 1))
         return events
 

@@ -23,10 +23,15 @@ P:retry:<t>:<digest>                  string  server-side idempotency key of the
                                               first attempt of an OpenAI client request
 P:job:<id>                            hash    the job record (see models.Job); its `ttl`  result TTL once terminal
                                               field is the result TTL set at admission
-P:ev:<id>                             stream  job events from `started` on (`queued` is   result TTL once terminal
-                                              made from the hash: broker.events)
+P:ev:<id>                             stream  job events from `started` on, tokens only   result TTL once terminal
+                                              with logprobs (`queued` is made from the
+                                              hash, tokens from P:tix: broker.events)
 P:out:<id>                            string  output text so far (APPEND per write)       result TTL once terminal
 P:oid:<id>                            string  output token ids so far, comma separated    result TTL once terminal
+P:tix:<id>                            string  token index: per token event (seq 1, 2, ..) result TTL once terminal
+                                              16 hex digits, the output's bytes and tokens
+                                              after it (broker.events rebuilds the token
+                                              events from it: they are not stored)
 P:ch:<id>                             pubsub  live copy of each event of the job          -
 P:m:<model>:stats                     hash    d<p>/k<p> depth and queued tokens per       none
                                               priority, drain window, served tokens
@@ -127,6 +132,20 @@ class Keys:
 
     def output_ids(self, job_id: str) -> str:
         return f"{self.prefix}:oid:{job_id}"
+
+    def token_index(self, job_id: str) -> str:
+        return f"{self.prefix}:tix:{job_id}"
+
+    def job_keys(self, job_id: str) -> list[str]:
+        """A job's own keys in the order the scripts take them: job, events, output, token ids,
+        token index."""
+        return [
+            self.job(job_id),
+            self.events(job_id),
+            self.output(job_id),
+            self.output_ids(job_id),
+            self.token_index(job_id),
+        ]
 
     def channel(self, job_id: str) -> str:
         return f"{self.prefix}:ch:{job_id}"

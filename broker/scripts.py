@@ -18,7 +18,7 @@ from redis.commands.core import AsyncScript
 
 from broker.connection import ClusterClient, RedisClient
 
-NAMES = ("admit", "claim", "renew", "append", "complete", "fail", "reap", "cancel")
+NAMES = ("admit", "claim", "renew", "append", "complete", "fail", "reap", "cancel", "backlog")
 
 
 # On a Cluster every script call also names a key that never exists (Keys.slot_guard, last
@@ -97,6 +97,7 @@ class Scripts:
     fail: Script
     reap: Script
     cancel: Script
+    backlog: Script
 
     def all(self) -> list[Script]:
         return [getattr(self, name) for name in NAMES]

@@ -240,5 +240,7 @@ async def test_replayed_append_is_written_once(broker) -> None:
     assert job.output == "Hello world!"
     assert job.output_token_ids == [1, 2, 3, 4]
     assert job.completion_tokens == 4
-    events = await broker._redis.xrange(broker._keys.events(adm.job_id))
-    assert [f["t"] for _, f in events].count("token") == 3
+    async with broker.event_hub() as hub:
+        events = await hub.backlog(adm.job_id)
+    assert [e.data["text"] for e in events if e.type == "token"] == ["Hello", " world", "!"]
+    assert await broker._redis.strlen(broker._keys.token_index(adm.job_id)) == 3 * 16

@@ -21,6 +21,7 @@ local function k_job(P, jid) return P .. ':job:' .. jid end
 local function k_events(P, jid) return P .. ':ev:' .. jid end
 local function k_output(P, jid) return P .. ':out:' .. jid end
 local function k_output_ids(P, jid) return P .. ':oid:' .. jid end
+local function k_token_index(P, jid) return P .. ':tix:' .. jid end
 local function k_channel(P, jid) return P .. ':ch:' .. jid end
 local function k_global(P) return P .. ':global' end
 local function k_tenant_state(P, tenant) return P .. ':ts:' .. tenant end
@@ -37,16 +38,17 @@ local function k_vtc(mp, prio) return mp .. ':p' .. prio .. ':vtc' end
 local function k_tenant_queue(mp, prio, tenant) return mp .. ':p' .. prio .. ':t:' .. tenant end
 local function k_webhooks(P) return P .. ':webhooks' end
 
--- A job's own keys: {job, ev, out, oid, ch}, from KEYS (first index i) or built here. ``into``:
--- a table to fill instead of a new one (a loop over many jobs then makes no garbage per job).
+-- A job's own keys: {job, ev, out, oid, tix, ch}, from KEYS (first index i, five keys: Keys.job_keys)
+-- or built here. ``into``: a table to fill instead of a new one (a loop over many jobs then makes
+-- no garbage per job).
 local function job_keys_from(keys, i, channel, into)
   local J = into or {}
-  J.job, J.ev, J.out, J.oid, J.ch = keys[i], keys[i + 1], keys[i + 2], keys[i + 3], channel
+  J.job, J.ev, J.out, J.oid, J.tix, J.ch = keys[i], keys[i + 1], keys[i + 2], keys[i + 3], keys[i + 4], channel
   return J
 end
 local function job_keys(P, jid)
   return {job = k_job(P, jid), ev = k_events(P, jid), out = k_output(P, jid), oid = k_output_ids(P, jid),
-    ch = k_channel(P, jid)}
+    tix = k_token_index(P, jid), ch = k_channel(P, jid)}
 end
 
 local function now_ms()
@@ -60,17 +62,30 @@ local function num(v, default)
 end
 
 -- Append one event to the job's stream and publish "<id>\n<n>\n<type>\n<data>" on its
--- channel; n counts the job's events (1, 2, ...) so a live follower can tell a gap.
-local function record(J, maxlen, n, etype, data)  -- to the stream only (nobody can follow yet)
-  return redis.call('XADD', J.ev, 'MAXLEN', '~', maxlen, '*', 'n', n, 't', etype, 'd', data)
-end
-local function emit_numbered(J, maxlen, n, etype, data)  -- n: the job's evn, already counted
-  local id = record(J, maxlen, n, etype, data)
+-- channel; n counts the job's events (1, 2, ...) so a live follower can tell a gap; s is the
+-- job's token events so far (seq_out; a token event's own seq), where the token events rebuilt
+-- from the token index go around it (broker.events).
+local function emit_numbered(J, maxlen, n, etype, data, s)  -- n: the job's evn, already counted
+  local id = redis.call('XADD', J.ev, 'MAXLEN', '~', maxlen, '*', 'n', n, 't', etype, 'd', data, 's', s)
   redis.call('PUBLISH', J.ch, id .. '\n' .. n .. '\n' .. etype .. '\n' .. data)
   return id
 end
-local function emit(J, maxlen, etype, data)
-  return emit_numbered(J, maxlen, redis.call('HINCRBY', J.job, 'evn', 1), etype, data)
+local function emit(J, maxlen, etype, data, s)
+  return emit_numbered(J, maxlen, redis.call('HINCRBY', J.job, 'evn', 1), etype, data, s)
+end
+
+-- One token event (seq, evn counted; len, tokens: the output's bytes and completion tokens after
+-- it). A job with a token index (lev: the id of its latest stored event, set from its first start)
+-- writes the event's place there, 16 hex digits, and publishes it with the id <lev>-<seq>, not
+-- stored: broker.events rebuilds it from the index and the output. A token event with logprobs
+-- (their only copy), or of a job started before token indexes, is stored.
+-- Returns the stored event's id (the job's new lev) or nil.
+local function emit_token(J, maxlen, lev, seq, evn, len, tokens, data, logprobs)
+  if not lev then emit_numbered(J, maxlen, evn, EVENT.token, data, seq); return nil end
+  redis.call('APPEND', J.tix, string.format('%08x%08x', len, tokens))
+  if logprobs ~= '' then return emit_numbered(J, maxlen, evn, EVENT.token, data, seq) end
+  redis.call('PUBLISH', J.ch, lev .. '-' .. seq .. '\n' .. evn .. '\n' .. EVENT.token .. '\n' .. data)
+  return nil
 end
 
 -- Token bucket: its level refilled to now, from the stored level and its time.
@@ -174,13 +189,14 @@ local function expire_job(J, ttl, has_output)
   if has_output then
     redis.call('PEXPIRE', J.out, ttl)
     redis.call('PEXPIRE', J.oid, ttl)
+    redis.call('PEXPIRE', J.tix, ttl)
   end
 end
 
 local function finish(J, status, etype, data, now, maxlen)
   redis.call('HSET', J.job, 'status', status, 'finished_ms', now)
-  emit(J, maxlen, etype, data)
-  local j = redis.call('HMGET', J.job, 'ttl', 'webhook', 'id')
+  local j = redis.call('HMGET', J.job, 'ttl', 'webhook', 'id', 'seq_out')
+  emit(J, maxlen, etype, data, num(j[4], 0))
   webhook_due(J, j[2], j[3])
   expire_job(J, num(j[1], DEFAULT_TTL_MS), true)
 end
@@ -206,10 +222,12 @@ local function token_event(seq, text, n, logprobs)
   return string.format('{"seq":%d,"text":%s,"n":%d,"logprobs":[%s]}', seq, cjson.encode(text), n, logprobs)
 end
 
--- Append one delta's text and token ids; O(1) in the output's length.
+-- Append one delta's text and token ids; O(1) in the output's length. Returns the output's length.
 local function write_output(J, text, ids)
-  if text ~= '' then redis.call('APPEND', J.out, text) end
+  local len
+  if text ~= '' then len = redis.call('APPEND', J.out, text) else len = redis.call('STRLEN', J.out) end
   if ids ~= '' then redis.call('APPEND', J.oid, ',' .. ids) end
+  return len
 end
 
 -- Completed-job drain rate over a short window (jobs/s and tokens/s).
@@ -232,7 +250,7 @@ end
 -- A job whose cancel was requested is cancelled instead. Returns the outcome (a status).
 local function settle(P, J, jid, code, message, retry, now, maxlen)
   local j = redis.call('HMGET', J.job, 'model', 'tenant', 'priority', 'attempts', 'max_attempts',
-    'seq', 'pscore', 'cost', 'cancel', 'tpm', 'tpm_burst', 'max_tokens', 'completion_tokens')
+    'seq', 'pscore', 'cost', 'cancel', 'tpm', 'tpm_burst', 'max_tokens', 'completion_tokens', 'seq_out', 'lev')
   local mp = k_model(P, j[1])
   redis.call('ZREM', k_leases(mp), jid)
   redis.call('HDEL', J.job, 'worker')
@@ -246,8 +264,13 @@ local function settle(P, J, jid, code, message, retry, now, maxlen)
     j[4] = redis.call('HINCRBY', J.job, 'attempts', -1)
   end
   if retry >= 1 and num(j[4], 0) < num(j[5], 1) then
-    redis.call('HSET', J.job, 'status', STATUS.queued)
-    emit(J, maxlen, EVENT.retry, cjson.encode({attempt = num(j[4], 0), reason = code, message = message}))
+    local id = emit(J, maxlen, EVENT.retry, cjson.encode({attempt = num(j[4], 0), reason = code, message = message}),
+      num(j[14], 0))
+    if j[15] then  -- the token events of the next attempt follow this one
+      redis.call('HSET', J.job, 'status', STATUS.queued, 'lev', id)
+    else
+      redis.call('HSET', J.job, 'status', STATUS.queued)
+    end
     enqueue(P, mp, jid, j[2], j[3], j[6], j[7], num(j[8], 0))
     return STATUS.queued
   end

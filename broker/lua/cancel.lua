@@ -4,6 +4,7 @@
 -- KEYS[2] events    P:ev:<id>
 -- KEYS[3] output    P:out:<id>
 -- KEYS[4] token ids P:oid:<id>
+-- KEYS[5] token index P:tix:<id>
 -- ARGV: 1 P, 2 job id, 3 tenant ('' = any: admin), 4 events maxlen, 5 channel,
 --   6 '1' = also return the job after the call (optional; the API answers with it)
 -- Returns {code, status[, job hash as field, value, ..., output, output token ids]}: 0 OK (cancelled

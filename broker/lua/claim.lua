@@ -46,7 +46,7 @@ for p = 0, maxp do
         local J = job_keys(P, jid)
         local j = redis.call('HMGET', J.job, 'cost', 'weight', 'deadline_ms', 'attempts', 'started_ms', 'evn',
           'seq_out', 'tenant', 'priority', 'max_attempts', 'request', 'prompt_tokens', 'max_tokens',
-          'completion_tokens', 'created_ms', 'first_token_ms', 'cancel')
+          'completion_tokens', 'created_ms', 'first_token_ms', 'cancel', 'lev')
         local cost = num(j[1], 0)
         local deadline = num(j[3], 0)
         if deadline > 0 and deadline < now and num(j[4], 0) == 0 then
@@ -63,21 +63,25 @@ for p = 0, maxp do
           by_prio[p] = {bp[1] + 1, bp[2] + cost}
           by_tenant[tenant] = (by_tenant[tenant] or 0) + 1
           local fence = fence0 + #out + 1
-          local attempt, evn = num(j[4], 0) + 1, num(j[6], 0) + 1
-          if j[5] then
+          local attempt, evn, s = num(j[4], 0) + 1, num(j[6], 0) + 1, num(j[7], 0)
+          local id = emit_numbered(J, maxlen, evn, EVENT.started, cjson.encode({attempt = attempt, worker = worker}), s)
+          -- the job's token events are indexed (emit_token) if it has streamed none or indexed them so far
+          local lev = (s == 0 or j[18]) and id or false
+          if lev and not j[5] then  -- a first start (no table made)
             redis.call('HSET', J.job, 'status', STATUS.running, 'fence', fence, 'worker', worker,
-              'attempts', attempt, 'evn', evn)
+              'attempts', attempt, 'evn', evn, 'started_ms', now, 'lev', lev)
           else
-            redis.call('HSET', J.job, 'status', STATUS.running, 'fence', fence, 'worker', worker,
-              'attempts', attempt, 'evn', evn, 'started_ms', now)
+            local f = {'status', STATUS.running, 'fence', fence, 'worker', worker, 'attempts', attempt, 'evn', evn}
+            if not j[5] then f[#f + 1] = 'started_ms'; f[#f + 1] = now end
+            if lev then f[#f + 1] = 'lev'; f[#f + 1] = lev end
+            redis.call('HSET', J.job, unpack(f))
           end
           leased[#leased + 1] = now + lease
           leased[#leased + 1] = jid
-          emit_numbered(J, maxlen, evn, EVENT.started, cjson.encode({attempt = attempt, worker = worker}))
           -- what earlier attempts emitted: the worker resumes after it (none before a first delta)
-          local streamed = num(j[7], 0) > 0
+          local streamed = s > 0
           out[#out + 1] = {jid, fence, j[1], j[2], j[3], attempt, j[5] or now, evn, j[7], j[8], j[9], j[10], j[11],
-            j[12], j[13], j[14], j[15], j[16], j[17],
+            j[12], j[13], j[14], j[15], j[16], j[17], lev,
             streamed and (redis.call('GET', J.out) or '') or '', streamed and (redis.call('GET', J.oid) or '') or ''}
           tokens = tokens + cost
         end

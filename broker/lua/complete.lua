@@ -3,8 +3,8 @@
 -- finishes every completion of a worker flush.
 -- KEYS[1] leases        P:m:<model>:leases
 -- KEYS[2] model stats   P:m:<model>:stats
--- then 5 per job c (i = 5c - 2): job hash P:job:<id>, events P:ev:<id>, output P:out:<id>,
---   token ids P:oid:<id>, tenant state P:ts:<tenant>
+-- then 6 per job c (i = 6c - 3): job hash P:job:<id>, events P:ev:<id>, output P:out:<id>,
+--   token ids P:oid:<id>, token index P:tix:<id>, tenant state P:ts:<tenant>
 -- ARGV[1] events maxlen; then 11 per job (j = 1 + 11(c - 1)): j+1 fence, j+2 last text,
 --   j+3 last token ids (comma separated), j+4 last token count, j+5 finish reason,
 --   j+6 final status (succeeded | cancelled), j+7 channel, j+8 job id, j+9 offset of the last
@@ -12,15 +12,16 @@
 --   (0 = keep), j+11 the last delta's logprobs (as in append.lua)
 -- Returns one code per job, in order: 0 or 21 (STALE_LEASE: nothing written for that job).
 --
--- Per job: one HMGET, one HSET (+ HDEL worker), the events (XADD + PUBLISH each), the TTLs;
+-- Per job: one HMGET, one HSET (+ HDEL worker), the events (the last delta's as in append.lua,
+-- the final one XADD + PUBLISH), the TTLs;
 -- the leases and the drain rate once per call.
 local maxlen, now = ARGV[1], now_ms()
 local out, done, jobs, tok = {}, {}, 0, 0
-for c = 1, (#KEYS - 2) / 5 do
-  local i, j = 5 * c - 2, 1 + 11 * (c - 1)
+for c = 1, (#KEYS - 2) / 6 do
+  local i, j = 6 * c - 3, 1 + 11 * (c - 1)
   local J = job_keys_from(KEYS, i, ARGV[j + 7])
   local h = redis.call('HMGET', J.job, 'status', 'fence', 'completion_tokens', 'prompt_tokens', 'cost', 'tpm',
-    'tpm_burst', 'evn', 'seq_out', 'first_token_ms', 'ttl', 'webhook')
+    'tpm_burst', 'evn', 'seq_out', 'first_token_ms', 'ttl', 'webhook', 'lev')
   if h[1] ~= STATUS.running or h[2] ~= ARGV[j + 1] then
     out[c] = 21
   else
@@ -34,24 +35,22 @@ for c = 1, (#KEYS - 2) / 5 do
       pt = tonumber(ARGV[j + 10])
       f[#f + 1] = 'prompt_tokens'; f[#f + 1] = pt
     end
-    local delta
     if n > 0 or (n == 0 and text ~= '') then
       seq, evn, ct = seq + 1, evn + 1, ct + n
-      write_output(J, text, ARGV[j + 3])
+      local len, lp = write_output(J, text, ARGV[j + 3]), ARGV[j + 11]
+      emit_token(J, maxlen, h[13], seq, evn, len, ct, token_event(seq, text, n, lp), lp)
       f[#f + 1] = 'seq_out'; f[#f + 1] = seq
       f[#f + 1] = 'completion_tokens'; f[#f + 1] = ct
       if not h[10] then f[#f + 1] = 'first_token_ms'; f[#f + 1] = now end
-      delta = token_event(seq, text, n, ARGV[j + 11])
     end
     f[#f + 1] = 'evn'; f[#f + 1] = evn + 1
     redis.call('HSET', J.job, unpack(f))
     redis.call('HDEL', J.job, 'worker')
-    if delta then emit_numbered(J, maxlen, evn, EVENT.token, delta) end
     emit_numbered(J, maxlen, evn + 1, etype,
       cjson.encode({finish_reason = ARGV[j + 5], usage = {prompt_tokens = pt, completion_tokens = ct,
-        total_tokens = pt + ct}}))
+        total_tokens = pt + ct}}), seq)
     -- reserved at admission: prompt (maybe estimated) + max_tokens; used: the engine's counts
-    refund_tokens(KEYS[i + 4], num(h[6], 0), num(h[7], 0), num(h[5], 0) - pt - ct, now)
+    refund_tokens(KEYS[i + 5], num(h[6], 0), num(h[7], 0), num(h[5], 0) - pt - ct, now)
     webhook_due(J, h[12], ARGV[j + 8])
     expire_job(J, num(h[11], DEFAULT_TTL_MS), seq > 0)
     done[#done + 1] = ARGV[j + 8]

@@ -4,6 +4,7 @@
 -- KEYS[2] events    P:ev:<id>
 -- KEYS[3] output    P:out:<id>
 -- KEYS[4] token ids P:oid:<id>
+-- KEYS[5] token index P:tix:<id>
 -- ARGV: 1 fence, 2 P, 3 job id, 4 error code, 5 message, 6 retry (0 no, 1 yes, 2 hand-back:
 --       retry without spending the attempt, for a worker shutting down),
 --       7 events maxlen, 8 channel

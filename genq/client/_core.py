@@ -227,9 +227,9 @@ def _never() -> bool:
     return False
 
 
-def _order(event_id: str) -> tuple[int, int]:
-    ms, _, seq = event_id.partition("-")
-    return int(ms), int(seq or 0)
+def _order(event_id: str) -> tuple[int, ...]:
+    """An event id's place: ``<ms>-<n>`` (a stored event), ``<ms>-<n>-<seq>`` (a token event after it)."""
+    return tuple(int(p) for p in event_id.split("-"))
 
 
 class EventCursor:

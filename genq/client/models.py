@@ -45,7 +45,8 @@ class EventType(StrEnum):
 
 
 TERMINAL_EVENTS = frozenset({EventType.DONE, EventType.FAILED, EventType.CANCELLED, EventType.EXPIRED})
-# The events with a resumable id (a Redis stream entry id, ``<ms>-<seq>``).
+# The events with a resumable id (a Redis stream entry id, ``<ms>-<n>``, or for a token event
+# ``<ms>-<n>-<seq>``: the id of the stored event before it and its seq).
 STORED_EVENTS = frozenset(EventType) - {EventType.POSITION, EventType.ERROR}
 
 
