@@ -57,8 +57,9 @@ if L[7] and not string.find(L[7], tostring(prio), 1, true) then
 end
 
 local now = now_ms()
+local now_s = int(now)  -- numbers are made strings once, by int (_lib.lua)
 -- Counters this admission moves are read together here and written together at the end.
-local stats = redis.call('HMGET', KEYS[8], 'dr', 'w_start', 'w_jobs', 'd' .. prio, 'k' .. prio)
+local stats = redis.call('HMGET', KEYS[8], 'dr', 'w_start', 'w_jobs', 'd' .. ARGV[5], 'k' .. ARGV[5])
 local drain = num(stats[1], 0)
 if drain <= 0 and stats[2] and now > tonumber(stats[2]) then
   drain = num(stats[3], 0) * 1000 / math.max(1000, now - tonumber(stats[2]))
@@ -97,48 +98,48 @@ if tpm > 0 then
     return {11, '', 0, rpm, math.floor(rq_level or 0), 0, tpm, math.floor(tk_level), wait, wait}
   end
 end
-local state = {'q', tq + 1}
+local state = {'q', int(tq + 1)}
 if rpm > 0 then
   rq_level = rq_level - 1
   state[#state + 1] = 'rq'; state[#state + 1] = rq_level
-  state[#state + 1] = 'rq_ts'; state[#state + 1] = now
+  state[#state + 1] = 'rq_ts'; state[#state + 1] = now_s
   rq_left, rq_reset = math.floor(rq_level), math.ceil((rpm_b - rq_level) * 60000 / rpm)
 end
 if tpm > 0 then
   tk_level = tk_level - cost
   state[#state + 1] = 'tk'; state[#state + 1] = tk_level
-  state[#state + 1] = 'tk_ts'; state[#state + 1] = now
+  state[#state + 1] = 'tk_ts'; state[#state + 1] = now_s
   tk_left, tk_reset = math.floor(tk_level), math.ceil((tpm_b - tk_level) * 60000 / tpm)
 end
 redis.call('HSET', KEYS[4], unpack(state))
-local seq = num(g[2], 0) + 1
-redis.call('HSET', KEYS[7], 'seq', seq, 'queued', gq + 1)
-redis.call('HSET', KEYS[8], 'd' .. prio, num(stats[4], 0) + 1, 'k' .. prio, num(stats[5], 0) + cost)
+local seq = int(num(g[2], 0) + 1)
+redis.call('HSET', KEYS[7], 'seq', seq, 'queued', int(gq + 1))
+redis.call('HSET', KEYS[8], 'd' .. ARGV[5], int(num(stats[4], 0) + 1), 'k' .. ARGV[5], int(num(stats[5], 0) + cost))
 
-local ttl = tonumber(ARGV[10])
+local ttl = ARGV[10]
 local deadline = tonumber(ARGV[18])
-local pscore = prio * 1e13 + now
+local pscore = int(prio * 1e13 + now)
 -- Counters that start at 0 (attempts, fence, completion_tokens; deadline_ms 0 = none) are left
 -- out: every reader takes a missing one as 0 (num(), Job.from_hash).
 local f = {'id', jid, 'tenant', tenant, 'model', model, 'status', STATUS.queued,
-  'priority', prio, 'max_attempts', ARGV[19], 'request', ARGV[9],
-  'prompt_tokens', pt, 'max_tokens', mt, 'cost', cost,
-  'created_ms', now, 'seq', seq, 'pscore', pscore, 'weight', weight,
-  'tpm', tpm, 'tpm_burst', tpm_b, 'ttl', ttl, 'evn', 1}
-if deadline > 0 then f[#f + 1] = 'deadline_ms'; f[#f + 1] = deadline end
+  'priority', ARGV[5], 'max_attempts', ARGV[19], 'request', ARGV[9],
+  'prompt_tokens', ARGV[6], 'max_tokens', ARGV[7], 'cost', int(cost),
+  'created_ms', now_s, 'seq', seq, 'pscore', pscore, 'weight', weight,
+  'tpm', tpm, 'tpm_burst', tpm_b, 'ttl', ttl, 'evn', '1'}
+if deadline > 0 then f[#f + 1] = 'deadline_ms'; f[#f + 1] = ARGV[18] end
 -- the request's fingerprint is read only through an idempotency key: kept only with one
 if ARGV[8] == '1' then f[#f + 1] = 'fp'; f[#f + 1] = ARGV[20] end
 local webhook = ARGV[21] or ''
 if webhook == '' then webhook = L[8] or '' end
 if webhook ~= '' and webhook ~= '-' then f[#f + 1] = 'webhook'; f[#f + 1] = webhook end
 redis.call('HSET', job, unpack(f))
-enqueue(P, mp, jid, tenant, prio, seq, pscore, cost, true)
+enqueue(P, mp, jid, tenant, ARGV[5], seq, pscore, cost, true)
 if deadline > 0 then redis.call('ZADD', k_deadlines(mp), deadline, jid) end
-redis.call('ZADD', KEYS[5], now, jid)
+redis.call('ZADD', KEYS[5], now_s, jid)
 -- entries older than the TTL name expired jobs (a listing skips them): dropped at about one
 -- admission in 16, by the millisecond clock (not by seq: with 16 tenants taking turns, one
 -- tenant's admissions would all fall on a multiple of 16, another's never)
-if now % 16 == 0 then redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - ttl) end
+if now % 16 == 0 then redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ttl)) end
 if ARGV[8] == '1' then redis.call('SET', KEYS[2], jid, 'PX', ttl) end
 -- The first event, queued (evn 1), is not stored: readers make it from the hash (QUEUED_EVENT_ID in
 -- broker/events.py), so a queued job has no stream yet (~600 bytes less; its first write, the claim's).

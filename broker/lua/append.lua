@@ -26,12 +26,12 @@ for w = 1, #KEYS / 5 do
   elseif offset >= 0 and written > offset then
     out[w] = 0
   else
-    local text, n, lp = ARGV[j + 2], tonumber(ARGV[j + 4]), ARGV[j + 7]
-    local seq, evn, ct = num(h[4], 0) + 1, num(h[5], 0) + 1, written + n
+    local text, n, lp = ARGV[j + 2], ARGV[j + 4], ARGV[j + 7]
+    local seq, evn, ct = int(num(h[4], 0) + 1), int(num(h[5], 0) + 1), written + tonumber(n)
     local len = write_output(J, text, ARGV[j + 3])
     local lev = emit_token(J, maxlen, h[7], seq, evn, len, ct, token_event(seq, text, n, lp), lp)
     if h[6] and not lev then  -- the usual delta: no table made
-      redis.call('HSET', J.job, 'seq_out', seq, 'evn', evn, 'completion_tokens', ct)
+      redis.call('HSET', J.job, 'seq_out', seq, 'evn', evn, 'completion_tokens', int(ct))
     else
       local f = {'seq_out', seq, 'evn', evn, 'completion_tokens', ct}
       if not h[6] then f[#f + 1] = 'first_token_ms'; f[#f + 1] = now end

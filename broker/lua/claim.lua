@@ -23,6 +23,7 @@ local max_jobs, max_tok, lease = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(
 local maxlen, worker = ARGV[7], ARGV[6]
 local maxp = tonumber(ARGV[8] or LOWEST_PRIORITY)
 local now = now_ms()
+local now_s, until_s = int(now), int(now + lease)  -- numbers are made strings once, by int (_lib.lua)
 local out, tokens, full = {}, 0, false
 -- Counters a claim moves are added up here and written once at the end: jobs and tokens
 -- per priority, queued jobs per tenant, the global fence and queued count, the leases.
@@ -63,24 +64,25 @@ for p = 0, maxp do
           by_prio[p] = {bp[1] + 1, bp[2] + cost}
           by_tenant[tenant] = (by_tenant[tenant] or 0) + 1
           local fence = fence0 + #out + 1
-          local attempt, evn, s = num(j[4], 0) + 1, num(j[6], 0) + 1, num(j[7], 0)
+          local attempt, evn, s = num(j[4], 0) + 1, int(num(j[6], 0) + 1), j[7] or '0'
           local id = emit_numbered(J, maxlen, evn, EVENT.started, cjson.encode({attempt = attempt, worker = worker}), s)
           -- the job's token events are indexed (emit_token) if it has streamed none or indexed them so far
-          local lev = (s == 0 or j[18]) and id or false
+          local lev = (s == '0' or j[18]) and id or false
           if lev and not j[5] then  -- a first start (no table made)
-            redis.call('HSET', J.job, 'status', STATUS.running, 'fence', fence, 'worker', worker,
-              'attempts', attempt, 'evn', evn, 'started_ms', now, 'lev', lev)
+            redis.call('HSET', J.job, 'status', STATUS.running, 'fence', int(fence), 'worker', worker,
+              'attempts', int(attempt), 'evn', evn, 'started_ms', now_s, 'lev', lev)
           else
-            local f = {'status', STATUS.running, 'fence', fence, 'worker', worker, 'attempts', attempt, 'evn', evn}
-            if not j[5] then f[#f + 1] = 'started_ms'; f[#f + 1] = now end
+            local f = {'status', STATUS.running, 'fence', int(fence), 'worker', worker, 'attempts', int(attempt),
+              'evn', evn}
+            if not j[5] then f[#f + 1] = 'started_ms'; f[#f + 1] = now_s end
             if lev then f[#f + 1] = 'lev'; f[#f + 1] = lev end
             redis.call('HSET', J.job, unpack(f))
           end
-          leased[#leased + 1] = now + lease
+          leased[#leased + 1] = until_s
           leased[#leased + 1] = jid
           -- what earlier attempts emitted: the worker resumes after it (none before a first delta)
-          local streamed = s > 0
-          out[#out + 1] = {jid, fence, j[1], j[2], j[3], attempt, j[5] or now, evn, j[7], j[8], j[9], j[10], j[11],
+          local streamed = s ~= '0'
+          out[#out + 1] = {jid, fence, j[1], j[2], j[3], attempt, j[5] or now_s, evn, j[7], j[8], j[9], j[10], j[11],
             j[12], j[13], j[14], j[15], j[16], j[17], lev,
             streamed and (redis.call('GET', J.out) or '') or '', streamed and (redis.call('GET', J.oid) or '') or ''}
           tokens = tokens + cost

@@ -16,6 +16,7 @@
 -- the final one XADD + PUBLISH), the TTLs;
 -- the leases and the drain rate once per call.
 local maxlen, now = ARGV[1], now_ms()
+local now_s = int(now)  -- numbers are made strings once, by int (_lib.lua)
 local out, done, jobs, tok = {}, {}, 0, 0
 for c = 1, (#KEYS - 2) / 6 do
   local i, j = 6 * c - 3, 1 + 11 * (c - 1)
@@ -30,29 +31,30 @@ for c = 1, (#KEYS - 2) / 6 do
     if offset >= 0 and ct > offset then n = -1 end  -- the last delta is already written (replay)
     local status, etype = STATUS.succeeded, EVENT.done
     if ARGV[j + 6] == STATUS.cancelled then status, etype = STATUS.cancelled, EVENT.cancelled end
-    local f = {'status', status, 'finished_ms', now, 'finish_reason', ARGV[j + 5]}
+    local f = {'status', status, 'finished_ms', now_s, 'finish_reason', ARGV[j + 5]}
     if tonumber(ARGV[j + 10]) > 0 then
       pt = tonumber(ARGV[j + 10])
-      f[#f + 1] = 'prompt_tokens'; f[#f + 1] = pt
+      f[#f + 1] = 'prompt_tokens'; f[#f + 1] = ARGV[j + 10]
     end
     if n > 0 or (n == 0 and text ~= '') then
       seq, evn, ct = seq + 1, evn + 1, ct + n
-      local len, lp = write_output(J, text, ARGV[j + 3]), ARGV[j + 11]
-      emit_token(J, maxlen, h[13], seq, evn, len, ct, token_event(seq, text, n, lp), lp)
-      f[#f + 1] = 'seq_out'; f[#f + 1] = seq
+      local len, lp, seq_s = write_output(J, text, ARGV[j + 3]), ARGV[j + 11], int(seq)
+      emit_token(J, maxlen, h[13], seq_s, int(evn), len, ct, token_event(seq_s, text, ARGV[j + 4], lp), lp)
+      f[#f + 1] = 'seq_out'; f[#f + 1] = seq_s
       f[#f + 1] = 'completion_tokens'; f[#f + 1] = ct
-      if not h[10] then f[#f + 1] = 'first_token_ms'; f[#f + 1] = now end
+      if not h[10] then f[#f + 1] = 'first_token_ms'; f[#f + 1] = now_s end
     end
-    f[#f + 1] = 'evn'; f[#f + 1] = evn + 1
+    local done_n = int(evn + 1)
+    f[#f + 1] = 'evn'; f[#f + 1] = done_n
     redis.call('HSET', J.job, unpack(f))
     redis.call('HDEL', J.job, 'worker')
-    emit_numbered(J, maxlen, evn + 1, etype,
+    emit_numbered(J, maxlen, done_n, etype,
       cjson.encode({finish_reason = ARGV[j + 5], usage = {prompt_tokens = pt, completion_tokens = ct,
         total_tokens = pt + ct}}), seq)
     -- reserved at admission: prompt (maybe estimated) + max_tokens; used: the engine's counts
     refund_tokens(KEYS[i + 5], num(h[6], 0), num(h[7], 0), num(h[5], 0) - pt - ct, now)
     webhook_due(J, h[12], ARGV[j + 8])
-    expire_job(J, num(h[11], DEFAULT_TTL_MS), seq > 0)
+    expire_job(J, h[11] or DEFAULT_TTL_MS, seq > 0)
     done[#done + 1] = ARGV[j + 8]
     jobs, tok = jobs + 1, tok + ct
     out[c] = 0
