@@ -119,13 +119,19 @@ redis.call('HSET', KEYS[8], 'd' .. ARGV[5], int(num(stats[4], 0) + 1), 'k' .. AR
 local ttl = ARGV[10]
 local deadline = tonumber(ARGV[18])
 local pscore = int(prio * 1e13 + now)
--- Counters that start at 0 (attempts, fence, completion_tokens; deadline_ms 0 = none) are left
--- out: every reader takes a missing one as 0 (num(), Job.from_hash).
+-- Fields at the value every reader takes for a missing one (num() defaults, Job.from_hash) are
+-- left out: counters that start at 0 (attempts, fence, completion_tokens; deadline_ms 0 = none).
 local f = {'id', jid, 'tenant', tenant, 'model', model, 'status', STATUS.queued,
   'priority', ARGV[5], 'max_attempts', ARGV[19], 'request', ARGV[9],
   'prompt_tokens', ARGV[6], 'max_tokens', ARGV[7], 'cost', int(cost),
-  'created_ms', now_s, 'seq', seq, 'pscore', pscore, 'weight', weight,
-  'tpm', tpm, 'tpm_burst', tpm_b, 'ttl', ttl, 'evn', '1'}
+  'created_ms', now_s, 'seq', seq, 'pscore', pscore, 'evn', '1'}
+-- So are a weight of 1, no token rate and the default TTL (each HSET field costs every later one)
+if weight ~= 1 then f[#f + 1] = 'weight'; f[#f + 1] = weight end
+if tpm > 0 then
+  f[#f + 1] = 'tpm'; f[#f + 1] = tpm
+  f[#f + 1] = 'tpm_burst'; f[#f + 1] = tpm_b
+end
+if tonumber(ttl) ~= DEFAULT_TTL_MS then f[#f + 1] = 'ttl'; f[#f + 1] = ttl end
 if deadline > 0 then f[#f + 1] = 'deadline_ms'; f[#f + 1] = ARGV[18] end
 -- the request's fingerprint is read only through an idempotency key: kept only with one
 if ARGV[8] == '1' then f[#f + 1] = 'fp'; f[#f + 1] = ARGV[20] end
