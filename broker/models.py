@@ -88,7 +88,7 @@ class Job:
     finish_reason: str | None
     error: dict[str, str] | None
     fence: int
-    worker: str | None
+    worker: str | None  # the worker running it; on a finished job, the one that finished it
     cancel_requested: bool
     webhook: Webhook | None = None
 

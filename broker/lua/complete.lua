@@ -12,7 +12,7 @@
 --   (0 = keep), j+11 the last delta's logprobs (as in append.lua)
 -- Returns one code per job, in order: 0 or 21 (STALE_LEASE: nothing written for that job).
 --
--- Per job: one HMGET, one HSET (+ HDEL worker), the events (the last delta's as in append.lua,
+-- Per job: one HMGET, one HSET, the events (the last delta's as in append.lua,
 -- the final one XADD + PUBLISH), the TTLs;
 -- the leases and the drain rate once per call.
 local maxlen, now = ARGV[1], now_ms()
@@ -46,8 +46,7 @@ for c = 1, (#KEYS - 2) / 6 do
     end
     local done_n = int(evn + 1)
     f[#f + 1] = 'evn'; f[#f + 1] = done_n
-    redis.call('HSET', J.job, unpack(f))
-    redis.call('HDEL', J.job, 'worker')
+    redis.call('HSET', J.job, unpack(f))  -- its worker stays: the one that finished it
     emit_numbered(J, maxlen, done_n, etype,
       cjson.encode({finish_reason = ARGV[j + 5], usage = {prompt_tokens = pt, completion_tokens = ct,
         total_tokens = pt + ct}}), seq)
