@@ -121,10 +121,13 @@ local deadline = tonumber(ARGV[18])
 local pscore = int(prio * 1e13 + now)
 -- Fields at the value every reader takes for a missing one (num() defaults, Job.from_hash) are
 -- left out: counters that start at 0 (attempts, fence, completion_tokens; deadline_ms 0 = none).
-local f = {'id', jid, 'tenant', tenant, 'model', model, 'status', STATUS.queued,
-  'priority', ARGV[5], 'max_attempts', ARGV[19], 'request', ARGV[9],
+-- The fields every delta reads come first, the ones written later among them (a hash this small
+-- is a list: a field is found by a scan from its start, and HMGET of the last 7 of 25 cost 1.17
+-- µs, of the first 7 0.52 µs); lev ('' while queued) is set at the first start (claim.lua).
+local f = {'status', STATUS.queued, 'fence', '0', 'completion_tokens', '0', 'seq_out', '0', 'evn', '1', 'lev', '',
+  'id', jid, 'tenant', tenant, 'model', model, 'priority', ARGV[5], 'max_attempts', ARGV[19], 'request', ARGV[9],
   'prompt_tokens', ARGV[6], 'max_tokens', ARGV[7], 'cost', int(cost),
-  'created_ms', now_s, 'seq', seq, 'pscore', pscore, 'evn', '1'}
+  'created_ms', now_s, 'seq', seq, 'pscore', pscore}
 -- So are a weight of 1, no token rate and the default TTL (each HSET field costs every later one)
 if weight ~= 1 then f[#f + 1] = 'weight'; f[#f + 1] = weight end
 if tpm > 0 then

@@ -18,8 +18,8 @@ local out, J = {}, {}
 for w = 1, #KEYS / 5 do
   local i, j = 5 * w - 4, 1 + 7 * (w - 1)
   job_keys_from(KEYS, i, ARGV[j + 5], J)
-  local h = redis.call('HMGET', J.job, 'status', 'fence', 'completion_tokens', 'seq_out', 'evn', 'first_token_ms',
-    'lev')
+  -- (the fields admission puts first, so each is found at once: admit.lua)
+  local h = redis.call('HMGET', J.job, 'status', 'fence', 'completion_tokens', 'seq_out', 'evn', 'lev')
   local written, offset = num(h[3], 0), tonumber(ARGV[j + 6])
   if h[1] ~= STATUS.running or h[2] ~= ARGV[j + 1] then
     out[w] = 21
@@ -27,14 +27,15 @@ for w = 1, #KEYS / 5 do
     out[w] = 0
   else
     local text, n, lp = ARGV[j + 2], ARGV[j + 4], ARGV[j + 7]
+    local first = num(h[4], 0) == 0  -- the job's first token event: its first_token_ms
     local seq, evn, ct = int(num(h[4], 0) + 1), int(num(h[5], 0) + 1), written + tonumber(n)
     local len = write_output(J, text, ARGV[j + 3])
-    local lev = emit_token(J, maxlen, h[7], seq, evn, len, ct, token_event(seq, text, n, lp), lp)
-    if h[6] and not lev then  -- the usual delta: no table made
+    local lev = emit_token(J, maxlen, h[6], seq, evn, len, ct, token_event(seq, text, n, lp), lp)
+    if not (first or lev) then  -- the usual delta: no table made
       redis.call('HSET', J.job, 'seq_out', seq, 'evn', evn, 'completion_tokens', int(ct))
     else
       local f = {'seq_out', seq, 'evn', evn, 'completion_tokens', ct}
-      if not h[6] then f[#f + 1] = 'first_token_ms'; f[#f + 1] = now end
+      if first then f[#f + 1] = 'first_token_ms'; f[#f + 1] = now end
       if lev then f[#f + 1] = 'lev'; f[#f + 1] = lev end
       redis.call('HSET', J.job, unpack(f))
     end

@@ -22,7 +22,7 @@ for c = 1, (#KEYS - 2) / 6 do
   local i, j = 6 * c - 3, 1 + 11 * (c - 1)
   local J = job_keys_from(KEYS, i, ARGV[j + 7])
   local h = redis.call('HMGET', J.job, 'status', 'fence', 'completion_tokens', 'prompt_tokens', 'cost', 'tpm',
-    'tpm_burst', 'evn', 'seq_out', 'first_token_ms', 'ttl', 'webhook', 'lev')
+    'tpm_burst', 'evn', 'seq_out', 'ttl', 'webhook', 'lev')
   if h[1] ~= STATUS.running or h[2] ~= ARGV[j + 1] then
     out[c] = 21
   else
@@ -39,10 +39,10 @@ for c = 1, (#KEYS - 2) / 6 do
     if n > 0 or (n == 0 and text ~= '') then
       seq, evn, ct = seq + 1, evn + 1, ct + n
       local len, lp, seq_s = write_output(J, text, ARGV[j + 3]), ARGV[j + 11], int(seq)
-      emit_token(J, maxlen, h[13], seq_s, int(evn), len, ct, token_event(seq_s, text, ARGV[j + 4], lp), lp)
+      emit_token(J, maxlen, h[12], seq_s, int(evn), len, ct, token_event(seq_s, text, ARGV[j + 4], lp), lp)
       f[#f + 1] = 'seq_out'; f[#f + 1] = seq_s
       f[#f + 1] = 'completion_tokens'; f[#f + 1] = ct
-      if not h[10] then f[#f + 1] = 'first_token_ms'; f[#f + 1] = now_s end
+      if seq == 1 then f[#f + 1] = 'first_token_ms'; f[#f + 1] = now_s end  -- its first token event
     end
     local done_n = int(evn + 1)
     f[#f + 1] = 'evn'; f[#f + 1] = done_n
@@ -52,8 +52,8 @@ for c = 1, (#KEYS - 2) / 6 do
         total_tokens = pt + ct}}), seq)
     -- reserved at admission: prompt (maybe estimated) + max_tokens; used: the engine's counts
     refund_tokens(KEYS[i + 5], num(h[6], 0), num(h[7], 0), num(h[5], 0) - pt - ct, now)
-    webhook_due(J, h[12], ARGV[j + 8])
-    expire_job(J, h[11] or DEFAULT_TTL_MS, seq > 0)
+    webhook_due(J, h[11], ARGV[j + 8])
+    expire_job(J, h[10] or DEFAULT_TTL_MS, seq > 0)
     done[#done + 1] = ARGV[j + 8]
     jobs, tok = jobs + 1, tok + ct
     out[c] = 0
