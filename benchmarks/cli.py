@@ -165,6 +165,28 @@ def redis_command(
     redis_cost.main(dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None}))
 
 
+@bench_app.command(
+    "instructions",
+    help="Instructions redis-server runs per job step and per streamed delta (valgrind's callgrind): "
+    "repeatable on a noisy machine, to compare two versions of the scripts.",
+)
+def instructions_command(
+    jobs: Annotated[int | None, typer.Option(help="Jobs in the lifecycle phase [2000].")] = None,
+    streams: Annotated[int | None, typer.Option(help="Jobs streaming at once [128].")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Flushes in the streaming phase [200].")] = None,
+    quick: Annotated[bool, typer.Option(help="Small numbers, for tests.")] = False,
+) -> None:
+    import dataclasses
+
+    from benchmarks import instructions
+    from broker.logs import configure_logging
+
+    configure_logging(level="WARNING")
+    cfg = instructions.Config.quick() if quick else instructions.Config()
+    given = {"jobs": jobs, "streams": streams, "rounds": rounds}
+    instructions.main(dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None}))
+
+
 @bench_app.command("submit", help="Redis CPU and commands per POST /v1/jobs through one genq api.")
 def submit_command(
     submits: Annotated[int | None, typer.Option(help="Timed submits [300].")] = None,
