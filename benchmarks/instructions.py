@@ -29,7 +29,7 @@ from pathlib import Path
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError
 
-from benchmarks.redis_cost import MODEL, _claim_all, _spec
+from benchmarks.redis_cost import MODEL, bench_spec, claim_all
 from benchmarks.redis_server import SERVER_ARGS, free_port, ready, redis_server_binary
 from broker.client import Broker, OutputWrite
 from broker.settings import BrokerSettings
@@ -90,11 +90,11 @@ def count(workload: Workload) -> int:
 
 def _jobs(n: int, *, claim: bool, complete: bool) -> Workload:
     async def run(broker: Broker) -> None:
-        specs = [_spec(i) for i in range(n)]
+        specs = [bench_spec(i) for i in range(n)]
         for i in range(0, n, 100):
             await broker.admit_many(specs[i : i + 100])
         if claim:
-            leases = await _claim_all(broker, n, 32)
+            leases = await claim_all(broker, n, 32)
             if complete:
                 for i in range(0, n, 32):
                     await broker.complete_many(leases[i : i + 32], "stop")
@@ -104,8 +104,8 @@ def _jobs(n: int, *, claim: bool, complete: bool) -> Workload:
 
 def _streams(n: int, rounds: int) -> Workload:
     async def run(broker: Broker) -> None:
-        await broker.admit_many([_spec(i) for i in range(n)])
-        leases = await _claim_all(broker, n, 128)
+        await broker.admit_many([bench_spec(i) for i in range(n)])
+        leases = await claim_all(broker, n, 128)
         for r in range(rounds):
             await broker.append_many([OutputWrite(le.id, le.fence, "tok ", [100], r) for le in leases])
         await broker.complete_many(leases, "length")

@@ -59,13 +59,13 @@ class Report:
     cluster_deltas: Cost | None = None
 
 
-def _spec(i: int) -> JobSpec:
+def bench_spec(i: int) -> JobSpec:
     return JobSpec(
         tenant=f"t{i % 4}", model=MODEL, kind="completion", prompt="Say something short about queues.", max_tokens=256
     )
 
 
-async def _claim_all(broker: Broker, n: int, batch: int) -> list[Lease]:
+async def claim_all(broker: Broker, n: int, batch: int) -> list[Lease]:
     leases: list[Lease] = []
     while len(leases) < n:
         got = await broker.claim(MODEL, "bench-worker", min(batch, n - len(leases)))
@@ -76,14 +76,14 @@ async def _claim_all(broker: Broker, n: int, batch: int) -> list[Lease]:
 
 
 async def lifecycle(broker: Broker, ports: Sequence[int], cfg: Config, report: Report) -> None:
-    specs = [_spec(i) for i in range(cfg.jobs)]
+    specs = [bench_spec(i) for i in range(cfg.jobs)]
     mem_before = await used_memory(ports)
     costs: dict[object, Cost] = {}
     async with measured(ports, cfg.jobs, costs, "admit"):
         for i in range(0, cfg.jobs, 100):
             await broker.admit_many(specs[i : i + 100])
     async with measured(ports, cfg.jobs, costs, "claim"):
-        leases = await _claim_all(broker, cfg.jobs, 32)
+        leases = await claim_all(broker, cfg.jobs, 32)
     async with measured(ports, cfg.jobs, costs, "complete"):
         for i in range(0, len(leases), 32):
             await broker.complete_many(leases[i : i + 32], "stop")
@@ -93,8 +93,8 @@ async def lifecycle(broker: Broker, ports: Sequence[int], cfg: Config, report: R
 
 async def deltas(broker: Broker, ports: Sequence[int], cfg: Config, streams: int, into: dict[object, Cost]) -> None:
     """``streams`` jobs streaming at once: ``cfg.rounds`` flushes of one write per job."""
-    await broker.admit_many([_spec(i) for i in range(streams)])
-    leases = await _claim_all(broker, streams, 128)
+    await broker.admit_many([bench_spec(i) for i in range(streams)])
+    leases = await claim_all(broker, streams, 128)
     text, ids = "tok " * cfg.tokens_per_delta, list(range(100, 100 + cfg.tokens_per_delta))
     async with measured(ports, streams * cfg.rounds, into, streams):
         for r in range(cfg.rounds):

@@ -7,14 +7,11 @@ unstreamed phase issued fewer Redis commands per job, and the private server is 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import redis as redis_sync
 
-ROOT = Path(__file__).resolve().parent.parent  # benchmarks/ runs from the checkout, not the installed package
+from tests.bench_support import run_bench
 
 SUMMARY = re.compile(
     r"^genq bench batchcost: (?P<jobs>\d+) jobs x (?P<tokens>\d+) tokens; "
@@ -25,23 +22,16 @@ SUMMARY = re.compile(
 
 
 def test_quick_run_prints_a_parseable_last_line() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "batchcost", "--quick"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    last = proc.stdout.strip().splitlines()[-1]
+    stdout = run_bench("batchcost", "--quick", timeout=120)
+    last = stdout.strip().splitlines()[-1]
     m = SUMMARY.match(last)
     assert m, f"unexpected last line: {last!r}"
     f = {k: float(v.replace(",", "")) for k, v in m.groupdict().items() if k != "saved"}
     assert (f["jobs"], f["tokens"]) == (8, 16)
     assert all(v > 0 for v in f.values()), f
     assert f["cmd_s"] > f["cmd_u"] and f["cmd_ratio"] > 1  # streamed: a fenced append every flush
-    assert "token events" in proc.stdout  # the table was printed
-    url = re.search(r"Private redis-server (redis://[0-9.:]+/0) ", proc.stdout)
-    assert url, proc.stdout
+    assert "token events" in stdout  # the table was printed
+    url = re.search(r"Private redis-server (redis://[0-9.:]+/0) ", stdout)
+    assert url, stdout
     with pytest.raises(redis_sync.ConnectionError):  # stopped with the run
         redis_sync.Redis.from_url(url.group(1), socket_connect_timeout=1).ping()

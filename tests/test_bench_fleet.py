@@ -7,11 +7,9 @@ workers (positive figures, one row per worker count) and named a limit.
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.bench_support import run_bench
+
 ROW = re.compile(
     r"^genq bench fleet: redis +(?P<workers>\d+) +(?P<rate>[\d,]+) +(?P<drain>[\d.]+)  (?P<redis>\d+)% +"
     r"(?P<avg>\d+)% / (?P<max>\d+)% +\d+% +[\d.]+ +[\d.]+  (?P<limit>\S.*)$"
@@ -19,17 +17,10 @@ ROW = re.compile(
 
 
 def test_quick_run_drains_and_measures_every_step() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "fleet", "--quick"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [m for line in proc.stdout.splitlines() if (m := ROW.match(line))]
-    assert [int(m["workers"]) for m in rows] == [1, 2], proc.stdout
+    stdout = run_bench("fleet", "--quick", timeout=300)
+    rows = [m for line in stdout.splitlines() if (m := ROW.match(line))]
+    assert [int(m["workers"]) for m in rows] == [1, 2], stdout
     for m in rows:
         assert float(m["rate"].replace(",", "")) > 0 and float(m["drain"]) > 0, m.group(0)
         assert int(m["redis"]) > 0 and int(m["max"]) > 0, m.group(0)
-    assert "load average before" in proc.stdout
+    assert "load average before" in stdout

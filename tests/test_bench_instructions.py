@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.bench_support import run_bench
+
 LIFECYCLE = re.compile(
     r"^genq bench instructions: lifecycle \(50 jobs\): (?P<total>[\d,]+) instructions per job "
     r"\(admit (?P<admit>[\d,]+), claim (?P<claim>[\d,]+), complete (?P<complete>[\d,]+)\)$"
@@ -23,15 +21,8 @@ DELTA = re.compile(r"^genq bench instructions: deltas, 8 streaming jobs, 1 token
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
 def test_quick_run_counts_every_phase() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "instructions", "--quick"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = [line for line in proc.stdout.splitlines() if line.startswith("genq bench instructions: ")]
+    stdout = run_bench("instructions", "--quick", timeout=600)
+    out = [line for line in stdout.splitlines() if line.startswith("genq bench instructions: ")]
     life = LIFECYCLE.match(out[0])
     assert life, out
     n = {k: int(v.replace(",", "")) for k, v in life.groupdict().items()}

@@ -7,11 +7,9 @@ consistent (a delta costs commands; a finished job keeps bytes).
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent  # benchmarks/ runs from the checkout, not the installed package
+from tests.bench_support import run_bench
+
 LIFECYCLE = re.compile(
     r"^genq bench redis: lifecycle \(100 jobs\): (?P<total>[\d.]+) µs Redis CPU per job \(admit (?P<admit>[\d.]+) µs / "
     r"(?P<admit_cmds>[\d.]+) cmds, claim (?P<claim>[\d.]+) µs / [\d.]+ cmds, complete (?P<complete>[\d.]+) µs / "
@@ -21,15 +19,8 @@ DELTAS = re.compile(r"^genq bench redis: deltas, (?P<n>\d+) streaming job\(s\), 
 
 
 def test_quick_run_measures_every_phase() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "redis", "--quick"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = [line for line in proc.stdout.splitlines() if line.startswith("genq bench redis: ")]
+    stdout = run_bench("redis", "--quick", timeout=300)
+    out = [line for line in stdout.splitlines() if line.startswith("genq bench redis: ")]
     life = LIFECYCLE.match(out[0])
     assert life, out[0]
     figures = {k: float(v.replace(",", "")) for k, v in life.groupdict().items()}
